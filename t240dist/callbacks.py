@@ -1,0 +1,69 @@
+"""Callbacks of every run: training throughput and learning rate on the step axis."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+
+class TrainSpeed(pl.Callback):
+    """Logs ``perf/images_per_s`` and ``train/lr`` at logging steps; totals training time for the summary.
+
+    Written here because Lightning's ThroughputMonitor synchronises the GPU after every batch and
+    LearningRateMonitor splits the lr into one tag per parameter group. The window rate needs no sync of
+    its own: Lightning reads the logged metrics back on the same steps. Validation time is excluded.
+    """
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.train_s = 0.0
+        self._clock: float | None = None
+        self._window = (0, 0.0)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.train_s if self.train_s > 0 else 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training:
+            self._stop(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.training:
+            self._start()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.images += len(batch[1]) * trainer.world_size
+        step = trainer.global_step
+        if trainer.logger is None or step % trainer.log_every_n_steps or self._clock is None:
+            return
+        now = time.perf_counter()
+        images0, t0 = self._window
+        metrics = {"train/lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        if t0 > 0 and now > t0:
+            metrics["perf/images_per_s"] = (self.images - images0) / (now - t0)
+        trainer.logger.log_metrics(metrics, step=step)
+        self._window = (self.images, now)
+
+    def _start(self) -> None:
+        self._clock = time.perf_counter()
+        self._window = (self.images, self._clock)
+
+    def _stop(self, pl_module: pl.LightningModule) -> None:
+        if self._clock is None:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # once per epoch, so the total counts finished work
+        self.train_s += time.perf_counter() - self._clock
+        self._clock = None

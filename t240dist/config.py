@@ -1,0 +1,310 @@
+"""The config's schema: types and ranges of every user-facing key, checked before any work.
+
+Defaults live in ``conf/`` only; the models here have none, so a key missing from the YAML is an error too.
+``validate`` turns the first problem into a one-line ``ConfigError`` that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    ValidationError,
+    field_validator,
+)
+
+from t240dist.errors import ConfigError
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/`` with command-line style overrides, as ``python -m train`` would (no run dir)."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check the composed config against the schema; return it as a plain, resolved dict."""
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = err.full_key
+        raise ConfigError(f"{key} is not set — give it on the command line, e.g. {key}=...") from None
+    try:
+        RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err.errors()[0], raw)) from None
+    _check_device(raw["trainer"])
+    return raw
+
+
+def register_resolvers() -> None:
+    """Register ``${run_token:}``: a random suffix that keeps run dirs unique within one second."""
+    if not OmegaConf.has_resolver("run_token"):
+        OmegaConf.register_new_resolver("run_token", lambda: secrets.token_hex(3), use_cache=True)
+
+
+class Strict(BaseModel):
+    """A config node: unknown keys are errors, nothing has a default."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+Workers = NonNegativeInt
+
+
+class DigitsData(Strict):
+    name: Literal["digits"]
+    batch_size: PositiveInt
+    num_workers: Workers
+    split_seed: NonNegativeInt
+    val_fraction: Fraction
+    test_fraction: Fraction
+
+
+class SyntheticData(Strict):
+    name: Literal["synthetic"]
+    batch_size: PositiveInt
+    num_workers: Workers
+    image_size: Annotated[int, Field(ge=4, le=4096)]
+    channels: Annotated[int, Field(ge=1, le=64)]
+    num_classes: Annotated[int, Field(ge=2)]
+    noise: NonNegativeFloat
+    seed: NonNegativeInt
+    train_size: PositiveInt
+    val_size: PositiveInt
+    test_size: PositiveInt
+
+
+class Cifar10Data(Strict):
+    name: Literal["cifar10"]
+    root: str
+    batch_size: PositiveInt
+    num_workers: Workers
+    split_seed: NonNegativeInt
+    val_fraction: Fraction
+
+
+class ImageFolderData(Strict):
+    name: Literal["imagefolder"]
+    root: str
+    batch_size: PositiveInt
+    num_workers: Workers
+    image_size: Annotated[int, Field(ge=8, le=4096)]
+
+
+Data = Annotated[DigitsData | SyntheticData | Cifar10Data | ImageFolderData, Field(discriminator="name")]
+
+
+class SmallCnnModel(Strict):
+    name: Literal["small_cnn"]
+    width: Annotated[int, Field(ge=4, le=1024)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+    channels_last: bool
+    compile: bool
+
+
+class TorchvisionModel(Strict):
+    name: str
+    cifar_stem: bool
+    channels_last: bool
+    compile: bool
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        known = torchvision.models.list_models(module=torchvision.models)
+        if name not in known:
+            raise ValueError(
+                f"'{name}' is not a torchvision classifier — use small_cnn or one of "
+                f"resnet18, resnet50, efficientnet_b0, ... ({len(known)} names in torchvision.models.list_models())"
+            )
+        return name
+
+    @field_validator("cifar_stem")
+    @classmethod
+    def _stem_fits(cls, cifar_stem: bool, info: Any) -> bool:
+        name = info.data.get("name", "")
+        if cifar_stem and not name.startswith(("resnet", "wide_resnet", "resnext")):
+            raise ValueError(f"the CIFAR stem exists for ResNet-family models only, not '{name}' — set it false")
+        return cifar_stem
+
+
+Model = Annotated[
+    Annotated[SmallCnnModel, Tag("small_cnn")] | Annotated[TorchvisionModel, Tag("torchvision")],
+    Discriminator(lambda v: "small_cnn" if dict(v).get("name") == "small_cnn" else "torchvision"),
+]
+
+
+class _Optim(Strict):
+    partial: Literal[True] = Field(alias="_partial_")
+    lr: PositiveFloat
+    weight_decay: NonNegativeFloat
+
+
+Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+
+
+class Sgd(_Optim):
+    target: Literal["torch.optim.SGD"] = Field(alias="_target_")
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    nesterov: bool
+
+
+class Adam(_Optim):
+    target: Literal["torch.optim.Adam"] = Field(alias="_target_")
+    betas: Betas
+    eps: PositiveFloat
+
+
+class AdamW(_Optim):
+    target: Literal["torch.optim.AdamW"] = Field(alias="_target_")
+    betas: Betas
+    eps: PositiveFloat
+
+
+class Adagrad(_Optim):
+    target: Literal["torch.optim.Adagrad"] = Field(alias="_target_")
+    lr_decay: NonNegativeFloat
+    eps: PositiveFloat
+
+
+Optim = Annotated[Sgd | Adam | AdamW | Adagrad, Field(discriminator="target")]
+
+
+class NoSched(Strict):
+    name: Literal["none"]
+
+
+class WarmupCosine(Strict):
+    name: Literal["warmup_cosine"]
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)]
+    warmup_start_factor: Annotated[float, Field(gt=0, le=1)]
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)]
+
+
+class OneCycle(Strict):
+    name: Literal["onecycle"]
+    pct_start: Fraction
+    div_factor: Annotated[float, Field(ge=1)]
+    final_div_factor: Annotated[float, Field(ge=1)]
+
+
+Sched = Annotated[NoSched | WarmupCosine | OneCycle, Field(discriminator="name")]
+
+Limit = Annotated[float, Field(gt=0, le=1)] | PositiveInt
+
+
+class Trainer(Strict):
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"]
+    devices: PositiveInt | Literal["auto"] | list[NonNegativeInt]
+    num_nodes: PositiveInt
+    strategy: Literal["auto"]
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"]
+    max_epochs: PositiveInt
+    max_steps: Annotated[int, Field(ge=-1)]
+    limit_train_batches: Limit
+    limit_val_batches: Limit
+    limit_test_batches: Limit
+    check_val_every_n_epoch: PositiveInt
+    num_sanity_val_steps: NonNegativeInt
+    log_every_n_steps: PositiveInt
+    gradient_clip_val: PositiveFloat | None
+    accumulate_grad_batches: PositiveInt
+    deterministic: bool
+    enable_progress_bar: bool
+
+
+class Checkpoint(Strict):
+    monitor: Literal["val/acc", "val/loss"]
+    mode: Literal["min", "max"]
+    save_top_k: Annotated[int, Field(ge=-1)]
+    save_last: bool
+
+
+class Module(Strict):
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    mixup_alpha: NonNegativeFloat
+    cutmix_alpha: NonNegativeFloat
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None
+
+
+class RunConfig(Strict):
+    seed: NonNegativeInt
+    data: Data
+    model: Model
+    optim: Optim
+    sched: Sched
+    trainer: Trainer
+    checkpoint: Checkpoint
+    module: Module
+
+
+_UNIONS = {"data", "model", "optim", "sched"}
+_FIXES = {
+    "extra_forbidden": "remove it or fix its spelling (python -m train --cfg job lists the keys)",
+    "missing": "add it to the config group or give it on the command line",
+    "literal_error": "pick one of those",
+    "union_tag_invalid": "pick one of those",
+}
+
+
+def _one_line(error: dict[str, Any], raw: dict[str, Any]) -> str:
+    """Say which key is wrong, what is wrong with it and how to fix it, on one line."""
+    loc = list(error["loc"])
+    if loc and loc[0] in _UNIONS and len(loc) > 2:
+        del loc[1]  # the union's tag (e.g. 'torch.optim.SGD') is not part of the user's key
+    key = ".".join(str(p) for p in loc)
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"{key} is not a config key — {_FIXES[kind]}"
+    if kind == "value_error":
+        return f"{key}: {msg.removeprefix('Value error, ')}"
+    got = error.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+    fix = _FIXES.get(kind) or _range_fix(error)
+    return f"{key} {msg[0].lower()}{msg[1:]}{shown} — {fix}"
+
+
+def _range_fix(error: dict[str, Any]) -> str:
+    """Turn pydantic's constraint context (gt, ge, lt, le) into a hint."""
+    ctx = error.get("ctx") or {}
+    bounds = [f"{op} {ctx[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in ctx]
+    if bounds:
+        return "use a value " + " and ".join(bounds)
+    return "use a value of the right type (see conf/ for an example)"
+
+
+def _check_device(trainer: dict[str, Any]) -> None:
+    """Catch accelerator/precision combinations that cannot run on this machine, before any work."""
+    cuda = torch.cuda.is_available()
+    if trainer["accelerator"] in ("gpu", "cuda") and not cuda:
+        raise ConfigError(
+            f"trainer.accelerator={trainer['accelerator']} but no CUDA GPU is visible — "
+            "use trainer=cpu or trainer=auto"
+        )
+    on_cpu = trainer["accelerator"] == "cpu" or not cuda
+    if on_cpu and trainer["precision"] == "16-mixed":
+        raise ConfigError(
+            "trainer.precision=16-mixed needs a GPU — use bf16-mixed or 32-true on the CPU"
+        )

@@ -1,0 +1,209 @@
+"""Datasets and loaders: the bundled digits, synthetic images, CIFAR-10 batches and ImageFolder trees.
+
+``ImageDataModule`` loads (or checks) its data when it is built, so a missing root fails with a
+``ConfigError`` before any model exists. Small datasets live in memory as tensors; ImageFolder reads
+lazily from disk.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from t240dist.errors import ConfigError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the model and the reports need to know about the data."""
+
+    num_classes: int
+    channels: int
+    image_size: int
+    class_names: list[str]
+    train_size: int
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/val/test loaders for the dataset named by ``data.name``."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        workers = self.cfg["num_workers"]
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg["batch_size"],
+            shuffle=shuffle,
+            drop_last=shuffle,  # no ragged last training batch: BatchNorm dislikes batches of one
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one tensor, with an optional per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[i])
+
+
+class SyntheticImages(Dataset):
+    """Images made on the fly: class k is a fixed smooth random pattern plus Gaussian noise.
+
+    Every image is a pure function of (seed, split, index), so runs are reproducible without storing
+    anything, whatever the image size or class count.
+    """
+
+    def __init__(self, size: int, cfg: dict[str, Any], split: int) -> None:
+        self.size, self.split = size, split
+        self.num_classes, self.noise = cfg["num_classes"], cfg["noise"]
+        self.shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+        self.seed = cfg["seed"]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        gen = torch.Generator().manual_seed(((self.seed * 4 + self.split) << 32) + i)
+        label = int(torch.randint(self.num_classes, (1,), generator=gen))
+        image = self._pattern(label) + self.noise * torch.randn(self.shape, generator=gen)
+        return image, label
+
+    def _pattern(self, label: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((self.seed << 32) + (1 << 31) + label)
+        coarse = torch.randn(1, self.shape[0], 4, 4, generator=gen)
+        return F.interpolate(coarse, size=self.shape[1:], mode="bilinear", align_corners=False)[0]
+
+
+Splits = tuple[Dataset, Dataset, Dataset, DataInfo]
+
+
+def load_digits(cfg: dict[str, Any]) -> Splits:
+    """scikit-learn's 8x8 digits, split train/val/test by ``split_seed``, standardised by the train split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg["split_seed"]))
+    n_test = round(len(labels) * cfg["test_fraction"])
+    n_val = round(len(labels) * cfg["val_fraction"])
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    mean, std = images[train].mean(), images[train].std()
+    images = (images - mean) / std
+    info = DataInfo(10, 1, 8, [str(d) for d in range(10)], len(train))
+    return (*(TensorImages(images[s], labels[s]) for s in (train, val, test)), info)
+
+
+def load_synthetic(cfg: dict[str, Any]) -> Splits:
+    """Synthetic images of any size and class count."""
+    sets = [SyntheticImages(cfg[f"{name}_size"], cfg, i) for i, name in enumerate(("train", "val", "test"))]
+    names = [f"class_{k}" for k in range(cfg["num_classes"])]
+    info = DataInfo(cfg["num_classes"], cfg["channels"], cfg["image_size"], names, cfg["train_size"])
+    return (*sets, info)
+
+
+def load_cifar10(cfg: dict[str, Any]) -> Splits:
+    """CIFAR-10 python batches; a validation split is carved from the training batches.
+
+    Read by hand because torchvision's CIFAR10 insists on the md5 of the official archive files, which
+    refuses re-packed copies of the same format.
+    """
+    root = Path(cfg["root"])
+    meta = root / "batches.meta"
+    for needed in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
+        if not (root / needed).is_file():
+            raise ConfigError(
+                f"data.root '{root}' has no {needed} — put the CIFAR-10 python batches there "
+                "(or set data.root) or pick data=digits"
+            )
+    train_x, train_y = _cifar_batches([root / f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = _cifar_batches([root / "test_batch"])
+    names = [n.decode() if isinstance(n, bytes) else n for n in _unpickle(meta)[b"label_names"]]
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg["split_seed"]))
+    n_val = round(len(train_y) * cfg["val_fraction"])
+    val, train = order[:n_val], order[n_val:]
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    augment = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_float])
+    plain = v2.Compose(to_float)
+    return (
+        TensorImages(train_x[train], train_y[train], augment),
+        TensorImages(train_x[val], train_y[val], plain),
+        TensorImages(test_x, test_y, plain),
+        DataInfo(len(names), 3, 32, names, len(train)),
+    )
+
+
+def _cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate CIFAR batches into uint8 images (N, 3, 32, 32) and labels."""
+    parts = [_unpickle(p) for p in paths]
+    images = torch.cat([torch.as_tensor(b[b"data"]).view(-1, 3, 32, 32) for b in parts])
+    labels = torch.cat([torch.as_tensor(b[b"labels"], dtype=torch.long) for b in parts])
+    return images, labels
+
+
+def _unpickle(path: Path) -> dict:
+    with path.open("rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def load_imagefolder(cfg: dict[str, Any]) -> Splits:
+    """ROOT/train and ROOT/val class folders (optional ROOT/test), decoded lazily by torchvision."""
+    root, size = Path(cfg["root"]), cfg["image_size"]
+    for needed in ("train", "val"):
+        if not (root / needed).is_dir():
+            raise ConfigError(
+                f"data.root '{root}' has no {needed}/ folder — lay out ROOT/train/<class>/*.jpg and "
+                "ROOT/val/<class>/*.jpg, or pick data=digits"
+            )
+    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    augment = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *to_float])
+    plain = v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size), *to_float])
+    train = datasets.ImageFolder(str(root / "train"), transform=augment)
+    val = datasets.ImageFolder(str(root / "val"), transform=plain)
+    test_dir = root / "test"
+    test = datasets.ImageFolder(str(test_dir), transform=plain) if test_dir.is_dir() else val
+    return train, val, test, DataInfo(len(train.classes), 3, size, list(train.classes), len(train))
+
+
+_LOADERS = {
+    "digits": load_digits,
+    "synthetic": load_synthetic,
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+}

@@ -1,0 +1,67 @@
+"""Errors a user can fix, and the one place that turns them into one line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+EXIT_USER_ERROR = 2
+
+# Read once at import: run_app sets the variable for Hydra's sake, the user's wish stays here.
+_FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+class UserError(Exception):
+    """Something the user can fix; its message reads `<what is wrong> — <how to fix it>`."""
+
+
+class ConfigError(UserError):
+    """A config value, key, group option or data path is wrong."""
+
+
+def run_app(app: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` app so that compose errors (unknown key or option) also become one line.
+
+    Hydra prints its own multi-line report and exits 1; with HYDRA_FULL_ERROR set it raises instead,
+    which lets ``one_line_errors`` word them like every other user error.
+    """
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    with one_line_errors():
+        app()
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Print a user error as one line on stderr and exit 2; a full traceback with HYDRA_FULL_ERROR=1."""
+    try:
+        yield
+    except UserError as err:
+        _fail(f"{type(err).__name__}: {err}", err)
+    except (HydraException, OmegaConfBaseException) as err:
+        _fail(f"ConfigError: {_hydra_line(err)}", err)
+
+
+def _fail(line: str, err: BaseException) -> NoReturn:
+    if _FULL_TRACEBACK:
+        raise err
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _hydra_line(err: BaseException) -> str:
+    """Fold Hydra's and OmegaConf's multi-line messages into `<what> — <fix>`."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and "full_key" not in ln]
+    lines = [ln for ln in lines if not ln.startswith(("object_type", "reference_type"))]
+    what, rest = lines[0], lines[1:]
+    if err.__cause__ is not None and not rest:
+        rest = [str(err.__cause__).splitlines()[0]]
+    if len(rest) > 1 and rest[0].endswith(":"):
+        rest = [rest[0] + " " + ", ".join(rest[1:])]
+    fix = "; ".join(rest) if rest else "check the override's spelling (python -m train --help lists the groups)"
+    return f"{what} — {fix}"

@@ -1,0 +1,106 @@
+"""ClassifierModule: cross-entropy training of any network, with torchmetrics and timm-style switches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+from t240dist.models import build_model
+from t240dist.optim import build_optimizer, build_scheduler
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class ClassifierModule(pl.LightningModule):
+    """Trains, validates and tests an image classifier.
+
+    Hyperparameters are plain dicts and ints (the resolved config groups), so a checkpoint loads with
+    ``torch.load(weights_only=True)`` and carries what is needed to rebuild the network. The training
+    step never waits for the device: metrics leave it only when Lightning logs them.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optim: dict[str, Any],
+        sched: dict[str, Any],
+        module: dict[str, Any],
+        num_classes: int,
+        in_channels: int,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # the run logs the whole config to the HParams tab
+        self.net = build_model(model, in_channels, num_classes)
+        if model["compile"]:
+            self.net.compile()  # in place: state_dict keys stay those of the plain network
+        self.channels_last = model["channels_last"]
+        self.label_smoothing = module["label_smoothing"]
+        self.mix = _batch_mixer(module, num_classes)
+        top5 = num_classes >= 5
+        self.train_acc = _accuracy(num_classes, 1)
+        self.val_acc, self.test_acc = _accuracy(num_classes, 1), _accuracy(num_classes, 1)
+        self.val_top5 = _accuracy(num_classes, 5) if top5 else None
+        self.test_top5 = _accuracy(num_classes, 5) if top5 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        target: torch.Tensor = y
+        if self.mix is not None:
+            x, target = self.mix(x, y)
+        logits = self(x)
+        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(y))
+        self.log("train/acc", self.train_acc, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc, self.val_top5)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc, self.test_top5)
+
+    def _evaluate(self, batch: Batch, split: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy | None) -> None:
+        x, y = batch
+        logits = self(x)
+        n = len(y)
+        self.log(f"{split}/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=n)
+        acc.update(logits, y)
+        self.log(f"{split}/acc", acc, prog_bar=True, batch_size=n)
+        if top5 is not None:
+            top5.update(logits, y)
+            self.log(f"{split}/top5", top5, batch_size=n)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.net, self.hparams["optim"])
+        scheduler = build_scheduler(optimizer, self.hparams["sched"], int(self.trainer.estimated_stepping_batches))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _accuracy(num_classes: int, top_k: int) -> MulticlassAccuracy:
+    # validate_args=False: the argument checks read tensors back to the host on every update
+    return MulticlassAccuracy(num_classes, top_k=top_k, average="micro", validate_args=False)
+
+
+def _batch_mixer(cfg: dict[str, Any], num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix on whole batches (torchvision's), or None when both alphas are 0."""
+    mixers: list[v2.Transform] = []
+    if cfg["mixup_alpha"] > 0:
+        mixers.append(v2.MixUp(alpha=cfg["mixup_alpha"], num_classes=num_classes))
+    if cfg["cutmix_alpha"] > 0:
+        mixers.append(v2.CutMix(alpha=cfg["cutmix_alpha"], num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

@@ -1,0 +1,41 @@
+"""Optimizer (from the ``optim`` group's ``_target_``) and the per-step learning-rate schedules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR
+
+
+def build_optimizer(net: nn.Module, cfg: dict[str, Any]) -> Optimizer:
+    """Instantiate the partial optimizer; weight decay only on conv/linear weights, not norms or biases."""
+    decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return instantiate(cfg, _convert_="all")(groups)
+
+
+def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int) -> LRScheduler | None:
+    """The ``sched`` group's schedule over ``total_steps`` optimizer steps, or None for a constant lr."""
+    name = cfg["name"]
+    if name == "none":
+        return None
+    if name == "onecycle":
+        return OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=cfg["pct_start"],
+            div_factor=cfg["div_factor"],
+            final_div_factor=cfg["final_div_factor"],
+        )
+    warmup = int(total_steps * cfg["warmup_fraction"])
+    eta_min = optimizer.defaults["lr"] * cfg["min_lr_ratio"]
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup), eta_min=eta_min)
+    if warmup == 0:
+        return cosine
+    ramp = LinearLR(optimizer, start_factor=cfg["warmup_start_factor"], total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])

@@ -1,0 +1,79 @@
+"""What a run tells people: the config tree at the start, HParams, run_summary.json and a table at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+from torch.utils.tensorboard.summary import hparams
+
+HPARAM_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss", "train/loss")
+
+
+@rank_zero_only
+def show_config(conf: dict[str, Any], run_dir: Path) -> None:
+    """Print the composed config as a tree of groups and save it, resolved, as ``config.yaml``."""
+    tree = Tree(f"[bold]config[/bold]  →  {run_dir}")
+    for group, value in conf.items():
+        body = yaml.safe_dump(value, sort_keys=False) if isinstance(value, dict) else str(value)
+        tree.add(f"[bold]{group}[/bold]").add(Syntax(body.strip(), "yaml", theme="ansi_dark"))
+    Console().print(tree)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
+
+
+@rank_zero_only
+def start_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
+    """Declare the run's hyperparameters and metric tags to TensorBoard's HParams tab.
+
+    The metric columns read the run's own scalar tags, so no value is logged twice.
+    """
+    experiment, session_start, _ = hparams(_flatten(conf), {tag: float("nan") for tag in HPARAM_METRICS})
+    writer = logger.experiment._get_file_writer()
+    writer.add_summary(experiment)
+    writer.add_summary(session_start)
+
+
+@rank_zero_only
+def end_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
+    """Mark the HParams session finished."""
+    _, _, session_end = hparams(_flatten(conf), {})
+    logger.experiment._get_file_writer().add_summary(session_end)
+    logger.experiment.flush()
+
+
+@rank_zero_only
+def write_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    """Write ``run_summary.json`` (atomically) and print the summary table."""
+    path = run_dir / "run_summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+    table = Table(title="run summary", show_header=False)
+    for key, value in summary.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(key, shown)
+    Console().print(table)
+
+
+def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested config into ``group.key`` entries of types TensorBoard accepts."""
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -45,9 +45,10 @@ class TrainSpeed(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.images += len(batch[1]) * trainer.world_size
-        step = trainer.global_step
-        if trainer.logger is None or step % trainer.log_every_n_steps or self._clock is None:
+        # The same cadence and step counter Lightning uses for self.log (and its LearningRateMonitor).
+        if trainer.logger is None or self._clock is None or not trainer._logger_connector.should_update_logs:
             return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         now = time.perf_counter()
         images0, t0 = self._window
         metrics = {"train/lr": trainer.optimizers[0].param_groups[0]["lr"]}

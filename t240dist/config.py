@@ -27,10 +27,10 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from t240dist.errors import ConfigError
-
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -130,6 +130,16 @@ class TorchvisionModel(Strict):
     channels_last: bool
     compile: bool
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_small_cnn_group(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "width" in data:
+            name = data.get("name")
+            raise ValueError(
+                f"the small_cnn group has no model '{name}' — use model=torchvision model.name={name}"
+            )
+        return data
+
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
@@ -137,7 +147,7 @@ class TorchvisionModel(Strict):
         if name not in known:
             raise ValueError(
                 f"'{name}' is not a torchvision classifier — use small_cnn or one of "
-                f"resnet18, resnet50, efficientnet_b0, ... ({len(known)} names in torchvision.models.list_models())"
+                f"resnet18, resnet50, efficientnet_b0, ... ({len(known)} in torchvision.models.list_models())"
             )
         return name
 
@@ -146,7 +156,9 @@ class TorchvisionModel(Strict):
     def _stem_fits(cls, cifar_stem: bool, info: Any) -> bool:
         name = info.data.get("name", "")
         if cifar_stem and not name.startswith(("resnet", "wide_resnet", "resnext")):
-            raise ValueError(f"the CIFAR stem exists for ResNet-family models only, not '{name}' — set it false")
+            raise ValueError(
+                f"the CIFAR stem exists for ResNet-family models only, not '{name}' — set it false"
+            )
         return cifar_stem
 
 
@@ -272,7 +284,7 @@ _FIXES = {
 def _one_line(error: dict[str, Any], raw: dict[str, Any]) -> str:
     """Say which key is wrong, what is wrong with it and how to fix it, on one line."""
     loc = list(error["loc"])
-    if loc and loc[0] in _UNIONS and len(loc) > 2:
+    if loc and loc[0] in _UNIONS and len(loc) > 1:
         del loc[1]  # the union's tag (e.g. 'torch.optim.SGD') is not part of the user's key
     key = ".".join(str(p) for p in loc)
     kind, msg = error["type"], error["msg"]
@@ -283,13 +295,16 @@ def _one_line(error: dict[str, Any], raw: dict[str, Any]) -> str:
     got = error.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict) else ""
     fix = _FIXES.get(kind) or _range_fix(error)
-    return f"{key} {msg[0].lower()}{msg[1:]}{shown} — {fix}"
+    what = msg.replace("Input should be", "must be").replace("Field required", "is missing")
+    return f"{key} {what}{shown} — {fix}"
 
 
 def _range_fix(error: dict[str, Any]) -> str:
     """Turn pydantic's constraint context (gt, ge, lt, le) into a hint."""
     ctx = error.get("ctx") or {}
-    bounds = [f"{op} {ctx[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in ctx]
+    bounds = [
+        f"{op} {ctx[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in ctx
+    ]
     if bounds:
         return "use a value " + " and ".join(bounds)
     return "use a value of the right type (see conf/ for an example)"
@@ -305,6 +320,4 @@ def _check_device(trainer: dict[str, Any]) -> None:
         )
     on_cpu = trainer["accelerator"] == "cpu" or not cuda
     if on_cpu and trainer["precision"] == "16-mixed":
-        raise ConfigError(
-            "trainer.precision=16-mixed needs a GPU — use bf16-mixed or 32-true on the CPU"
-        )
+        raise ConfigError("trainer.precision=16-mixed needs a GPU — use bf16-mixed or 32-true on the CPU")

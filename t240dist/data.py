@@ -7,6 +7,7 @@ lazily from disk.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,15 +100,21 @@ class SyntheticImages(Dataset):
         return self.size
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        gen = torch.Generator().manual_seed(((self.seed * 4 + self.split) << 32) + i)
+        gen = _generator(self.seed, self.split, i)
         label = int(torch.randint(self.num_classes, (1,), generator=gen))
         image = self._pattern(label) + self.noise * torch.randn(self.shape, generator=gen)
         return image, label
 
     def _pattern(self, label: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed((self.seed << 32) + (1 << 31) + label)
+        gen = _generator(self.seed, "pattern", label)
         coarse = torch.randn(1, self.shape[0], 4, 4, generator=gen)
         return F.interpolate(coarse, size=self.shape[1:], mode="bilinear", align_corners=False)[0]
+
+
+def _generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``key`` (torch's CPU generator keeps only 32 bits of a seed)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=4).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 Splits = tuple[Dataset, Dataset, Dataset, DataInfo]
@@ -191,7 +198,11 @@ def load_imagefolder(cfg: dict[str, Any]) -> Splits:
                 f"data.root '{root}' has no {needed}/ folder — lay out ROOT/train/<class>/*.jpg and "
                 "ROOT/val/<class>/*.jpg, or pick data=digits"
             )
-    to_float = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    to_float = [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
     augment = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *to_float])
     plain = v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size), *to_float])
     train = datasets.ImageFolder(str(root / "train"), transform=augment)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,12 +57,22 @@ def _fail(line: str, err: BaseException) -> NoReturn:
 
 def _hydra_line(err: BaseException) -> str:
     """Fold Hydra's and OmegaConf's multi-line messages into `<what> — <fix>`."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and "full_key" not in ln]
+    text = str(err).split("Config search path")[0]
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown and "+" in text:
+        key = unknown.group(1)
+        return (
+            f"{key} is not a config key — check its spelling (python -m train --cfg job lists the keys), "
+            f"or add a new key with +{key}=..."
+        )
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "full_key" not in ln]
     lines = [ln for ln in lines if not ln.startswith(("object_type", "reference_type"))]
     what, rest = lines[0], lines[1:]
     if err.__cause__ is not None and not rest:
         rest = [str(err.__cause__).splitlines()[0]]
     if len(rest) > 1 and rest[0].endswith(":"):
         rest = [rest[0] + " " + ", ".join(rest[1:])]
-    fix = "; ".join(rest) if rest else "check the override's spelling (python -m train --help lists the groups)"
+    fix = (
+        "; ".join(rest) if rest else "check the override's spelling (python -m train --help lists the groups)"
+    )
     return f"{what} — {fix}"

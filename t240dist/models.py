@@ -32,7 +32,11 @@ class SmallCNN(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            ]
 
         self.features = nn.Sequential(
             *block(in_channels, width),
@@ -54,6 +58,8 @@ def _adapt_first_conv(net: nn.Module, in_channels: int) -> None:
         for name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
                 bias = child.bias is not None
-                conv = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride, child.padding, bias=bias)
+                conv = nn.Conv2d(
+                    in_channels, child.out_channels, child.kernel_size, child.stride, child.padding, bias=bias
+                )
                 setattr(parent, name, conv)
                 return

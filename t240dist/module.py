@@ -70,7 +70,9 @@ class ClassifierModule(pl.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc, self.test_top5)
 
-    def _evaluate(self, batch: Batch, split: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy | None) -> None:
+    def _evaluate(
+        self, batch: Batch, split: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy | None
+    ) -> None:
         x, y = batch
         logits = self(x)
         n = len(y)
@@ -83,7 +85,9 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.net, self.hparams["optim"])
-        scheduler = build_scheduler(optimizer, self.hparams["sched"], int(self.trainer.estimated_stepping_batches))
+        scheduler = build_scheduler(
+            optimizer, self.hparams["sched"], int(self.trainer.estimated_stepping_batches)
+        )
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -32,23 +32,15 @@ def show_config(conf: dict[str, Any], run_dir: Path) -> None:
 
 
 @rank_zero_only
-def start_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
+def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
     """Declare the run's hyperparameters and metric tags to TensorBoard's HParams tab.
 
     The metric columns read the run's own scalar tags, so no value is logged twice.
     """
-    experiment, session_start, _ = hparams(_flatten(conf), {tag: float("nan") for tag in HPARAM_METRICS})
+    summaries = hparams(_flatten(conf), dict.fromkeys(HPARAM_METRICS, 0.0))
     writer = logger.experiment._get_file_writer()
-    writer.add_summary(experiment)
-    writer.add_summary(session_start)
-
-
-@rank_zero_only
-def end_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
-    """Mark the HParams session finished."""
-    _, _, session_end = hparams(_flatten(conf), {})
-    logger.experiment._get_file_writer().add_summary(session_end)
-    logger.experiment.flush()
+    for summary in summaries:
+        writer.add_summary(summary)
 
 
 @rank_zero_only

@@ -55,11 +55,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     trainer = pl.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=run_dir)
 
     report.show_config(conf, run_dir)
-    report.start_hparams(logger, conf)
+    report.log_hparams(logger, conf)
     trainer.fit(module, datamodule=data)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     tested = trainer.test(module, datamodule=data, ckpt_path="best" if checkpoint.best_model_path else None)
-    report.end_hparams(logger, conf)
 
     summary = {
         "test_acc": tested[0]["test/acc"],

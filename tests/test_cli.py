@@ -1,0 +1,35 @@
+"""``python -m train`` as a user runs it: the embedded default and the run directories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY, run_cli, scalars
+
+
+def test_default_run_trains_digits_to_097_and_reports(tmp_path: Path) -> None:
+    done = run_cli([f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["test_acc"] >= 0.97 and summary["data"] == "digits" and summary["model"] == "small_cnn"
+    assert summary["devices"] == ["cpu"]
+    out = done.stdout + done.stderr
+    assert "config" in out and "optim" in out and "lr: 0.1" in out  # the composed config tree
+    assert "Epoch 19" in out  # the progress bar
+    assert "run summary" in out and "test_acc" in out  # the final table
+    assert {"train/loss", "val/acc", "test/acc"} <= scalars(tmp_path / "run").keys()
+    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").is_file()
+
+
+def test_two_runs_started_together_get_their_own_run_dirs(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "train", *TINY, "trainer.max_epochs=1"]
+    runs = [
+        subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    assert all(p.wait(timeout=300) == 0 for p in runs)
+    dirs = sorted(p.parent for p in tmp_path.glob("outputs/*/*/run_summary.json"))
+    assert len(dirs) == 2 and dirs[0] != dirs[1]

@@ -1,0 +1,92 @@
+"""Every user-facing key is typed and range-checked before any work, with one line that says the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import compose, run_cli
+
+from t240dist.config import CONF_DIR, validate
+from t240dist.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optim.lr=-1"], "optim.lr must be greater than 0 (got -1) — use a value > 0"),
+        (["data.batch_size=0"], "data.batch_size must be greater than 0 (got 0)"),
+        (
+            ["trainer.precision=fp8"],
+            "trainer.precision must be '32-true', 'bf16-mixed' or '16-mixed' (got 'fp8')",
+        ),
+        (
+            ["model=torchvision", "model.name=nosuchnet"],
+            "model.name: 'nosuchnet' is not a torchvision classifier",
+        ),
+        (
+            ["model.name=vgg11"],
+            "the small_cnn group has no model 'vgg11' — use model=torchvision model.name=vgg11",
+        ),
+        (["+foo=1"], "foo is not a config key — remove it or fix its spelling"),
+        (["+optim.momentum2=0.9"], "optim.momentum2 is not a config key"),
+        (["optim=adam", "optim.betas=[0.9,2]"], "optim.betas.1 must be less than 1 (got 2)"),
+        (["trainer.max_epochs=abc"], "trainer.max_epochs must be a valid integer"),
+        (["model=torchvision"], "model.name is not set — give it on the command line"),
+        (["model=torchvision", "model.name=vgg11", "model.cifar_stem=true"], "ResNet-family models only"),
+        (["module.label_smoothing=1.5"], "module.label_smoothing must be less than 1 (got 1.5)"),
+        (["trainer.accelerator=gpu"], "no CUDA GPU is visible — use trainer=cpu or trainer=auto"),
+        (["trainer=cpu", "trainer.precision=16-mixed"], "16-mixed needs a GPU"),
+        (["data=imagefolder"], "data.root is not set"),
+    ],
+)
+def test_bad_value_is_one_config_error_naming_key_and_fix(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose(overrides))
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message and " — " in message
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if p.stem != "default")
+
+
+@pytest.mark.parametrize("option", _options("optim") + _options("sched"))
+def test_every_optim_and_sched_option_validates(option: str) -> None:
+    group = "optim" if (CONF_DIR / "optim" / f"{option}.yaml").exists() else "sched"
+    conf = validate(compose([f"{group}={option}"]))
+    assert conf[group] and conf["data"]["name"] == "digits"
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_validates_with_synthetic_data(experiment: str) -> None:
+    conf = validate(compose([f"experiment={experiment}", "data=synthetic", "trainer=cpu"]))
+    assert conf["data"]["name"] == "synthetic"
+
+
+@pytest.mark.parametrize("trainer", _options("trainer"))
+def test_trainer_variants_inherit_the_defaults(trainer: str) -> None:
+    cfg = compose([f"trainer={trainer}"])
+    assert cfg.trainer.max_epochs == compose([]).trainer.max_epochs
+    assert cfg.trainer.accelerator == {"auto": "auto", "cpu": "cpu", "gpu": "gpu"}[trainer]
+
+
+def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path) -> None:
+    for args, expected in [
+        (["optim.lr=-1"], "ConfigError: optim.lr must be greater than 0"),
+        (["optim.foo=1"], "ConfigError: optim.foo is not a config key"),
+        (["model=nosuch"], "ConfigError: In 'config': Could not find 'model/nosuch' — Available options"),
+    ]:
+        done = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, done.stderr
+        assert lines == [lines[-1]] and lines[-1].startswith(expected), done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()  # no work was done
+
+
+def test_hydra_full_error_gives_the_traceback(tmp_path: Path) -> None:
+    done = run_cli(["optim.lr=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "ConfigError" in done.stderr

@@ -1,0 +1,151 @@
+"""Real short Lightning runs through t240dist.run.train: run dir, TensorBoard, checkpoints, switches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import compose, scalars
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.overrides import TorchFunctionMode
+
+from t240dist.module import ClassifierModule
+from t240dist.run import train
+
+SUMMARY_KEYS = {
+    "test_acc", "val_acc", "wall_s", "train_images_per_s", "global_step", "epochs",
+    "world_size", "precision", "devices",
+}  # fmt: skip
+
+
+def test_short_run_fills_the_run_dir_and_tensorboard(tmp_path: Path, tiny: list[str]) -> None:
+    summary = train(compose(tiny), run_dir=tmp_path)
+
+    on_disk = json.loads((tmp_path / "run_summary.json").read_text())
+    assert on_disk.keys() >= SUMMARY_KEYS and on_disk == json.loads(json.dumps(summary))
+    steps_per_epoch = 128 // 32
+    assert summary["global_step"] == 2 * steps_per_epoch and summary["epochs"] == 2
+    assert summary["world_size"] == 1 and summary["devices"] == ["cpu"] and summary["precision"] == "32-true"
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["train_images_per_s"] > 0
+    assert (tmp_path / "config.yaml").read_text().startswith("seed: 0")
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+    curves = scalars(tmp_path)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "val/top5", "test/acc", "train/lr"):
+        assert tag in curves, sorted(curves)
+    assert [s for s, _ in curves["train/loss"]] == list(range(2 * steps_per_epoch))  # logged every step
+    assert [s for s, _ in curves["train/lr"]] == list(range(2 * steps_per_epoch))
+    assert [s for s, _ in curves["val/acc"]] == [steps_per_epoch - 1, 2 * steps_per_epoch - 1]
+    assert curves["test/acc"][0][1] == pytest.approx(summary["test_acc"])
+    assert curves["perf/images_per_s"] and all(v > 0 for _, v in curves["perf/images_per_s"])
+
+
+def test_hyperparameters_reach_the_hparams_tab(tmp_path: Path, tiny: list[str]) -> None:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    train(compose([*tiny, "optim.lr=0.05"]), run_dir=tmp_path)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["optim.lr"].number_value == pytest.approx(0.05)
+    assert hparams["model.name"].string_value == "small_cnn"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"test/acc", "val/acc"}
+
+
+def test_checkpoint_loads_weights_only_with_plain_hyperparameters(tmp_path: Path, tiny: list[str]) -> None:
+    summary = train(compose(tiny), run_dir=tmp_path)
+    ckpt = torch.load(summary["best_checkpoint"], weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert type(hp["model"]) is dict and hp["model"]["name"] == "small_cnn" and hp["num_classes"] == 10
+    assert all(k.startswith("net.") for k in ckpt["state_dict"] if "acc" not in k and "top5" not in k)
+
+
+class HostSyncSpy(pl.Callback, TorchFunctionMode):
+    """Records every tensor read-back to the host between batch start and batch end."""
+
+    READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"})
+
+    def __init__(self) -> None:
+        pl.Callback.__init__(self)
+        TorchFunctionMode.__init__(self)
+        self.reads: list[str] = []
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.__enter__()
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(func, "__name__", "") in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _run_with_spy(run_dir: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch) -> HostSyncSpy:
+    spy, original = HostSyncSpy(), pl.Trainer
+
+    def trainer_with_spy(*args: object, callbacks: list, **kwargs: object) -> pl.Trainer:
+        return original(*args, callbacks=[*callbacks, spy], **kwargs)
+
+    monkeypatch.setattr(pl, "Trainer", trainer_with_spy)
+    train(compose([*overrides, "trainer.log_every_n_steps=50"]), run_dir=run_dir)
+    monkeypatch.undo()
+    return spy
+
+
+def test_training_step_reads_nothing_back_from_the_device(
+    tmp_path: Path, tiny: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _run_with_spy(tmp_path / "clean", tiny, monkeypatch).reads == []
+
+    # The spy does see a read-back when a step makes one (the control).
+    step = ClassifierModule.training_step
+
+    def step_with_item(self: ClassifierModule, batch: object, batch_idx: int) -> torch.Tensor:
+        loss = step(self, batch, batch_idx)
+        loss.item()
+        return loss
+
+    monkeypatch.setattr(ClassifierModule, "training_step", step_with_item)
+    assert _run_with_spy(tmp_path / "control", tiny, monkeypatch).reads == ["item"] * 8
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        ["module.label_smoothing=0.1"],
+        ["module.mixup_alpha=0.2"],
+        ["module.cutmix_alpha=1.0", "module.mixup_alpha=0.2"],
+        ["model.channels_last=true"],
+        ["sched=onecycle"],
+        ["sched=none", "optim=adamw"],
+    ],
+    ids=lambda s: ",".join(s),
+)
+def test_each_switch_trains_to_finite_loss(tmp_path: Path, tiny: list[str], switch: list[str]) -> None:
+    summary = train(compose([*tiny, *switch]), run_dir=tmp_path)
+    assert torch.isfinite(torch.tensor(summary["test_loss"]))
+    assert all(v == v for _, v in scalars(tmp_path)["train/loss"])
+
+
+def test_ema_tests_the_averaged_weights(tmp_path: Path, tiny: list[str]) -> None:
+    plain = train(compose(tiny), run_dir=tmp_path / "plain")
+    ema = train(compose([*tiny, "module.ema_decay=0.5"]), run_dir=tmp_path / "ema")
+    last_plain = torch.load(tmp_path / "plain/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    last_ema = torch.load(tmp_path / "ema/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert not torch.equal(last_plain["net.head.1.weight"], last_ema["net.head.1.weight"])
+    assert plain["global_step"] == ema["global_step"]
+
+
+def test_same_seed_gives_the_same_run(tmp_path: Path, tiny: list[str]) -> None:
+    a = train(compose(tiny), run_dir=tmp_path / "a")
+    b = train(compose(tiny), run_dir=tmp_path / "b")
+    c = train(compose([*tiny, "seed=1"]), run_dir=tmp_path / "c")
+    assert a["test_loss"] == b["test_loss"] and a["test_loss"] != c["test_loss"]

@@ -35,11 +35,11 @@ from t240dist.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
+def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose ``conf/`` with command-line style overrides, as ``python -m train`` would (no run dir)."""
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
+        return compose(config_name=config_name, overrides=overrides or [])
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:

@@ -13,11 +13,11 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from t240dist import report
-from t240dist.callbacks import TrainSpeed
+from t240dist.callbacks import ProgressBar, TrainSpeed
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
 from t240dist.module import ClassifierModule
@@ -38,24 +38,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     module = ClassifierModule(
         conf["model"], conf["optim"], conf["sched"], conf["module"], info.num_classes, info.channels
     )
-    speed = TrainSpeed()
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="epoch{epoch:03d}-step{step:06d}",
-        auto_insert_metric_name=False,
-        **conf["checkpoint"],
-    )
-    callbacks: list[pl.Callback] = [speed, checkpoint]
-    if conf["module"]["ema_decay"] is not None:
-        callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
-    trainer_cfg = conf["trainer"]
-    if trainer_cfg["enable_progress_bar"]:
-        callbacks.append(TQDMProgressBar(refresh_rate=trainer_cfg["log_every_n_steps"]))
-    logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
-    trainer = pl.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=run_dir)
+    trainer, speed, checkpoint = build_trainer(conf, run_dir)
 
     report.show_config(conf, run_dir)
-    report.log_hparams(logger, conf)
+    report.log_hparams(trainer.logger, conf)
     trainer.fit(module, datamodule=data)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     tested = trainer.test(module, datamodule=data, ckpt_path="best" if checkpoint.best_model_path else None)
@@ -72,7 +58,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
-        "precision": trainer_cfg["precision"],
+        "precision": conf["trainer"]["precision"],
         "devices": _device_names(trainer),
         "model": conf["model"]["name"],
         "params": sum(p.numel() for p in module.net.parameters()),
@@ -85,6 +71,28 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     }
     report.write_summary(summary, run_dir)
     return summary
+
+
+def build_trainer(
+    conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None
+) -> tuple[pl.Trainer, TrainSpeed, ModelCheckpoint]:
+    """The Trainer of every run (training and benchmark alike), with its logger and callbacks."""
+    speed = TrainSpeed()
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="epoch{epoch:03d}-step{step:06d}",
+        auto_insert_metric_name=False,
+        **conf["checkpoint"],
+    )
+    callbacks: list[pl.Callback] = [speed, checkpoint, *(extra or [])]
+    if conf["module"]["ema_decay"] is not None:
+        callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
+    trainer_cfg = conf["trainer"]
+    if trainer_cfg["enable_progress_bar"]:
+        callbacks.append(ProgressBar(refresh_rate=trainer_cfg["log_every_n_steps"]))
+    logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
+    trainer = pl.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=run_dir)
+    return trainer, speed, checkpoint
 
 
 def _device_names(trainer: pl.Trainer) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import TINY, compose
 
@@ -25,19 +26,26 @@ def test_auto_picks_the_gpu_and_bf16_trains(tmp_path: Path) -> None:
     assert summary["test_loss"] == summary["test_loss"]  # finite, not NaN
 
 
-def test_training_steps_never_synchronise_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CUDA's sync debug mode raises on any device-to-host wait inside a step that does not log."""
-    from t240dist.module import ClassifierModule
+class StrictSync(pl.Callback):
+    """CUDA's sync debug mode set to raise over whole training steps 1 and 2, Lightning's loop included."""
 
-    step = ClassifierModule.training_step
-
-    def strict_step(self: ClassifierModule, batch: object, batch_idx: int) -> torch.Tensor:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return step(self, batch, batch_idx)
-        finally:
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        elif trainer.global_step == 3:
             torch.cuda.set_sync_debug_mode("default")
 
-    monkeypatch.setattr(ClassifierModule, "training_step", strict_step)
-    overrides = [*TINY, "trainer.log_every_n_steps=50", "module.mixup_alpha=0.2", "model.channels_last=true"]
-    assert train(compose(overrides), run_dir=tmp_path)["global_step"] == 8
+
+def test_training_steps_never_synchronise_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = pl.Trainer
+
+    def strict_trainer(*args: object, callbacks: list, **kwargs: object) -> pl.Trainer:
+        return original(*args, callbacks=[*callbacks, StrictSync()], **kwargs)
+
+    monkeypatch.setattr(pl, "Trainer", strict_trainer)
+    overrides = [*TINY, "trainer.log_every_n_steps=50", "trainer.enable_progress_bar=true"]
+    overrides += ["module.mixup_alpha=0.2", "model.channels_last=true", "trainer.precision=bf16-mixed"]
+    try:
+        assert train(compose(overrides), run_dir=tmp_path)["global_step"] == 8
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

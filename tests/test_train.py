@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,10 @@ def test_checkpoint_loads_weights_only_with_plain_hyperparameters(tmp_path: Path
 
 
 class HostSyncSpy(pl.Callback, TorchFunctionMode):
-    """Records every tensor read-back to the host between batch start and batch end."""
+    """Records tensor read-backs to the host over whole training steps 1 and 2 (Lightning's loop included).
+
+    Reads made by the DataLoader are left out: they touch host tensors only, by design.
+    """
 
     READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"})
 
@@ -76,15 +80,18 @@ class HostSyncSpy(pl.Callback, TorchFunctionMode):
         TorchFunctionMode.__init__(self)
         self.reads: list[str] = []
 
-    def on_train_batch_start(self, *args: object) -> None:
-        self.__enter__()
-
-    def on_train_batch_end(self, *args: object) -> None:
-        self.__exit__(None, None, None)
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == 1:
+            self.__enter__()
+        elif trainer.global_step == 3:
+            self.__exit__(None, None, None)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if getattr(func, "__name__", "") in self.READS:
-            self.reads.append(func.__name__)
+        name = getattr(func, "__name__", "")
+        if name in self.READS and not any(
+            "torch/utils/data" in f.filename for f in traceback.extract_stack()
+        ):
+            self.reads.append(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -114,7 +121,7 @@ def test_training_step_reads_nothing_back_from_the_device(
         return loss
 
     monkeypatch.setattr(ClassifierModule, "training_step", step_with_item)
-    assert _run_with_spy(tmp_path / "control", tiny, monkeypatch).reads == ["item"] * 8
+    assert _run_with_spy(tmp_path / "control", tiny, monkeypatch).reads == ["item"] * 2
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,32 @@
+"""The benchmark's report on CPU: both loops run on the same batches; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from t240dist.bench import run_bench
+from t240dist.config import compose_config
+
+
+def test_bench_times_both_loops_and_writes_bench_json(tmp_path: Path) -> None:
+    overrides = [
+        *TINY,
+        "bench.warmup_steps=2",
+        "bench.steps=3",
+        "bench.repeats=2",
+        "bench.distinct_batches=2",
+    ]
+    result = run_bench(compose_config(overrides, config_name="bench"), tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert result["device"] == "cpu" and result["model"] == "small_cnn" and result["batch_size"] == 32
+    loops = result["loops"]
+    assert (
+        set(loops) == {"hand-written", "t240dist"} and loops["hand-written"]["ratio_to_hand_written"] == 1.0
+    )
+    for row in loops.values():
+        assert len(row["repeats_ms"]) == 2 and all(ms > 0 for ms in row["repeats_ms"])
+        assert row["images_per_s"] == pytest.approx(32e3 / row["ms_per_step"])

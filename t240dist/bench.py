@@ -23,7 +23,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader, IterableDataset
 
 from t240dist.config import validate
-from t240dist.data import ImageDataModule
+from t240dist.data import DataInfo, ImageDataModule
 from t240dist.models import build_model
 from t240dist.module import ClassifierModule
 from t240dist.optim import build_optimizer
@@ -40,10 +40,11 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     device = torch.device(
         "cuda" if torch.cuda.is_available() and conf["trainer"]["accelerator"] != "cpu" else "cpu"
     )
-    batches = _batches(conf, bench["distinct_batches"], device)
+    data = ImageDataModule(conf["data"])
+    batches = _batches(data, bench["distinct_batches"], device)
     loops: dict[str, Callable[[], float]] = {
-        "hand-written": lambda: _hand_written(conf, batches, bench, device),
-        "t240dist": lambda: _t240dist(conf, batches, bench, run_dir),
+        "hand-written": lambda: _hand_written(conf, data.info, batches, bench, device),
+        "t240dist": lambda: _t240dist(conf, data.info, batches, bench, run_dir),
     }
     times: dict[str, list[float]] = {name: [] for name in loops}
     peak: dict[str, float] = {}
@@ -81,19 +82,17 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _batches(conf: dict[str, Any], count: int, device: torch.device) -> Batches:
+def _batches(data: ImageDataModule, count: int, device: torch.device) -> Batches:
     """Draw ``count`` batches from the configured dataset and move them to the device once."""
-    data = ImageDataModule(conf["data"])
     loader = iter(data.train_dataloader())
     made = [next(loader) for _ in range(count)]
     return [(x.to(device), y.to(device)) for x, y in made]
 
 
 def _hand_written(
-    conf: dict[str, Any], batches: Batches, bench: dict[str, Any], device: torch.device
+    conf: dict[str, Any], info: DataInfo, batches: Batches, bench: dict[str, Any], device: torch.device
 ) -> float:
     """The baseline: the loop a good engineer writes by hand. Returns seconds per timed step."""
-    info = ImageDataModule(conf["data"]).info
     net = build_model(conf["model"], info.channels, info.num_classes).to(device)
     optimizer = build_optimizer(net, conf["optim"])
     smoothing = conf["module"]["label_smoothing"]
@@ -158,9 +157,10 @@ class _StepTimer(pl.Callback):
             self.end = time.perf_counter()
 
 
-def _t240dist(conf: dict[str, Any], batches: Batches, bench: dict[str, Any], run_dir: Path) -> float:
+def _t240dist(
+    conf: dict[str, Any], info: DataInfo, batches: Batches, bench: dict[str, Any], run_dir: Path
+) -> float:
     """t240dist's path: ClassifierModule in the Trainer of ``python -m train``, logging and checkpoints on."""
-    info = ImageDataModule(conf["data"]).info
     total = bench["warmup_steps"] + bench["steps"]
     module = ClassifierModule(
         conf["model"], conf["optim"], conf["sched"], conf["module"], info.num_classes, info.channels

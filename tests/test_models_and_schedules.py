@@ -60,7 +60,7 @@ def test_warmup_cosine_ramps_then_decays_to_the_floor() -> None:
     lrs = _lrs("optim.lr=0.1", "sched.warmup_fraction=0.1", "sched.min_lr_ratio=0.01")
     assert lrs[0] == pytest.approx(0.01)  # warmup_start_factor 0.1 of lr
     assert max(lrs) == pytest.approx(0.1) and lrs.index(max(lrs)) == 10
-    assert all(a >= b for a, b in itertools.pairwise(lrs))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[-1] == pytest.approx(0.001, rel=0.05)
 
 

@@ -105,6 +105,10 @@ class Cifar10Data(Strict):
     val_fraction: Fraction
 
 
+class MnistData(Cifar10Data):
+    name: Literal["mnist"]  # type: ignore[assignment]
+
+
 class ImageFolderData(Strict):
     name: Literal["imagefolder"]
     root: str
@@ -113,7 +117,9 @@ class ImageFolderData(Strict):
     image_size: Annotated[int, Field(ge=8, le=4096)]
 
 
-Data = Annotated[DigitsData | SyntheticData | Cifar10Data | ImageFolderData, Field(discriminator="name")]
+Data = Annotated[
+    DigitsData | SyntheticData | Cifar10Data | MnistData | ImageFolderData, Field(discriminator="name")
+]
 
 
 class SmallCnnModel(Strict):

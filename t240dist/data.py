@@ -1,4 +1,4 @@
-"""Datasets and loaders: the bundled digits, synthetic images, CIFAR-10 batches and ImageFolder trees.
+"""Datasets and loaders: bundled digits, synthetic images, CIFAR-10 batches, MNIST IDX, ImageFolder trees.
 
 ``ImageDataModule`` loads (or checks) its data when it is built, so a missing root fails with a
 ``ConfigError`` before any model exists. Small datasets live in memory as tensors; ImageFolder reads
@@ -7,7 +7,9 @@ lazily from disk.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,9 +164,7 @@ def load_cifar10(cfg: dict[str, Any]) -> Splits:
     train_x, train_y = _cifar_batches([root / f"data_batch_{i}" for i in range(1, 6)])
     test_x, test_y = _cifar_batches([root / "test_batch"])
     names = [n.decode() if isinstance(n, bytes) else n for n in _unpickle(meta)[b"label_names"]]
-    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg["split_seed"]))
-    n_val = round(len(train_y) * cfg["val_fraction"])
-    val, train = order[:n_val], order[n_val:]
+    val, train = _val_split(len(train_y), cfg)
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR_MEAN, CIFAR_STD)]
     augment = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_float])
     plain = v2.Compose(to_float)
@@ -174,6 +174,13 @@ def load_cifar10(cfg: dict[str, Any]) -> Splits:
         TensorImages(test_x, test_y, plain),
         DataInfo(len(names), 3, 32, names, len(train)),
     )
+
+
+def _val_split(n: int, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a validation split of ``data.val_fraction`` and the rest, fixed by ``data.split_seed``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["split_seed"]))
+    n_val = round(n * cfg["val_fraction"])
+    return order[:n_val], order[n_val:]
 
 
 def _cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +194,58 @@ def _cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
 def _unpickle(path: Path) -> dict:
     with path.open("rb") as f:
         return pickle.load(f, encoding="bytes")
+
+
+def load_mnist(cfg: dict[str, Any]) -> Splits:
+    """MNIST IDX files (plain or gzip); a validation split is carved from the training images."""
+    root = Path(cfg["root"])
+    files = {}
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        found = [p for p in (root / stem, root / f"{stem}.gz") if p.is_file()]
+        if not found:
+            raise ConfigError(
+                f"data.root '{root}' has no {stem} (or {stem}.gz) — put the MNIST IDX files there "
+                "(or set data.root) or pick data=digits"
+            )
+        files[stem] = _read_idx(found[0])
+    train_x, train_y = files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"]
+    test_x, test_y = files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"]
+    for images, labels, stem in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ConfigError(
+                f"data.root '{root}': {stem} images {tuple(images.shape)} do not match labels "
+                f"{tuple(labels.shape)} — replace the IDX files with a complete copy"
+            )
+    val, train = _val_split(len(train_y), cfg)
+    pixels = train_x[train].float() / 255
+    mean, std = float(pixels.mean()), float(pixels.std())
+    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize((mean,), (std,))])
+    as_images = [x.unsqueeze(1) for x in (train_x[train], train_x[val], test_x)]
+    labels = [train_y[train].long(), train_y[val].long(), test_y.long()]
+    sets = [TensorImages(x, y, normalise) for x, y in zip(as_images, labels, strict=True)]
+    return (*sets, DataInfo(10, 1, train_x.shape[-1], [str(d) for d in range(10)], len(train)))
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """One IDX file (unsigned-byte data, as MNIST ships) as a uint8 tensor of its declared shape."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ConfigError(
+            f"{path} is not an unsigned-byte IDX file — replace it with the original MNIST file"
+        )
+    dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    body = raw[4 + 4 * dims :]
+    if len(body) != math.prod(shape):
+        raise ConfigError(
+            f"{path} holds {len(body)} bytes, its header says {math.prod(shape)} — it is truncated"
+        )
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(shape)
 
 
 def load_imagefolder(cfg: dict[str, Any]) -> Splits:
@@ -216,5 +275,6 @@ _LOADERS = {
     "digits": load_digits,
     "synthetic": load_synthetic,
     "cifar10": load_cifar10,
+    "mnist": load_mnist,
     "imagefolder": load_imagefolder,
 }

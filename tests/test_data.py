@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from pathlib import Path
 
@@ -66,7 +67,39 @@ def test_imagefolder_reads_class_folders(tmp_path: Path) -> None:
     assert data.train_set[0][0].shape == (3, 16, 16) and data.val_set[1][1] == 1
 
 
-@pytest.mark.parametrize("name", ["cifar10", "imagefolder"])
+@pytest.mark.parametrize("name", ["cifar10", "mnist", "imagefolder"])
 def test_missing_root_is_a_config_error_naming_the_fix(tmp_path: Path, name: str) -> None:
     with pytest.raises(ConfigError, match=rf"data.root '{tmp_path}/nope' has no .* — .*pick data=digits"):
         _data(f"data={name}", f"data.root={tmp_path}/nope")
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_mnist_reads_idx_files_plain_or_gzip(tmp_path: Path, compress: bool) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 50), ("t10k", 20)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), compress)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, compress)
+    data = _data("data=mnist", f"data.root={tmp_path}", "data.val_fraction=0.2")
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (40, 10, 20)
+    x, y = data.test_set[3]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and y == 3
+    assert data.info.class_names == [str(d) for d in range(10)] and data.info.image_size == 28
+
+
+def test_truncated_mnist_file_is_a_config_error(tmp_path: Path) -> None:
+    for split, n in (("train", 10), ("t10k", 10)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", np.zeros((n, 28, 28)), False)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.zeros(n), False)
+    images = tmp_path / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte holds 7740 bytes, its header says 7840"):
+        _data("data=mnist", f"data.root={tmp_path}")

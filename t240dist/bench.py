@@ -162,9 +162,7 @@ def _t240dist(
 ) -> float:
     """t240dist's path: ClassifierModule in the Trainer of ``python -m train``, logging and checkpoints on."""
     total = bench["warmup_steps"] + bench["steps"]
-    module = ClassifierModule(
-        conf["model"], conf["optim"], conf["sched"], conf["module"], info.num_classes, info.channels
-    )
+    module = ClassifierModule.from_config(conf, info)
     trainer_conf = {
         **conf,
         "trainer": {

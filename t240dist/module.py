@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from t240dist.data import DataInfo
 from t240dist.models import build_model
 from t240dist.optim import build_optimizer, build_scheduler
 
@@ -19,8 +20,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class ClassifierModule(pl.LightningModule):
     """Trains, validates and tests an image classifier.
 
-    Hyperparameters are plain dicts and ints (the resolved config groups), so a checkpoint loads with
-    ``torch.load(weights_only=True)`` and carries what is needed to rebuild the network. The training
+    Hyperparameters are plain dicts, ints and strings (the resolved config groups, the data's class
+    names), so a checkpoint loads with ``torch.load(weights_only=True)`` and carries what inference
+    needs to rebuild the network and name its predictions. The training
     step never waits for the device: metrics leave it only when Lightning logs them.
     """
 
@@ -32,6 +34,7 @@ class ClassifierModule(pl.LightningModule):
         module: dict[str, Any],
         num_classes: int,
         in_channels: int,
+        class_names: list[str],
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs the whole config to the HParams tab
@@ -46,6 +49,12 @@ class ClassifierModule(pl.LightningModule):
         self.val_acc, self.test_acc = _accuracy(num_classes, 1), _accuracy(num_classes, 1)
         self.val_top5 = _accuracy(num_classes, 5) if top5 else None
         self.test_top5 = _accuracy(num_classes, 5) if top5 else None
+
+    @classmethod
+    def from_config(cls, conf: dict[str, Any], info: DataInfo) -> ClassifierModule:
+        """The module for a validated run config and the data it trains on."""
+        groups = (conf[k] for k in ("model", "optim", "sched", "module"))
+        return cls(*groups, info.num_classes, info.channels, info.class_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

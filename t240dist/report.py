@@ -32,6 +32,12 @@ def show_config(conf: dict[str, Any], run_dir: Path) -> None:
 
 
 @rank_zero_only
+def write_class_names(names: list[str], run_dir: Path) -> None:
+    """Write ``classes.txt``: the class name of each label index, one a line (what predictions are called)."""
+    (run_dir / "classes.txt").write_text("".join(f"{name}\n" for name in names))
+
+
+@rank_zero_only
 def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
     """Declare the run's hyperparameters and metric tags to TensorBoard's HParams tab.
 

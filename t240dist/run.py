@@ -35,12 +35,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
     data = ImageDataModule(conf["data"])
     info = data.info
-    module = ClassifierModule(
-        conf["model"], conf["optim"], conf["sched"], conf["module"], info.num_classes, info.channels
-    )
+    module = ClassifierModule.from_config(conf, info)
     trainer, speed, checkpoint = build_trainer(conf, run_dir)
 
     report.show_config(conf, run_dir)
+    report.write_class_names(info.class_names, run_dir)
     report.log_hparams(trainer.logger, conf)
     trainer.fit(module, datamodule=data)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -64,6 +64,8 @@ def test_checkpoint_loads_weights_only_with_plain_hyperparameters(tmp_path: Path
     ckpt = torch.load(summary["best_checkpoint"], weights_only=True)
     hp = ckpt["hyper_parameters"]
     assert type(hp["model"]) is dict and hp["model"]["name"] == "small_cnn" and hp["num_classes"] == 10
+    assert hp["class_names"] == [f"class_{k}" for k in range(10)]
+    assert (tmp_path / "classes.txt").read_text().splitlines() == hp["class_names"]
     assert all(k.startswith("net.") for k in ckpt["state_dict"] if "acc" not in k and "top5" not in k)
 
 

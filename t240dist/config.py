@@ -115,6 +115,7 @@ class ImageFolderData(Strict):
     batch_size: PositiveInt
     num_workers: Workers
     image_size: Annotated[int, Field(ge=8, le=4096)]
+    on_corrupt: Literal["error", "skip"]
 
 
 Data = Annotated[

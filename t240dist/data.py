@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -37,6 +39,7 @@ class DataInfo:
     image_size: int
     class_names: list[str]
     train_size: int
+    skipped: tuple[str, ...] = ()  # "path: reason" of each unreadable file left out (data.on_corrupt=skip)
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -264,11 +267,79 @@ def load_imagefolder(cfg: dict[str, Any]) -> Splits:
     ]
     augment = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *to_float])
     plain = v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size), *to_float])
-    train = datasets.ImageFolder(str(root / "train"), transform=augment)
-    val = datasets.ImageFolder(str(root / "val"), transform=plain)
-    test_dir = root / "test"
-    test = datasets.ImageFolder(str(test_dir), transform=plain) if test_dir.is_dir() else val
-    return train, val, test, DataInfo(len(train.classes), 3, size, list(train.classes), len(train))
+    folders = [root / "train", root / "val", *([root / "test"] if (root / "test").is_dir() else [])]
+    sets = [
+        datasets.ImageFolder(str(folder), transform=t, loader=load_rgb, allow_empty=True)
+        for folder, t in zip(folders, (augment, plain, plain), strict=False)
+    ]
+    bad = [(path, why) for ds in sets for path, why in _preflight(ds)]
+    if bad and cfg["on_corrupt"] == "error":
+        shown = "; ".join(f"{path}: {why}" for path, why in bad[:3])
+        raise ConfigError(
+            f"data.root '{root}' has {len(bad)} unreadable image(s) or empty class folder(s) ({shown}"
+            f"{'; ...' if len(bad) > 3 else ''}) — fix or remove them, or set data.on_corrupt=skip"
+        )
+    unreadable = {path for path, _ in bad}
+    for ds in sets:
+        good = [(p, t) for p, t in ds.samples if p not in unreadable]
+        ds.samples = ds.imgs = good
+        ds.targets = [t for _, t in good]
+    train, val, *rest = sets
+    skipped = tuple(f"{path}: {why}" for path, why in bad)
+    info = DataInfo(len(train.classes), 3, size, list(train.classes), len(train), skipped)
+    return train, val, rest[0] if rest else val, info
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image as RGB: CMYK, palette, grey and 16-bit files are converted, not rejected."""
+    with Image.open(path) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            scale = 257 if image.mode.startswith("I;16") else 65793
+            image = Image.fromarray(
+                (np.asarray(image, dtype=np.float64) / scale).clip(0, 255).astype(np.uint8)
+            )
+        return image.convert("RGB")
+
+
+def _preflight(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
+    """Find unreadable files and empty class folders from headers and file tails, without decoding.
+
+    Reads a few bytes per file: the format header (PIL's lazy open) and the end marker that a truncated
+    JPEG or PNG lacks.
+    """
+    bad: list[tuple[str, str]] = []
+    counts = [0] * len(dataset.classes)
+    for _, target in dataset.samples:
+        counts[target] += 1
+    bad += [
+        (str(Path(dataset.root) / c), "empty class folder")
+        for c, n in zip(dataset.classes, counts, strict=True)
+        if n == 0
+    ]
+    for path, _ in dataset.samples:
+        reason = _unreadable(Path(path))
+        if reason:
+            bad.append((path, reason))
+    return bad
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a file cannot be trained on, or None."""
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+    except (UnidentifiedImageError, OSError):
+        return "not an image"
+    with path.open("rb") as f:
+        f.seek(max(0, path.stat().st_size - 64))
+        tail = f.read().rstrip(b"\0")
+    if kind == "JPEG" and not tail.endswith(b"\xff\xd9"):
+        return "truncated JPEG"
+    if kind == "PNG" and b"IEND" not in tail[-12:]:
+        return "truncated PNG"
+    return None
 
 
 _LOADERS = {

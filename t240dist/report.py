@@ -16,6 +16,8 @@ from rich.table import Table
 from rich.tree import Tree
 from torch.utils.tensorboard.summary import hparams
 
+from t240dist.data import DataInfo
+
 HPARAM_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss", "train/loss")
 
 
@@ -32,9 +34,11 @@ def show_config(conf: dict[str, Any], run_dir: Path) -> None:
 
 
 @rank_zero_only
-def write_class_names(names: list[str], run_dir: Path) -> None:
-    """Write ``classes.txt``: the class name of each label index, one a line (what predictions are called)."""
-    (run_dir / "classes.txt").write_text("".join(f"{name}\n" for name in names))
+def write_data_notes(info: DataInfo, run_dir: Path) -> None:
+    """Write ``classes.txt`` (the name of each label index) and, if any, ``skipped_files.txt``."""
+    (run_dir / "classes.txt").write_text("".join(f"{name}\n" for name in info.class_names))
+    if info.skipped:
+        (run_dir / "skipped_files.txt").write_text("".join(f"{line}\n" for line in info.skipped))
 
 
 @rank_zero_only

@@ -39,7 +39,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     trainer, speed, checkpoint = build_trainer(conf, run_dir)
 
     report.show_config(conf, run_dir)
-    report.write_class_names(info.class_names, run_dir)
+    report.write_data_notes(info, run_dir)
     report.log_hparams(trainer.logger, conf)
     trainer.fit(module, datamodule=data)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
@@ -63,6 +63,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "params": sum(p.numel() for p in module.net.parameters()),
         "data": conf["data"]["name"],
         "train_size": info.train_size,
+        "skipped_files": len(info.skipped),
         "seed": conf["seed"],
         "best_checkpoint": checkpoint.best_model_path or None,
         "run_dir": str(run_dir),

@@ -103,3 +103,43 @@ def test_truncated_mnist_file_is_a_config_error(tmp_path: Path) -> None:
     images.write_bytes(images.read_bytes()[:-100])
     with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte holds 7740 bytes, its header says 7840"):
         _data("data=mnist", f"data.root={tmp_path}")
+
+
+def _bad_tree(root: Path) -> None:
+    """A tree with one good image per class and each kind of bad or odd file."""
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            Image.new("RGB", (20, 20), (0, 90, 200)).save(root / split / cls / "good.jpg")
+    train = root / "train"
+    Image.new("CMYK", (20, 20), (10, 20, 30, 40)).save(train / "cat" / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(train / "cat" / "deep.png")
+    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(train / "dog" / "truncated.jpg")
+    full = (train / "dog" / "truncated.jpg").read_bytes()
+    (train / "dog" / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (train / "dog" / "empty.png").write_bytes(b"")
+    (train / "dog" / "notes.png").write_text("this is not a picture")
+    (train / "bird").mkdir()
+
+
+def test_bad_files_stop_the_run_with_one_line_naming_them(tmp_path: Path) -> None:
+    _bad_tree(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        _data("data=imagefolder", f"data.root={tmp_path}", "data.image_size=16")
+    message = str(err.value)
+    assert "has 4 unreadable image(s) or empty class folder(s)" in message and "\n" not in message
+    assert message.endswith("— fix or remove them, or set data.on_corrupt=skip")
+
+
+def test_skip_trains_on_the_rest_and_converts_odd_modes(tmp_path: Path) -> None:
+    _bad_tree(tmp_path)
+    data = _data("data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.on_corrupt=skip")
+    reasons = sorted(line.rsplit(": ", 1)[1] for line in data.info.skipped)
+    assert reasons == ["empty class folder", "empty file", "not an image", "truncated JPEG"]
+    names = sorted(Path(p).name for p, _ in data.train_set.samples)
+    assert names == ["cmyk.jpg", "deep.png", "good.jpg", "good.jpg"]
+    deep = next(i for i, (p, _) in enumerate(data.train_set.samples) if p.endswith("deep.png"))
+    x, _ = data.val_set[0]
+    assert data.train_set[deep][0].shape == x.shape == (3, 16, 16)
+    assert data.info.class_names == ["bird", "cat", "dog"]

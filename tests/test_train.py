@@ -158,3 +158,26 @@ def test_same_seed_gives_the_same_run(tmp_path: Path, tiny: list[str]) -> None:
     b = train(compose(tiny), run_dir=tmp_path / "b")
     c = train(compose([*tiny, "seed=1"]), run_dir=tmp_path / "c")
     assert a["test_loss"] == b["test_loss"] and a["test_loss"] != c["test_loss"]
+
+
+def test_run_on_a_tree_with_bad_files_skips_and_lists_them(tmp_path: Path) -> None:
+    from test_data import _bad_tree
+
+    _bad_tree(tmp_path / "tree")
+    overrides = [
+        "data=imagefolder",
+        f"data.root={tmp_path / 'tree'}",
+        "data.on_corrupt=skip",
+        "data.image_size=16",
+    ]
+    overrides += [
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+    ]
+    summary = train(compose([*overrides, "model.width=8"]), run_dir=tmp_path / "run")
+    assert summary["skipped_files"] == 4 and summary["global_step"] == 2
+    listed = (tmp_path / "run" / "skipped_files.txt").read_text().splitlines()
+    assert len(listed) == 4 and any(line.endswith("truncated.jpg: truncated JPEG") for line in listed)
+    assert (tmp_path / "run" / "classes.txt").read_text().split() == ["bird", "cat", "dog"]

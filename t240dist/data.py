@@ -325,7 +325,8 @@ def _preflight(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
 
 def _unreadable(path: Path) -> str | None:
     """Why a file cannot be trained on, or None."""
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         return "empty file"
     try:
         with Image.open(path) as image:
@@ -333,7 +334,7 @@ def _unreadable(path: Path) -> str | None:
     except (UnidentifiedImageError, OSError):
         return "not an image"
     with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - 64))
+        f.seek(max(0, size - 64))
         tail = f.read().rstrip(b"\0")
     if kind == "JPEG" and not tail.endswith(b"\xff\xd9"):
         return "truncated JPEG"

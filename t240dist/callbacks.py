@@ -37,7 +37,7 @@ class TrainSpeed(pl.Callback):
         self.images = 0
         self.train_s = 0.0
         self._clock: float | None = None
-        self._window = (0, 0.0)
+        self._window = (0, 0.0)  # (images, time) when the current logging window opened
 
     @property
     def images_per_s(self) -> float:
@@ -67,9 +67,10 @@ class TrainSpeed(pl.Callback):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         now = time.perf_counter()
         images0, t0 = self._window
-        metrics = {"train/lr": trainer.optimizers[0].param_groups[0]["lr"]}
-        if t0 > 0 and now > t0:
-            metrics["perf/images_per_s"] = (self.images - images0) / (now - t0)
+        metrics = {
+            "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "perf/images_per_s": (self.images - images0) / (now - t0),
+        }
         trainer.logger.log_metrics(metrics, step=step)
         self._window = (self.images, now)
 

@@ -70,13 +70,12 @@ class Strict(BaseModel):
 
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
-Workers = NonNegativeInt
 
 
 class DigitsData(Strict):
     name: Literal["digits"]
     batch_size: PositiveInt
-    num_workers: Workers
+    num_workers: NonNegativeInt
     split_seed: NonNegativeInt
     val_fraction: Fraction
     test_fraction: Fraction
@@ -85,7 +84,7 @@ class DigitsData(Strict):
 class SyntheticData(Strict):
     name: Literal["synthetic"]
     batch_size: PositiveInt
-    num_workers: Workers
+    num_workers: NonNegativeInt
     image_size: Annotated[int, Field(ge=4, le=4096)]
     channels: Annotated[int, Field(ge=1, le=64)]
     num_classes: Annotated[int, Field(ge=2)]
@@ -100,7 +99,7 @@ class Cifar10Data(Strict):
     name: Literal["cifar10"]
     root: str
     batch_size: PositiveInt
-    num_workers: Workers
+    num_workers: NonNegativeInt
     split_seed: NonNegativeInt
     val_fraction: Fraction
 
@@ -113,7 +112,7 @@ class ImageFolderData(Strict):
     name: Literal["imagefolder"]
     root: str
     batch_size: PositiveInt
-    num_workers: Workers
+    num_workers: NonNegativeInt
     image_size: Annotated[int, Field(ge=8, le=4096)]
     on_corrupt: Literal["error", "skip"]
 

@@ -22,8 +22,8 @@ class ClassifierModule(pl.LightningModule):
 
     Hyperparameters are plain dicts, ints and strings (the resolved config groups, the data's class
     names), so a checkpoint loads with ``torch.load(weights_only=True)`` and carries what inference
-    needs to rebuild the network and name its predictions. The training
-    step never waits for the device: metrics leave it only when Lightning logs them.
+    needs to rebuild the network and name its predictions. The training step never waits for the
+    device: metrics leave it only when Lightning logs them.
     """
 
     def __init__(

@@ -72,6 +72,12 @@ class Strict(BaseModel):
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
 
+class Augment(Strict):
+    crop: Literal["none", "pad", "resized"]
+    padding: NonNegativeInt
+    hflip: bool
+
+
 class DigitsData(Strict):
     name: Literal["digits"]
     batch_size: PositiveInt
@@ -79,6 +85,7 @@ class DigitsData(Strict):
     split_seed: NonNegativeInt
     val_fraction: Fraction
     test_fraction: Fraction
+    augment: Augment
 
 
 class SyntheticData(Strict):
@@ -102,6 +109,7 @@ class Cifar10Data(Strict):
     num_workers: NonNegativeInt
     split_seed: NonNegativeInt
     val_fraction: Fraction
+    augment: Augment
 
 
 class MnistData(Cifar10Data):
@@ -114,7 +122,10 @@ class ImageFolderData(Strict):
     batch_size: PositiveInt
     num_workers: NonNegativeInt
     image_size: Annotated[int, Field(ge=8, le=4096)]
+    split_seed: NonNegativeInt
+    val_fraction: Fraction
     on_corrupt: Literal["error", "skip"]
+    augment: Augment
 
 
 Data = Annotated[

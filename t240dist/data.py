@@ -7,6 +7,7 @@ lazily from disk.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import math
@@ -20,14 +21,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from t240dist.errors import ConfigError
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+STATS_SAMPLE = 512  # ImageFolder images read (decoded once) to estimate the normalisation
 
 
 @dataclass(frozen=True)
@@ -123,27 +123,26 @@ def _generator(*key: object) -> torch.Generator:
 
 
 Splits = tuple[Dataset, Dataset, Dataset, DataInfo]
+Labelled = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int labels (N,)
 
 
 def load_digits(cfg: dict[str, Any]) -> Splits:
-    """scikit-learn's 8x8 digits, split train/val/test by ``split_seed``, standardised by the train split."""
+    """scikit-learn's 8x8 digits (16 grey levels), split train/val/test by ``split_seed``."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = torch.tensor(bunch.images * 255 / 16).round().to(torch.uint8).unsqueeze(1)
     labels = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg["split_seed"]))
     n_test = round(len(labels) * cfg["test_fraction"])
     n_val = round(len(labels) * cfg["val_fraction"])
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
-    mean, std = images[train].mean(), images[train].std()
-    images = (images - mean) / std
-    info = DataInfo(10, 1, 8, [str(d) for d in range(10)], len(train))
-    return (*(TensorImages(images[s], labels[s]) for s in (train, val, test)), info)
+    splits = [(images[i], labels[i]) for i in (train, val, test)]
+    return _in_memory(cfg, *splits, [str(d) for d in range(10)])
 
 
 def load_synthetic(cfg: dict[str, Any]) -> Splits:
-    """Synthetic images of any size and class count."""
+    """Synthetic images of any size and class count (already standardised, never augmented)."""
     sets = [SyntheticImages(cfg[f"{name}_size"], cfg, i) for i, name in enumerate(("train", "val", "test"))]
     names = [f"class_{k}" for k in range(cfg["num_classes"])]
     info = DataInfo(cfg["num_classes"], cfg["channels"], cfg["image_size"], names, cfg["train_size"])
@@ -153,11 +152,10 @@ def load_synthetic(cfg: dict[str, Any]) -> Splits:
 def load_cifar10(cfg: dict[str, Any]) -> Splits:
     """CIFAR-10 python batches; a validation split is carved from the training batches.
 
-    Read by hand because torchvision's CIFAR10 insists on the md5 of the official archive files, which
-    refuses re-packed copies of the same format.
+    Read by hand because torchvision's CIFAR10 insists on the md5 of the official archive files (which
+    refuses re-packed copies of the same format) and unpickles them without restriction.
     """
     root = Path(cfg["root"])
-    meta = root / "batches.meta"
     for needed in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
         if not (root / needed).is_file():
             raise ConfigError(
@@ -165,38 +163,12 @@ def load_cifar10(cfg: dict[str, Any]) -> Splits:
                 "(or set data.root) or pick data=digits"
             )
     train_x, train_y = _cifar_batches([root / f"data_batch_{i}" for i in range(1, 6)])
-    test_x, test_y = _cifar_batches([root / "test_batch"])
-    names = [n.decode() if isinstance(n, bytes) else n for n in _unpickle(meta)[b"label_names"]]
+    names = [
+        n.decode() if isinstance(n, bytes) else n for n in _unpickle(root / "batches.meta")[b"label_names"]
+    ]
     val, train = _val_split(len(train_y), cfg)
-    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR_MEAN, CIFAR_STD)]
-    augment = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_float])
-    plain = v2.Compose(to_float)
-    return (
-        TensorImages(train_x[train], train_y[train], augment),
-        TensorImages(train_x[val], train_y[val], plain),
-        TensorImages(test_x, test_y, plain),
-        DataInfo(len(names), 3, 32, names, len(train)),
-    )
-
-
-def _val_split(n: int, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of a validation split of ``data.val_fraction`` and the rest, fixed by ``data.split_seed``."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["split_seed"]))
-    n_val = round(n * cfg["val_fraction"])
-    return order[:n_val], order[n_val:]
-
-
-def _cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate CIFAR batches into uint8 images (N, 3, 32, 32) and labels."""
-    parts = [_unpickle(p) for p in paths]
-    images = torch.cat([torch.as_tensor(b[b"data"]).view(-1, 3, 32, 32) for b in parts])
-    labels = torch.cat([torch.as_tensor(b[b"labels"], dtype=torch.long) for b in parts])
-    return images, labels
-
-
-def _unpickle(path: Path) -> dict:
-    with path.open("rb") as f:
-        return pickle.load(f, encoding="bytes")
+    test = _cifar_batches([root / "test_batch"])
+    return _in_memory(cfg, (train_x[train], train_y[train]), (train_x[val], train_y[val]), test, names)
 
 
 def load_mnist(cfg: dict[str, Any]) -> Splits:
@@ -224,14 +196,91 @@ def load_mnist(cfg: dict[str, Any]) -> Splits:
                 f"data.root '{root}': {stem} images {tuple(images.shape)} do not match labels "
                 f"{tuple(labels.shape)} — replace the IDX files with a complete copy"
             )
+    train_x, test_x, train_y, test_y = (
+        train_x.unsqueeze(1),
+        test_x.unsqueeze(1),
+        train_y.long(),
+        test_y.long(),
+    )
     val, train = _val_split(len(train_y), cfg)
-    pixels = train_x[train].float() / 255
-    mean, std = float(pixels.mean()), float(pixels.std())
-    normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize((mean,), (std,))])
-    as_images = [x.unsqueeze(1) for x in (train_x[train], train_x[val], test_x)]
-    labels = [train_y[train].long(), train_y[val].long(), test_y.long()]
-    sets = [TensorImages(x, y, normalise) for x, y in zip(as_images, labels, strict=True)]
-    return (*sets, DataInfo(10, 1, train_x.shape[-1], [str(d) for d in range(10)], len(train)))
+    splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y)
+    return _in_memory(cfg, *splits, [str(d) for d in range(10)])
+
+
+def _in_memory(
+    cfg: dict[str, Any], train: Labelled, val: Labelled, test: Labelled, names: list[str]
+) -> Splits:
+    """Datasets over uint8 tensors: augmentation on the train split only, normalised by its statistics."""
+    mean, std = _channel_stats(train[0].float().div_(255))
+    size = train[0].shape[-1]
+    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, from_files=False)
+    sets = [TensorImages(*train, train_tf), TensorImages(*val, eval_tf), TensorImages(*test, eval_tf)]
+    return (*sets, DataInfo(len(names), train[0].shape[1], size, names, len(train[1])))
+
+
+def _transforms(
+    augment: dict[str, Any], size: int, mean: list[float], std: list[float], from_files: bool
+) -> tuple[v2.Transform, v2.Transform]:
+    """The train transform (``data.augment``) and the eval transform; both end in normalisation.
+
+    Files (any size) are resized and centre-cropped to ``size`` first; tensors already have it.
+    """
+    fit = (
+        [v2.ToImage(), v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
+        if from_files
+        else []
+    )
+    crop = {
+        "none": fit,
+        "pad": [*fit, v2.RandomCrop(size, padding=augment["padding"])],
+        "resized": [*fit[:1], v2.RandomResizedCrop(size, antialias=True)],
+    }[augment["crop"]]
+    flip = [v2.RandomHorizontalFlip()] if augment["hflip"] else []
+    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose([*crop, *flip, *normalise]), v2.Compose([*fit, *normalise])
+
+
+def _val_split(n: int, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a validation split of ``data.val_fraction`` and the rest, fixed by ``data.split_seed``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["split_seed"]))
+    n_val = round(n * cfg["val_fraction"])
+    return order[:n_val], order[n_val:]
+
+
+def _cifar_batches(paths: list[Path]) -> Labelled:
+    """Concatenate CIFAR batches into uint8 images (N, 3, 32, 32) and labels."""
+    parts = [_unpickle(p) for p in paths]
+    images = torch.cat([torch.as_tensor(b[b"data"]).view(-1, 3, 32, 32) for b in parts])
+    labels = torch.cat([torch.as_tensor(b[b"labels"], dtype=torch.long) for b in parts])
+    return images, labels
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles data files allowing only numpy arrays: a crafted file cannot run code."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return _ArraysOnly(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise ConfigError(
+            f"{path} is not a CIFAR-10 python batch ({err}) — replace it with the original file"
+        ) from None
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -252,25 +301,25 @@ def _read_idx(path: Path) -> torch.Tensor:
 
 
 def load_imagefolder(cfg: dict[str, Any]) -> Splits:
-    """ROOT/train and ROOT/val class folders (optional ROOT/test), decoded lazily by torchvision."""
+    """Class folders decoded lazily by torchvision: ROOT/train + ROOT/val (+ ROOT/test), or one ROOT split.
+
+    One folder of class folders is split into train/val by ``data.val_fraction`` and ``data.split_seed``
+    (test = val). Files are checked before training (``_preflight``); normalisation comes from a seeded
+    sample of up to ``STATS_SAMPLE`` training images.
+    """
     root, size = Path(cfg["root"]), cfg["image_size"]
-    for needed in ("train", "val"):
-        if not (root / needed).is_dir():
-            raise ConfigError(
-                f"data.root '{root}' has no {needed}/ folder — lay out ROOT/train/<class>/*.jpg and "
-                "ROOT/val/<class>/*.jpg, or pick data=digits"
-            )
-    to_float = [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]
-    augment = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), *to_float])
-    plain = v2.Compose([v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size), *to_float])
+    if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
+        raise ConfigError(
+            f"data.root '{root}' has no class folders — lay out ROOT/train/<class>/*.jpg and "
+            "ROOT/val/<class>/*.jpg (or ROOT/<class>/*.jpg), or pick data=digits"
+        )
+    split = (root / "train").is_dir()
+    if split and not (root / "val").is_dir():
+        raise ConfigError(f"data.root '{root}' has train/ but no val/ folder — add ROOT/val/<class>/*.jpg")
     folders = [root / "train", root / "val", *([root / "test"] if (root / "test").is_dir() else [])]
     sets = [
-        datasets.ImageFolder(str(folder), transform=t, loader=load_rgb, allow_empty=True)
-        for folder, t in zip(folders, (augment, plain, plain), strict=False)
+        datasets.ImageFolder(str(folder), loader=load_rgb, allow_empty=True)
+        for folder in (folders if split else [root])
     ]
     bad = [(path, why) for ds in sets for path, why in _preflight(ds)]
     if bad and cfg["on_corrupt"] == "error":
@@ -281,23 +330,56 @@ def load_imagefolder(cfg: dict[str, Any]) -> Splits:
         )
     unreadable = {path for path, _ in bad}
     for ds in sets:
-        good = [(p, t) for p, t in ds.samples if p not in unreadable]
-        ds.samples = ds.imgs = good
-        ds.targets = [t for _, t in good]
-    train, val, *rest = sets
-    skipped = tuple(f"{path}: {why}" for path, why in bad)
-    info = DataInfo(len(train.classes), 3, size, list(train.classes), len(train), skipped)
-    return train, val, rest[0] if rest else val, info
+        ds.samples = ds.imgs = [(p, t) for p, t in ds.samples if p not in unreadable]
+        ds.targets = [t for _, t in ds.samples]
+    if not split:
+        val_idx, train_idx = _val_split(len(sets[0]), cfg)
+        sets = [Subset(sets[0], train_idx.tolist()), Subset(copy.copy(sets[0]), val_idx.tolist())]
+    mean, std = _file_stats(sets[0], size, cfg["split_seed"])
+    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, from_files=True)
+    _set_transform(sets[0], train_tf)
+    for ds in sets[1:]:
+        _set_transform(ds, eval_tf)
+    classes = _base(sets[0]).classes
+    info = DataInfo(len(classes), 3, size, list(classes), len(sets[0]), tuple(f"{p}: {w}" for p, w in bad))
+    return sets[0], sets[1], sets[2] if len(sets) > 2 else sets[1], info
+
+
+def _file_stats(train: Dataset, size: int, seed: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a seeded sample of training images, resized like the eval split."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE]
+    base = _base(train)
+    fit = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(size, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    indices = train.indices if isinstance(train, Subset) else range(len(train))
+    return _channel_stats(torch.stack([fit(base.loader(base.samples[indices[int(i)]][0])) for i in order]))
+
+
+def _channel_stats(pixels: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images in [0, 1] (N, C, H, W); a constant channel gets std 1."""
+    std = [s if s > 0 else 1.0 for s in pixels.std(dim=(0, 2, 3)).tolist()]
+    return pixels.mean(dim=(0, 2, 3)).tolist(), std
+
+
+def _base(ds: Dataset) -> datasets.ImageFolder:
+    return ds.dataset if isinstance(ds, Subset) else ds
+
+
+def _set_transform(ds: Dataset, transform: v2.Transform) -> None:
+    _base(ds).transform = transform
 
 
 def load_rgb(path: str) -> Image.Image:
     """Open any image as RGB: CMYK, palette, grey and 16-bit files are converted, not rejected."""
     with Image.open(path) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            scale = 257 if image.mode.startswith("I;16") else 65793
-            image = Image.fromarray(
-                (np.asarray(image, dtype=np.float64) / scale).clip(0, 255).astype(np.uint8)
-            )
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (Pillow may open it as mode I)
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
         return image.convert("RGB")
 
 

@@ -77,6 +77,10 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
         (["optim.lr=-1"], "ConfigError: optim.lr must be greater than 0"),
         (["optim.foo=1"], "ConfigError: optim.foo is not a config key"),
         (["model=nosuch"], "ConfigError: In 'config': Could not find 'model/nosuch' — Available options"),
+        (
+            ["data=cifar10", "data.root=/nonexistent"],
+            "ConfigError: data.root '/nonexistent' has no data_batch_1",
+        ),
     ]:
         done = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
         lines = done.stderr.strip().splitlines()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import pickle
 from pathlib import Path
 
@@ -10,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import compose
-from PIL import Image
+from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
 
 from t240dist.config import validate
-from t240dist.data import ImageDataModule
+from t240dist.data import ImageDataModule, load_rgb
 from t240dist.errors import ConfigError
 
 
@@ -25,8 +24,8 @@ def test_digits_splits_are_disjoint_standardised_and_fixed_by_split_seed() -> No
     data = _data()
     sizes = [len(s) for s in (data.train_set, data.val_set, data.test_set)]
     assert sum(sizes) == 1797 and sizes[2] == round(1797 * 0.2)
-    flat = [s.images.flatten(1) for s in (data.train_set, data.val_set, data.test_set)]
-    assert abs(float(flat[0].mean())) < 1e-4 and float(flat[0].std()) == pytest.approx(1.0, abs=1e-3)
+    train = torch.stack([data.train_set[i][0] for i in range(sizes[0])])  # as the model sees them
+    assert abs(float(train.mean())) < 1e-4 and float(train.std()) == pytest.approx(1.0, abs=1e-3)
     assert torch.equal(_data().test_set.labels, data.test_set.labels)
     assert not torch.equal(_data("data.split_seed=1").test_set.labels, data.test_set.labels)
     x, y = data.train_set[0]
@@ -44,12 +43,7 @@ def test_synthetic_images_are_reproducible_by_seed_and_any_shape() -> None:
 
 
 def test_cifar10_reads_python_batches_and_keeps_class_names(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), b"labels": list(range(10)) * 2}
-        (tmp_path / name).write_bytes(pickle.dumps(batch))
-    names = [f"c{i}".encode() for i in range(10)]
-    (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    write_cifar(tmp_path)
     data = _data("data=cifar10", f"data.root={tmp_path}")
     assert len(data.train_set) + len(data.val_set) == 100 and len(data.test_set) == 20
     assert data.info.class_names == [f"c{i}" for i in range(10)]
@@ -58,10 +52,7 @@ def test_cifar10_reads_python_batches_and_keeps_class_names(tmp_path: Path) -> N
 
 
 def test_imagefolder_reads_class_folders(tmp_path: Path) -> None:
-    for split in ("train", "val"):
-        for cls in ("cat", "dog"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / split / cls / "a.png")
+    write_image_tree(tmp_path, per_class=1)
     data = _data("data=imagefolder", f"data.root={tmp_path}", "data.image_size=16")
     assert data.info.class_names == ["cat", "dog"] and data.test_set is data.val_set
     assert data.train_set[0][0].shape == (3, 16, 16) and data.val_set[1][1] == 1
@@ -73,21 +64,9 @@ def test_missing_root_is_a_config_error_naming_the_fix(tmp_path: Path, name: str
         _data(f"data={name}", f"data.root={tmp_path}/nope")
 
 
-def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    if compress:
-        path.with_name(path.name + ".gz").write_bytes(gzip.compress(payload))
-    else:
-        path.write_bytes(payload)
-
-
 @pytest.mark.parametrize("compress", [False, True])
 def test_mnist_reads_idx_files_plain_or_gzip(tmp_path: Path, compress: bool) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 50), ("t10k", 20)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), compress)
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, compress)
+    write_mnist(tmp_path, compress)
     data = _data("data=mnist", f"data.root={tmp_path}", "data.val_fraction=0.2")
     assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (40, 10, 20)
     x, y = data.test_set[3]
@@ -96,35 +75,15 @@ def test_mnist_reads_idx_files_plain_or_gzip(tmp_path: Path, compress: bool) -> 
 
 
 def test_truncated_mnist_file_is_a_config_error(tmp_path: Path) -> None:
-    for split, n in (("train", 10), ("t10k", 10)):
-        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", np.zeros((n, 28, 28)), False)
-        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte", np.zeros(n), False)
+    write_mnist(tmp_path, compress=False)
     images = tmp_path / "t10k-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:-100])
-    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte holds 7740 bytes, its header says 7840"):
+    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte holds 15580 bytes, its header says 15680"):
         _data("data=mnist", f"data.root={tmp_path}")
 
 
-def _bad_tree(root: Path) -> None:
-    """A tree with one good image per class and each kind of bad or odd file."""
-    for split in ("train", "val"):
-        for cls in ("cat", "dog"):
-            (root / split / cls).mkdir(parents=True)
-            Image.new("RGB", (20, 20), (0, 90, 200)).save(root / split / cls / "good.jpg")
-    train = root / "train"
-    Image.new("CMYK", (20, 20), (10, 20, 30, 40)).save(train / "cat" / "cmyk.jpg")
-    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(train / "cat" / "deep.png")
-    noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(train / "dog" / "truncated.jpg")
-    full = (train / "dog" / "truncated.jpg").read_bytes()
-    (train / "dog" / "truncated.jpg").write_bytes(full[: len(full) // 2])
-    (train / "dog" / "empty.png").write_bytes(b"")
-    (train / "dog" / "notes.png").write_text("this is not a picture")
-    (train / "bird").mkdir()
-
-
 def test_bad_files_stop_the_run_with_one_line_naming_them(tmp_path: Path) -> None:
-    _bad_tree(tmp_path)
+    write_bad_tree(tmp_path)
     with pytest.raises(ConfigError) as err:
         _data("data=imagefolder", f"data.root={tmp_path}", "data.image_size=16")
     message = str(err.value)
@@ -133,7 +92,7 @@ def test_bad_files_stop_the_run_with_one_line_naming_them(tmp_path: Path) -> Non
 
 
 def test_skip_trains_on_the_rest_and_converts_odd_modes(tmp_path: Path) -> None:
-    _bad_tree(tmp_path)
+    write_bad_tree(tmp_path)
     data = _data("data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.on_corrupt=skip")
     reasons = sorted(line.rsplit(": ", 1)[1] for line in data.info.skipped)
     assert reasons == ["empty class folder", "empty file", "not an image", "truncated JPEG"]
@@ -142,4 +101,52 @@ def test_skip_trains_on_the_rest_and_converts_odd_modes(tmp_path: Path) -> None:
     deep = next(i for i, (p, _) in enumerate(data.train_set.samples) if p.endswith("deep.png"))
     x, _ = data.val_set[0]
     assert data.train_set[deep][0].shape == x.shape == (3, 16, 16)
+    deep_path = data.train_set.samples[deep][0]
+    assert np.asarray(load_rgb(deep_path))[0, 0].tolist() == [155] * 3  # 16-bit 40000 scaled to 8 bits
     assert data.info.class_names == ["bird", "cat", "dog"]
+
+
+def test_augmentation_is_random_on_the_train_split_only(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    data = _data("data=cifar10", f"data.root={tmp_path}")
+    assert not all(torch.equal(data.train_set[i][0], data.train_set[i][0]) for i in range(5))
+    assert all(torch.equal(data.val_set[i][0], data.val_set[i][0]) for i in range(5))
+    plain = _data(
+        "data=cifar10", f"data.root={tmp_path}", "data.augment.crop=none", "data.augment.hflip=false"
+    )
+    assert torch.equal(plain.train_set[0][0], plain.train_set[0][0])
+
+
+def test_every_split_is_normalised_by_the_train_splits_channel_statistics(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    data = _data(
+        "data=cifar10", f"data.root={tmp_path}", "data.augment.crop=none", "data.augment.hflip=false"
+    )
+    train = torch.stack([data.train_set[i][0] for i in range(len(data.train_set))])
+    assert train.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert torch.allclose(train.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-2)
+    assert data.test_set[0][0].shape == (3, 32, 32)
+
+
+def test_one_imagefolder_is_split_by_val_fraction_and_seed(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, per_class=10, splits=False)
+    args = ("data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.val_fraction=0.3")
+    a, b, c = _data(*args), _data(*args), _data(*args, "data.split_seed=1")
+    assert (len(a.train_set), len(a.val_set)) == (14, 6) and a.test_set is a.val_set
+    assert a.val_set.indices == b.val_set.indices != c.val_set.indices
+    assert not set(a.train_set.indices) & set(a.val_set.indices)
+    assert a.info.class_names == ["cat", "dog"] and a.train_set[0][0].shape == (3, 16, 16)
+
+
+def test_a_crafted_cifar_batch_is_refused_and_its_payload_never_runs(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (Path.touch, (marker,))
+
+    (tmp_path / "data_batch_3").write_bytes(pickle.dumps({b"data": Payload(), b"labels": [0]}))
+    with pytest.raises(ConfigError, match=r"data_batch_3 is not a CIFAR-10 python batch .* — replace it"):
+        _data("data=cifar10", f"data.root={tmp_path}")
+    assert not marker.exists()

@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import compose, scalars
+from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.overrides import TorchFunctionMode
 
@@ -161,9 +162,7 @@ def test_same_seed_gives_the_same_run(tmp_path: Path, tiny: list[str]) -> None:
 
 
 def test_run_on_a_tree_with_bad_files_skips_and_lists_them(tmp_path: Path) -> None:
-    from test_data import _bad_tree
-
-    _bad_tree(tmp_path / "tree")
+    write_bad_tree(tmp_path / "tree")
     overrides = [
         "data=imagefolder",
         f"data.root={tmp_path / 'tree'}",
@@ -181,3 +180,36 @@ def test_run_on_a_tree_with_bad_files_skips_and_lists_them(tmp_path: Path) -> No
     listed = (tmp_path / "run" / "skipped_files.txt").read_text().splitlines()
     assert len(listed) == 4 and any(line.endswith("truncated.jpg: truncated JPEG") for line in listed)
     assert (tmp_path / "run" / "classes.txt").read_text().split() == ["bird", "cat", "dog"]
+
+
+@pytest.mark.parametrize("fmt", ["cifar10", "mnist", "imagefolder"])
+def test_short_run_on_each_on_disk_format(tmp_path: Path, fmt: str) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    {"cifar10": write_cifar, "mnist": lambda r: write_mnist(r, compress=True)}.get(
+        fmt, lambda r: write_image_tree(r, per_class=4)
+    )(root)
+    overrides = [
+        f"data={fmt}",
+        f"data.root={root}",
+        "data.batch_size=4",
+        "model.width=8",
+        "trainer.max_epochs=1",
+    ]
+    overrides += [
+        "trainer.enable_progress_bar=false",
+        *(["data.image_size=16"] if fmt == "imagefolder" else []),
+    ]
+    summary = train(compose(overrides), run_dir=tmp_path / "run")
+    assert summary["data"] == fmt and summary["global_step"] > 0 and 0 <= summary["test_acc"] <= 1
+
+
+def test_workers_give_the_same_run_twice(tmp_path: Path) -> None:
+    """Augmentation runs in 2 DataLoader workers, each seeded from the run's seed."""
+    write_cifar(tmp_path)
+    overrides = ["data=cifar10", f"data.root={tmp_path}", "data.batch_size=10", "data.num_workers=2"]
+    overrides += ["model.width=8", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+    a = train(compose(overrides), run_dir=tmp_path / "a")
+    b = train(compose(overrides), run_dir=tmp_path / "b")
+    c = train(compose([*overrides, "seed=1"]), run_dir=tmp_path / "c")
+    assert a["test_loss"] == b["test_loss"] != c["test_loss"]

@@ -40,7 +40,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     device = torch.device(
         "cuda" if torch.cuda.is_available() and conf["trainer"]["accelerator"] != "cpu" else "cpu"
     )
-    data = ImageDataModule(conf["data"])
+    data = ImageDataModule(conf["data"], conf["seed"])
     batches = _batches(data, bench["distinct_batches"], device)
     loops: dict[str, Callable[[], float]] = {
         "hand-written": lambda: _hand_written(conf, data.info, batches, bench, device),

@@ -189,6 +189,8 @@ class _Optim(Strict):
     partial: Literal[True] = Field(alias="_partial_")
     lr: PositiveFloat
     weight_decay: NonNegativeFloat
+    lr_scaling: Literal["none", "linear", "sqrt"]
+    reference_batch_size: PositiveInt
 
 
 Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
@@ -248,7 +250,8 @@ class Trainer(Strict):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"]
     devices: PositiveInt | Literal["auto"] | list[NonNegativeInt]
     num_nodes: PositiveInt
-    strategy: Literal["auto"]
+    strategy: Literal["auto", "ddp"]
+    collective_timeout_s: PositiveInt
     precision: Literal["32-true", "bf16-mixed", "16-mixed"]
     max_epochs: PositiveInt
     max_steps: Annotated[int, Field(ge=-1)]

@@ -21,7 +21,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Subset
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -43,33 +44,49 @@ class DataInfo:
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Train/val/test loaders for the dataset named by ``data.name``."""
+    """Train/val/test loaders for the dataset named by ``data.name``, sharded across DDP ranks.
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    Sharding is done here (the Trainer runs with ``use_distributed_sampler=False``): training shards
+    drop the remainder, so each sample is seen at most once per epoch; evaluation shards are not padded,
+    so metrics reduced over ranks equal a single-process evaluation.
+    """
+
+    def __init__(self, cfg: dict[str, Any], seed: int) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, seed
         self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set, train=False)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.cfg["num_workers"]
+        sampler = self._shard(dataset, train)
         return DataLoader(
             dataset,
             batch_size=self.cfg["batch_size"],
-            shuffle=shuffle,
-            drop_last=shuffle,  # no ragged last training batch: BatchNorm dislikes batches of one
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train,  # no ragged last training batch: BatchNorm dislikes batches of one
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _shard(self, dataset: Dataset, train: bool) -> Sampler | None:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
+        if train:
+            return DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
+        return UnrepeatedDistributedSampler(dataset, shuffle=False, **ranks)
 
 
 class TensorImages(Dataset):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hydra.utils import instantiate
@@ -9,13 +10,22 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR
 
+SCALING_KEYS = ("lr_scaling", "reference_batch_size")
+
+
+def scaled_lr(cfg: dict[str, Any], effective_batch_size: int) -> float:
+    """``optim.lr`` after the ``optim.lr_scaling`` rule for this effective batch size."""
+    ratio = effective_batch_size / cfg["reference_batch_size"]
+    return cfg["lr"] * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg["lr_scaling"]]
+
 
 def build_optimizer(net: nn.Module, cfg: dict[str, Any]) -> Optimizer:
     """Instantiate the partial optimizer; weight decay only on conv/linear weights, not norms or biases."""
     decay = [p for p in net.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return instantiate(cfg, _convert_="all")(groups)
+    kwargs = {k: v for k, v in cfg.items() if k not in SCALING_KEYS}
+    return instantiate(kwargs, _convert_="all")(groups)
 
 
 def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int) -> LRScheduler | None:

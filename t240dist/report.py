@@ -34,6 +34,19 @@ def show_config(conf: dict[str, Any], run_dir: Path) -> None:
 
 
 @rank_zero_only
+def show_batch(batch: dict[str, Any]) -> None:
+    """Print the effective batch size and the learning rate the scaling rule derived from it."""
+    rule = batch["lr_scaling"]
+    scaled = "" if rule == "none" else f" × ({batch['effective_batch_size']}/{batch['reference_batch_size']})"
+    scaled += "^½" if rule == "sqrt" else ""
+    Console().print(
+        f"effective batch {batch['effective_batch_size']} = {batch['batch_size']} per device × "
+        f"{batch['devices']} device(s) × {batch['num_nodes']} node(s) × {batch['accumulate_grad_batches']} "
+        f"accumulation; lr {batch['base_lr']:g}{scaled} = {batch['lr']:g} (optim.lr_scaling={rule})"
+    )
+
+
+@rank_zero_only
 def write_data_notes(info: DataInfo, run_dir: Path) -> None:
     """Write ``classes.txt`` (the name of each label index) and, if any, ``skipped_files.txt``."""
     (run_dir / "classes.txt").write_text("".join(f"{name}\n" for name in info.class_names))

@@ -5,7 +5,9 @@ Importable without Hydra's CLI: tests and sweeps call it with a config from Hydr
 
 from __future__ import annotations
 
+import math
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy
 
 from t240dist import report
 from t240dist.callbacks import ProgressBar, TrainSpeed
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
+from t240dist.distributed import gather_ranks, one_job
 from t240dist.module import ClassifierModule
+from t240dist.optim import scaled_lr
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -33,17 +38,23 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     pl.seed_everything(conf["seed"], workers=True, verbose=False)
 
-    data = ImageDataModule(conf["data"])
+    data = ImageDataModule(conf["data"], conf["seed"])
     info = data.info
-    module = ClassifierModule.from_config(conf, info)
     trainer, speed, checkpoint = build_trainer(conf, run_dir)
+    batch = _effective_batch(conf, trainer)
+    module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
 
     report.show_config(conf, run_dir)
+    report.show_batch(batch)
     report.write_data_notes(info, run_dir)
     report.log_hparams(trainer.logger, conf)
-    trainer.fit(module, datamodule=data)
-    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    tested = trainer.test(module, datamodule=data, ckpt_path="best" if checkpoint.best_model_path else None)
+    with one_job(run_dir / "config.yaml"):
+        trainer.fit(module, datamodule=data)
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        tested = trainer.test(
+            module, datamodule=data, ckpt_path="best" if checkpoint.best_model_path else None
+        )
+        ranks = gather_ranks(conf, _device_name(trainer))
 
     summary = {
         "test_acc": tested[0]["test/acc"],
@@ -58,7 +69,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
         "precision": conf["trainer"]["precision"],
-        "devices": _device_names(trainer),
+        "effective_batch_size": batch["effective_batch_size"],
+        "lr": batch["lr"],
+        "devices": [r["device"] for r in ranks],
         "model": conf["model"]["name"],
         "params": sum(p.numel() for p in module.net.parameters()),
         "data": conf["data"]["name"],
@@ -67,6 +80,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "seed": conf["seed"],
         "best_checkpoint": checkpoint.best_model_path or None,
         "run_dir": str(run_dir),
+        "ranks": ranks,
         "versions": {"torch": torch.__version__, "lightning": pl.__version__},
     }
     report.write_summary(summary, run_dir)
@@ -87,17 +101,44 @@ def build_trainer(
     callbacks: list[pl.Callback] = [speed, checkpoint, *(extra or [])]
     if conf["module"]["ema_decay"] is not None:
         callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
-    trainer_cfg = conf["trainer"]
+    trainer_cfg = dict(conf["trainer"])
+    timeout = timedelta(seconds=trainer_cfg.pop("collective_timeout_s"))
+    if trainer_cfg["strategy"] == "ddp":
+        trainer_cfg["strategy"] = DDPStrategy(timeout=timeout)
     if trainer_cfg["enable_progress_bar"]:
         callbacks.append(ProgressBar(refresh_rate=trainer_cfg["log_every_n_steps"]))
     logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
-    trainer = pl.Trainer(**trainer_cfg, logger=logger, callbacks=callbacks, default_root_dir=run_dir)
+    trainer = pl.Trainer(
+        **trainer_cfg,
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=run_dir,
+        use_distributed_sampler=False,  # ImageDataModule shards the data itself
+    )
     return trainer, speed, checkpoint
 
 
-def _device_names(trainer: pl.Trainer) -> list[str]:
-    """Names of this node's devices in the job (one entry per rank on this node)."""
+def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any]:
+    """The effective batch of one optimizer step and the learning rate that the scaling rule gives it."""
+    parts = {
+        "batch_size": conf["data"]["batch_size"],
+        "devices": trainer.num_devices,
+        "num_nodes": trainer.num_nodes,
+        "accumulate_grad_batches": conf["trainer"]["accumulate_grad_batches"],
+    }
+    effective = math.prod(parts.values())
+    optim = conf["optim"]
+    return {
+        **parts,
+        "effective_batch_size": effective,
+        "base_lr": optim["lr"],
+        "lr_scaling": optim["lr_scaling"],
+        "reference_batch_size": optim["reference_batch_size"],
+        "lr": scaled_lr(optim, effective),
+    }
+
+
+def _device_name(trainer: pl.Trainer) -> str:
+    """This rank's device, as people name it."""
     root = trainer.strategy.root_device
-    if root.type == "cuda":
-        return [torch.cuda.get_device_name(i) for i in trainer.device_ids]
-    return ["cpu"] * len(trainer.device_ids)
+    return torch.cuda.get_device_name(root) if root.type == "cuda" else "cpu"

@@ -69,7 +69,7 @@ def test_every_experiment_validates_with_synthetic_data(experiment: str) -> None
 def test_trainer_variants_inherit_the_defaults(trainer: str) -> None:
     cfg = compose([f"trainer={trainer}"])
     assert cfg.trainer.max_epochs == compose([]).trainer.max_epochs
-    assert cfg.trainer.accelerator == {"auto": "auto", "cpu": "cpu", "gpu": "gpu"}[trainer]
+    assert cfg.trainer.accelerator == {"auto": "auto", "cpu": "cpu", "gpu": "gpu", "ddp": "auto"}[trainer]
 
 
 def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path) -> None:

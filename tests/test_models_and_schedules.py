@@ -11,7 +11,7 @@ from torch import nn
 
 from t240dist.config import validate
 from t240dist.models import build_model
-from t240dist.optim import build_optimizer, build_scheduler
+from t240dist.optim import build_optimizer, build_scheduler, scaled_lr
 
 
 def _model_cfg(*overrides: str) -> dict:
@@ -77,3 +77,10 @@ def test_no_schedule_keeps_lr_and_decay_skips_norms_and_biases() -> None:
     decay, no_decay = build_optimizer(net, conf["optim"]).param_groups
     assert decay["weight_decay"] == 0.1 and len(decay["params"]) == 1
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_lr_scaling_rules_follow_the_effective_batch() -> None:
+    optim = validate(compose(["optim.lr=0.1", "optim.reference_batch_size=256"]))["optim"]
+    assert scaled_lr(optim, 1024) == 0.1
+    assert scaled_lr({**optim, "lr_scaling": "linear"}, 1024) == pytest.approx(0.4)
+    assert scaled_lr({**optim, "lr_scaling": "sqrt"}, 1024) == pytest.approx(0.2)

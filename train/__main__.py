@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from t240dist.config import CONF_DIR, register_resolvers
+from t240dist.distributed import launched_rank
 from t240dist.errors import one_line_errors, run_app
 from t240dist.run import train
 
@@ -19,4 +20,9 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     register_resolvers()
-    run_app(main)
+    handed = launched_rank()
+    if handed is None:
+        run_app(main)
+    else:
+        with one_line_errors():
+            train(*handed)

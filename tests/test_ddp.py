@@ -1,0 +1,122 @@
+"""DDP on CPU (gloo, 2 processes): one job under Hydra, correct sharding, metrics reduced over ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from conftest import TINY, compose, run_cli
+from torch.utils.data import Dataset
+
+from t240dist.config import validate
+from t240dist.data import ImageDataModule
+from t240dist.module import ClassifierModule
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1"]
+
+
+def _summaries(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("run_summary.json"))]
+
+
+def test_two_rank_run_is_one_job_with_one_run_dir(tmp_path: Path) -> None:
+    scaling = ["optim.lr_scaling=linear", "optim.reference_batch_size=32"]
+    done = run_cli([*TINY, *DDP, *scaling, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [summary] = _summaries(tmp_path)
+    assert summary["world_size"] == 2 and summary["devices"] == ["cpu", "cpu"]
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert len({r["config_sha256"] for r in summary["ranks"]}) == 1
+    assert summary["global_step"] == 128 // (32 * 2)  # each rank takes half of every epoch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no run dirs of the other rank
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) >= 1
+    assert done.stdout.count("run summary") == 1
+    assert summary["effective_batch_size"] == 64 and summary["lr"] == 0.2  # 0.1 x 64/32, linear rule
+    assert "effective batch 64 = 32 per device × 2 device(s) × 1 node(s) × 1 accumulation" in done.stdout
+
+
+def test_multirun_over_two_ranks_runs_each_trial_once_with_the_same_params(tmp_path: Path) -> None:
+    done = run_cli(["-m", *TINY, *DDP, "optim.lr=0.1,0.05"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summaries = _summaries(tmp_path)
+    assert len(summaries) == 2 and not (tmp_path / "outputs").exists()
+    lrs = []
+    for summary in summaries:
+        trial = Path(summary["run_dir"])
+        assert [r["rank"] for r in summary["ranks"]] == [0, 1]
+        assert len({r["config_sha256"] for r in summary["ranks"]}) == 1  # both ranks: the trial's config
+        lrs.append(float((trial / "config.yaml").read_text().split("lr: ")[1].split()[0]))
+    assert sorted(lrs) == [0.05, 0.1]
+
+
+class NumberedImages(Dataset):
+    """Image i is filled with the number i, so a training step can tell which samples it got."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.full((1, 4, 4), float(i)), i % 2
+
+
+class RecordSamples(pl.LightningModule):
+    """Writes the sample numbers each rank trained on, per epoch, to ``out``."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out, self.layer, self.seen = out, torch.nn.Linear(16, 2), []
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        self.seen += x[:, 0, 0, 0].long().tolist()
+        return torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
+
+    def on_train_epoch_end(self) -> None:
+        path = self.out / f"rank{self.global_rank}-epoch{self.current_epoch}.json"
+        path.write_text(json.dumps(self.seen))
+        self.seen = []
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _spawned_trainer(**kwargs: object) -> pl.Trainer:
+    return pl.Trainer(
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        use_distributed_sampler=False,  # as t240dist runs: ImageDataModule shards
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def test_every_training_sample_is_seen_once_per_epoch_across_ranks(tmp_path: Path) -> None:
+    data = ImageDataModule(validate(compose([*TINY, "data.batch_size=8"]))["data"], seed=0)
+    data.train_set = NumberedImages(64)
+    _spawned_trainer(max_epochs=2).fit(RecordSamples(tmp_path), datamodule=data)
+    epochs = []
+    for epoch in (0, 1):
+        per_rank = [json.loads((tmp_path / f"rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)]
+        assert len(per_rank[0]) == len(per_rank[1]) == 32
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(64))
+        epochs.append(per_rank[0])
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+
+
+def test_two_rank_test_metrics_equal_a_one_process_evaluation() -> None:
+    conf = validate(compose([*TINY, "data.test_size=31", "data.batch_size=4"]))
+    data = ImageDataModule(conf["data"], conf["seed"])
+    module = ClassifierModule.from_config(conf, data.info)
+    one = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    expected = one.test(module, datamodule=data, verbose=False)[0]
+    got = _spawned_trainer().test(module, datamodule=data, verbose=False)[0]
+    assert got["test/acc"] == expected["test/acc"] and got["test/top5"] == expected["test/top5"]

@@ -6,7 +6,9 @@ Defaults live in ``conf/`` only; the models here have none, so a key missing fro
 
 from __future__ import annotations
 
+import os
 import secrets
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -58,9 +60,33 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def register_resolvers() -> None:
-    """Register ``${run_token:}``: a random suffix that keeps run dirs unique within one second."""
-    if not OmegaConf.has_resolver("run_token"):
-        OmegaConf.register_new_resolver("run_token", lambda: secrets.token_hex(3), use_cache=True)
+    """Register the resolvers that name run dirs: ``${run_name:}`` and ``${rank_zero_only:VALUE}``."""
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", _run_name, use_cache=True)
+        OmegaConf.register_new_resolver(
+            "rank_zero_only", lambda value: value if _global_rank() == 0 else None
+        )
+
+
+def _run_name() -> str:
+    """``DATE/TIME-RANDOM``: unique even for runs started in the same second.
+
+    Under torchrun every node composes its own config, so the name must not depend on the clock:
+    ``torchrun/RDZV_ID``, the rendezvous id that all nodes share.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return f"{datetime.now():%Y-%m-%d/%H-%M-%S}-{secrets.token_hex(3)}"
+    if run_id == "none":
+        raise ConfigError(
+            "torchrun was started without --rdzv-id, so the nodes cannot agree on a run dir — "
+            "pass --rdzv-id=<unique job name> or hydra.run.dir=DIR"
+        )
+    return f"torchrun/{run_id}"
+
+
+def _global_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 class Strict(BaseModel):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -120,3 +123,22 @@ def test_two_rank_test_metrics_equal_a_one_process_evaluation() -> None:
     expected = one.test(module, datamodule=data, verbose=False)[0]
     got = _spawned_trainer().test(module, datamodule=data, verbose=False)[0]
     assert got["test/acc"] == expected["test/acc"] and got["test/top5"] == expected["test/top5"]
+
+
+def test_two_torchrun_agents_on_loopback_complete_one_run(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"]
+    args = [*TINY, *DDP, "trainer.devices=1", "trainer.num_nodes=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, "--rdzv-id=pytest-job", "-m", "train", *args]
+    agents = [
+        subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outputs = [agent.communicate(timeout=300)[0].decode() for agent in agents]
+    assert all(agent.returncode == 0 for agent in agents), outputs[0][-2000:] + outputs[1][-2000:]
+    [summary] = _summaries(tmp_path)
+    assert summary["run_dir"] == str(tmp_path / "outputs" / "torchrun" / "pytest-job")
+    assert summary["world_size"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert len({r["config_sha256"] for r in summary["ranks"]}) == 1

@@ -8,6 +8,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 
 class ProgressBar(TQDMProgressBar):
@@ -85,3 +87,18 @@ class TrainSpeed(pl.Callback):
             torch.cuda.synchronize(pl_module.device)  # once per epoch, so the total counts finished work
         self.train_s += time.perf_counter() - self._clock
         self._clock = None
+
+
+class ContinueLog(pl.Callback):
+    """On resume, tells TensorBoard to drop points the interrupted run logged past the resumed step.
+
+    TensorBoard purges a run's events at or after the step of a ``SessionLog.START`` event, so the
+    curves continue without duplicated points.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is None or not isinstance(trainer.logger, TensorBoardLogger):
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        writer = trainer.logger.experiment._get_file_writer()
+        writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))

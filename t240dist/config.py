@@ -56,6 +56,10 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     except ValidationError as err:
         raise ConfigError(_one_line(err.errors()[0], raw)) from None
     _check_device(raw["trainer"])
+    if raw["resume"] not in ("auto", "never") and not Path(raw["resume"]).is_file():
+        raise ConfigError(
+            f"resume={raw['resume']} is not a checkpoint file — give its path, or auto or never"
+        )
     return raw
 
 
@@ -298,6 +302,8 @@ class Checkpoint(Strict):
     mode: Literal["min", "max"]
     save_top_k: Annotated[int, Field(ge=-1)]
     save_last: bool
+    every_n_steps: NonNegativeInt
+    trust_unsigned: bool
 
 
 class Module(Strict):
@@ -309,6 +315,7 @@ class Module(Strict):
 
 class RunConfig(Strict):
     seed: NonNegativeInt
+    resume: str
     data: Data
     model: Model
     optim: Optim

@@ -47,6 +47,12 @@ def show_batch(batch: dict[str, Any]) -> None:
 
 
 @rank_zero_only
+def show_resume(path: Path | None) -> None:
+    """Say where the run continues from."""
+    Console().print(f"resuming from {path}" if path else "starting fresh (no checkpoint to resume)")
+
+
+@rank_zero_only
 def write_data_notes(info: DataInfo, run_dir: Path) -> None:
     """Write ``classes.txt`` (the name of each label index) and, if any, ``skipped_files.txt``."""
     (run_dir / "classes.txt").write_text("".join(f"{name}\n" for name in info.class_names))

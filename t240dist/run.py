@@ -6,6 +6,8 @@ Importable without Hydra's CLI: tests and sweeps call it with a config from Hydr
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +22,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from t240dist import report
-from t240dist.callbacks import ProgressBar, TrainSpeed
+from t240dist.callbacks import ContinueLog, ProgressBar, TrainSpeed
+from t240dist.checkpoint import SignedCheckpointIO, resume_checkpoint
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
 from t240dist.distributed import gather_ranks, one_job
@@ -35,8 +38,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """
     started = time.perf_counter()
     conf = validate(cfg)
+    # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     pl.seed_everything(conf["seed"], workers=True, verbose=False)
+    resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", conf["checkpoint"]["trust_unsigned"])
 
     data = ImageDataModule(conf["data"], conf["seed"])
     info = data.info
@@ -45,11 +52,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
 
     report.show_config(conf, run_dir)
+    report.show_resume(resume)
     report.show_batch(batch)
     report.write_data_notes(info, run_dir)
     report.log_hparams(trainer.logger, conf)
     with one_job(run_dir / "config.yaml"):
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume)
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         tested = trainer.test(
             module, datamodule=data, ckpt_path="best" if checkpoint.best_model_path else None
@@ -79,6 +87,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "skipped_files": len(info.skipped),
         "seed": conf["seed"],
         "best_checkpoint": checkpoint.best_model_path or None,
+        "resumed_from": str(resume) if resume else None,
         "run_dir": str(run_dir),
         "ranks": ranks,
         "versions": {"torch": torch.__version__, "lightning": pl.__version__},
@@ -92,13 +101,17 @@ def build_trainer(
 ) -> tuple[pl.Trainer, TrainSpeed, ModelCheckpoint]:
     """The Trainer of every run (training and benchmark alike), with its logger and callbacks."""
     speed = TrainSpeed()
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="epoch{epoch:03d}-step{step:06d}",
-        auto_insert_metric_name=False,
-        **conf["checkpoint"],
-    )
-    callbacks: list[pl.Callback] = [speed, checkpoint, *(extra or [])]
+    ckpt = dict(conf["checkpoint"])
+    every_n_steps, trust_unsigned = ckpt.pop("every_n_steps"), ckpt.pop("trust_unsigned")
+    directory = run_dir / "checkpoints"
+    names = {"dirpath": directory, "auto_insert_metric_name": False}
+    checkpoint = ModelCheckpoint(filename="epoch{epoch:03d}-step{step:06d}", **names, **ckpt)
+    callbacks: list[pl.Callback] = [speed, checkpoint, ContinueLog(), *(extra or [])]
+    if every_n_steps:
+        recovery = ModelCheckpoint(
+            filename="recovery-step{step:06d}", every_n_train_steps=every_n_steps, **names
+        )
+        callbacks.append(recovery)
     if conf["module"]["ema_decay"] is not None:
         callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
     trainer_cfg = dict(conf["trainer"])
@@ -114,6 +127,7 @@ def build_trainer(
         callbacks=callbacks,
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # ImageDataModule shards the data itself
+        plugins=[SignedCheckpointIO(trust_unsigned)],
     )
     return trainer, speed, checkpoint
 

@@ -1,0 +1,148 @@
+"""Checkpoints: signed and verified before unpickling, crash-consistent under SIGKILL and a full disk."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose, run_cli, scalars
+
+from t240dist.checkpoint import KEY_ENV, CheckpointError, load_checkpoint, sign, verify
+from t240dist.run import train
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "test-key")
+
+
+class Payload:
+    """Unpickling this creates the file ``marker``: proof that a payload ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def _crafted(marker: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {}, "evil": Payload(marker)}, buffer)
+    return buffer.getvalue()
+
+
+def test_tampered_foreign_and_crafted_checkpoints_are_refused_unopened(
+    tmp_path: Path, tiny: list[str], key: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = Path(train(compose(tiny), run_dir=tmp_path / "run")["best_checkpoint"])
+    assert load_checkpoint(good, trust_unsigned=False)["global_step"] == 8
+
+    flipped = tmp_path / "flipped.ckpt"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"flipped.ckpt is damaged \(its sha256 does not match\) — "):
+        load_checkpoint(flipped, trust_unsigned=False)
+
+    monkeypatch.setenv(KEY_ENV, "another-key")
+    with pytest.raises(
+        CheckpointError, match="signed with another key or altered — set T240DIST_CHECKPOINT_KEY"
+    ):
+        load_checkpoint(good, trust_unsigned=False)
+    monkeypatch.setenv(KEY_ENV, "test-key")
+
+    marker = tmp_path / "payload-ran"
+    unsigned = tmp_path / "unsigned.ckpt"
+    unsigned.write_bytes(_crafted(marker))
+    with pytest.raises(
+        CheckpointError, match=r"carries no t240dist signature — .*checkpoint.trust_unsigned=true"
+    ):
+        load_checkpoint(unsigned, trust_unsigned=False)
+    with pytest.raises(CheckpointError, match="holds more than weights"):
+        load_checkpoint(unsigned, trust_unsigned=True)  # trusted, yet still weights only
+    signed = tmp_path / "signed-evil.ckpt"
+    signed.write_bytes(sign(_crafted(marker), b"test-key"))
+    with pytest.raises(CheckpointError, match="holds more than weights"):
+        load_checkpoint(signed, trust_unsigned=False)
+    assert not marker.exists()
+
+
+def test_cli_refuses_a_tampered_checkpoint_with_one_line(tmp_path: Path, tiny: list[str], key: None) -> None:
+    good = Path(train(compose(tiny), run_dir=tmp_path / "run")["best_checkpoint"])
+    data = bytearray(good.read_bytes())
+    data[100] ^= 0x01
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(bytes(data))
+    done = run_cli([*tiny, f"resume={bad}", f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"CheckpointError: {bad} is damaged (its sha256 does not match) — use an earlier checkpoint"
+    ]
+
+
+def _steps_run(tmp_path: Path, run_dir: Path, *extra: str, **popen: object) -> subprocess.Popen:
+    args = [*TINY, "data.train_size=1024", "trainer.max_epochs=2", "checkpoint.every_n_steps=1", *extra]
+    env = {**os.environ, KEY_ENV: "test-key"}
+    cmd = [sys.executable, "-m", "train", *args, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen
+    )
+
+
+def test_sigkill_during_saves_leaves_only_whole_checkpoints_and_auto_resume_finishes(
+    tmp_path: Path, key: None
+) -> None:
+    run_dir = tmp_path / "run"
+    rng = random.Random(0)
+    for _ in range(3):  # the run saves a checkpoint every step: kills land in and between saves
+        process = _steps_run(tmp_path, run_dir, "data.train_size=4096")
+        deadline = time.monotonic() + 120
+        while not list((run_dir / "checkpoints").glob("recovery-*.ckpt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.2, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for path in (run_dir / "checkpoints").glob("*.ckpt"):  # every final name holds a whole, signed file
+            verify(path.read_bytes(), path, trust_unsigned=False)
+    done = _steps_run(tmp_path, run_dir, "data.train_size=4096")
+    assert done.wait(timeout=300) == 0, done.stderr.read().decode()[-2000:]
+    curves = scalars(run_dir)
+    steps = [s for s, _ in curves["train/loss"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 2 * 4096 // 32 - 1  # no step logged twice
+
+
+def test_full_disk_fails_with_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path, key: None) -> None:
+    run_dir = tmp_path / "run"
+    first = _steps_run(
+        tmp_path, run_dir, "checkpoint.every_n_steps=0", "trainer.max_epochs=1", "model.width=64"
+    )
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+    before = {p: p.read_bytes() for p in (run_dir / "checkpoints").glob("*.ckpt")}
+    limit = min(len(b) for b in before.values()) // 2
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    second = _steps_run(
+        tmp_path, run_dir, "checkpoint.every_n_steps=0", "model.width=64", preexec_fn=small_files
+    )
+    assert second.wait(timeout=300) == 2
+    lines = second.stderr.read().decode().strip().splitlines()
+    assert (
+        lines[-1].startswith("CheckpointError: cannot write ") and "File too large — free space" in lines[-1]
+    )
+    after = {p: p.read_bytes() for p in (run_dir / "checkpoints").glob("*.ckpt")}
+    assert after == before  # the previous checkpoints are untouched and still verify
+    for path in after:
+        verify(after[path], path, trust_unsigned=False)
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))

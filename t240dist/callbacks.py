@@ -1,15 +1,20 @@
-"""Callbacks of every run: training throughput, learning rate, and a progress bar that costs no sync."""
+"""Callbacks of every run: throughput and lr, a progress bar that costs no sync, resume bookkeeping."""
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+from t240dist.data import ImageDataModule
 
 
 class ProgressBar(TQDMProgressBar):
@@ -93,12 +98,83 @@ class ContinueLog(pl.Callback):
     """On resume, tells TensorBoard to drop points the interrupted run logged past the resumed step.
 
     TensorBoard purges a run's events at or after the step of a ``SessionLog.START`` event, so the
-    curves continue without duplicated points.
+    curves continue without duplicated points. It is written at the first resumed step, once Lightning
+    has settled its step counter.
     """
 
+    def __init__(self) -> None:
+        self._resumed = False
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path is None or not isinstance(trainer.logger, TensorBoardLogger):
+        self._resumed = trainer.ckpt_path is not None and isinstance(trainer.logger, TensorBoardLogger)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not self._resumed:
             return
+        self._resumed = False
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         writer = trainer.logger.experiment._get_file_writer()
         writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+
+
+class ExactResume(pl.Callback):
+    """What Lightning leaves out of a resume: RNG states, and the data position inside an epoch.
+
+    Lightning saves no RNG state (dropout and MixUp of a resumed run would differ) and replays a plain
+    DataLoader from the start of the epoch. Every rank's RNG states are gathered into the checkpoint and
+    each rank restores its own before the first resumed step; the data module starts the epoch after
+    the batches Lightning counts as done.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[dict[str, Any]] | None = None
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = _rng_state()
+        ranks: list[Any] = [mine]
+        if dist.is_available() and dist.is_initialized():
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        trainer = self._trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
+        mid_epoch = trainer is not None and done < trainer.num_training_batches
+        return {"ranks": ranks, "batches_done": done if mid_epoch else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict["ranks"]
+        datamodule = self._trainer.datamodule if self._trainer else None
+        if state_dict["batches_done"] and isinstance(datamodule, ImageDataModule):
+            datamodule.resume_at(state_dict["batches_done"])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._pending is not None:
+            _set_rng_state(self._pending[trainer.global_rank])
+            self._pending = None
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states, in types ``torch.load(weights_only=True)`` reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos},
+        "numpy_gauss": (has_gauss, cached),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy = state["numpy"]
+    np.random.set_state(
+        (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], *state["numpy_gauss"])
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

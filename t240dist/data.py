@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import math
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     Sharding is done here (the Trainer runs with ``use_distributed_sampler=False``): training shards
     drop the remainder, so each sample is seen at most once per epoch; evaluation shards are not padded,
-    so metrics reduced over ranks equal a single-process evaluation.
+    so metrics reduced over ranks equal a single-process evaluation. A run resumed mid-epoch goes on at
+    the next batch (``resume_at``).
     """
 
     def __init__(self, cfg: dict[str, Any], seed: int) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed
+        self._skip = 0
         self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg)
 
     def train_dataloader(self) -> DataLoader:
@@ -67,26 +70,79 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.cfg["num_workers"]
-        sampler = self._shard(dataset, train)
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg["batch_size"],
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train,  # no ragged last training batch: BatchNorm dislikes batches of one
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        options = {
+            "batch_size": self.cfg["batch_size"],
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+            # a generator of its own: making iterators must not move the global RNG that dropout uses
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+        if not train:
+            return DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
+        # Exact resume: the sampler can start mid-epoch (``resume_at``), and each sample's augmentation
+        # is seeded by (seed, epoch, index), whatever process or worker draws it.
+        trainer = self.trainer
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else _ONE_RANK
+        order = DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
+        tagged, self._skip = EpochTagged(order, self._skip), 0
+        # drop_last: no ragged last training batch (BatchNorm dislikes batches of one)
+        return DataLoader(EpochSeeded(dataset, self.seed), sampler=tagged, drop_last=True, **options)
 
-    def _shard(self, dataset: Dataset, train: bool) -> Sampler | None:
+    def resume_at(self, batches_done: int) -> None:
+        """Let the next training loader start its first epoch after ``batches_done`` batches (this rank's)."""
+        self._skip = batches_done * self.cfg["batch_size"]
+
+    def _eval_shard(self, dataset: Dataset) -> Sampler | None:
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
             return None
-        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
-        if train:
-            return DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
-        return UnrepeatedDistributedSampler(dataset, shuffle=False, **ranks)
+        return UnrepeatedDistributedSampler(
+            dataset, shuffle=False, num_replicas=trainer.world_size, rank=trainer.global_rank
+        )
+
+
+_ONE_RANK = {"num_replicas": 1, "rank": 0}
+
+
+class EpochTagged(Sampler):
+    """Yields ``(index, epoch)`` from a sampler with ``set_epoch``, so a dataset knows the epoch.
+
+    ``skip`` drops the first indices of the next iteration only: a resumed epoch goes on where it stopped.
+    """
+
+    def __init__(self, sampler: DistributedSampler, skip: int) -> None:
+        self.sampler, self.epoch, self.skip = sampler, 0, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices, self.skip = list(self.sampler)[self.skip :], 0
+        return ((i, self.epoch) for i in indices)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class EpochSeeded(Dataset):
+    """Draws sample ``index`` of ``epoch`` with the torch RNG seeded by (seed, epoch, index).
+
+    Random augmentations then depend on nothing else: not on the worker, the prefetching or a resume.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_of(self.seed, epoch, index))
+            return self.dataset[index]
 
 
 class TensorImages(Dataset):
@@ -134,9 +190,13 @@ class SyntheticImages(Dataset):
 
 
 def _generator(*key: object) -> torch.Generator:
-    """A CPU generator seeded by a hash of ``key`` (torch's CPU generator keeps only 32 bits of a seed)."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=4).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+    """A CPU generator seeded by ``key``."""
+    return torch.Generator().manual_seed(_seed_of(*key))
+
+
+def _seed_of(*key: object) -> int:
+    """A seed from a hash of ``key`` (torch's CPU generator keeps only 32 bits of a seed)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
 
 
 Splits = tuple[Dataset, Dataset, Dataset, DataInfo]

@@ -5,6 +5,7 @@ Importable without Hydra's CLI: tests and sweeps call it with a config from Hydr
 
 from __future__ import annotations
 
+import hashlib
 import math
 import signal
 import threading
@@ -22,7 +23,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from t240dist import report
-from t240dist.callbacks import ContinueLog, ProgressBar, TrainSpeed
+from t240dist.callbacks import ContinueLog, ExactResume, ProgressBar, TrainSpeed
 from t240dist.checkpoint import SignedCheckpointIO, resume_checkpoint
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
@@ -59,6 +60,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     with one_job(run_dir / "config.yaml"):
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
         tested = trainer.test(
             module, datamodule=data, ckpt_path="best" if checkpoint.best_model_path else None
         )
@@ -82,6 +84,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "devices": [r["device"] for r in ranks],
         "model": conf["model"]["name"],
         "params": sum(p.numel() for p in module.net.parameters()),
+        "model_fingerprint": fingerprint,
         "data": conf["data"]["name"],
         "train_size": info.train_size,
         "skipped_files": len(info.skipped),
@@ -106,7 +109,7 @@ def build_trainer(
     directory = run_dir / "checkpoints"
     names = {"dirpath": directory, "auto_insert_metric_name": False}
     checkpoint = ModelCheckpoint(filename="epoch{epoch:03d}-step{step:06d}", **names, **ckpt)
-    callbacks: list[pl.Callback] = [speed, checkpoint, ContinueLog(), *(extra or [])]
+    callbacks: list[pl.Callback] = [speed, checkpoint, ContinueLog(), ExactResume(), *(extra or [])]
     if every_n_steps:
         recovery = ModelCheckpoint(
             filename="recovery-step{step:06d}", every_n_train_steps=every_n_steps, **names
@@ -130,6 +133,15 @@ def build_trainer(
         plugins=[SignedCheckpointIO(trust_unsigned)],
     )
     return trainer, speed, checkpoint
+
+
+def model_fingerprint(net: torch.nn.Module) -> str:
+    """sha256 of the network's weights and buffers, in key order: equal fingerprints, equal models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+import signal
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist.data import ImageDataModule
+from t240dist.errors import Preempted
 
 
 class ProgressBar(TQDMProgressBar):
@@ -106,7 +110,8 @@ class ContinueLog(pl.Callback):
         self._resumed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resumed = trainer.ckpt_path is not None and isinstance(trainer.logger, TensorBoardLogger)
+        logs = isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero
+        self._resumed = logs and trainer.ckpt_path is not None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not self._resumed:
@@ -178,3 +183,51 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+class Preemption(pl.Callback):
+    """SIGTERM or SIGUSR1 (a scheduler's warning) sets a flag; the run saves at the next step boundary
+    and stops with ``Preempted`` (exit code 75). Nothing is done inside the signal handler. With several
+    ranks, they agree on the flag at logging steps (one all-reduce there) and stop after the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stop = self.requested is not None
+        if trainer.world_size > 1:
+            if trainer.global_step % trainer.log_every_n_steps:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:  # stop right here: a graceful stop would run epoch-end hooks and save as if the epoch ended
+            path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
+            trainer.save_checkpoint(path)
+            step = trainer.global_step
+            raise Preempted(f"saved {path} at step {step} — rerun the same command to resume")
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}

@@ -75,11 +75,11 @@ class ImageDataModule(pl.LightningDataModule):
             "num_workers": workers,
             "persistent_workers": workers > 0,
             "pin_memory": torch.cuda.is_available(),
-            # a generator of its own: making iterators must not move the global RNG that dropout uses
-            "generator": torch.Generator().manual_seed(self.seed),
         }
         if not train:
             return DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
+        # a generator of its own: starting an epoch must not move the global RNG that dropout uses
+        options["generator"] = torch.Generator().manual_seed(self.seed)
         # Exact resume: the sampler can start mid-epoch (``resume_at``), and each sample's augmentation
         # is seeded by (seed, epoch, index), whatever process or worker draws it.
         trainer = self.trainer

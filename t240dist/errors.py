@@ -13,6 +13,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
 
 # Read once at import: run_app sets the variable for Hydra's sake, the user's wish stays here.
 _FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -24,6 +25,10 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config value, key, group option or data path is wrong."""
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint to resume from."""
 
 
 def run_app(app: Callable[[], Any]) -> None:
@@ -44,6 +49,9 @@ def one_line_errors() -> Iterator[None]:
         yield
     except UserError as err:
         _fail(f"{type(err).__name__}: {err}", err)
+    except Preempted as err:
+        print(f"Preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     except (HydraException, OmegaConfBaseException) as err:
         _fail(f"ConfigError: {_hydra_line(err)}", err)
 

@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from t240dist import report
-from t240dist.callbacks import ContinueLog, ExactResume, ProgressBar, TrainSpeed
+from t240dist.callbacks import ContinueLog, ExactResume, Preemption, ProgressBar, TrainSpeed
 from t240dist.checkpoint import SignedCheckpointIO, resume_checkpoint
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
@@ -109,7 +109,8 @@ def build_trainer(
     directory = run_dir / "checkpoints"
     names = {"dirpath": directory, "auto_insert_metric_name": False}
     checkpoint = ModelCheckpoint(filename="epoch{epoch:03d}-step{step:06d}", **names, **ckpt)
-    callbacks: list[pl.Callback] = [speed, checkpoint, ContinueLog(), ExactResume(), *(extra or [])]
+    callbacks: list[pl.Callback] = [speed, checkpoint, ContinueLog(), ExactResume(), Preemption(directory)]
+    callbacks += extra or []
     if every_n_steps:
         recovery = ModelCheckpoint(
             filename="recovery-step{step:06d}", every_n_train_steps=every_n_steps, **names

@@ -150,7 +150,7 @@ def test_full_disk_fails_with_one_line_and_keeps_the_previous_checkpoint(tmp_pat
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 
 
-def _cifar_run(tmp_path: Path, run_dir: Path, workers: int) -> subprocess.Popen:
+def _cifar_run(tmp_path: Path, run_dir: Path, workers: int, *extra: str) -> subprocess.Popen:
     args = [
         "data=cifar10",
         f"data.root={tmp_path / 'cifar'}",
@@ -163,10 +163,12 @@ def _cifar_run(tmp_path: Path, run_dir: Path, workers: int) -> subprocess.Popen:
         "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false",
     ]
-    args += ["checkpoint.every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    args += ["checkpoint.every_n_steps=1", f"hydra.run.dir={run_dir}", *extra]
     env = {**os.environ, KEY_ENV: "test-key"}
     cmd = [sys.executable, "-m", "train", *args]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
 
 
 def _finish(process: subprocess.Popen, run_dir: Path) -> dict:
@@ -174,22 +176,54 @@ def _finish(process: subprocess.Popen, run_dir: Path) -> dict:
     return json.loads((run_dir / "run_summary.json").read_text())
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path, key: None, workers: int) -> None:
-    """Shuffling, dropout, MixUp and random crops/flips on; SIGKILL mid-epoch; resume=auto."""
+@pytest.mark.parametrize(
+    ("workers", "extra", "steps"),
+    [(0, [], 36), (2, [], 36), (0, ["trainer=ddp", "trainer.accelerator=cpu"], 18)],
+    ids=["workers0", "workers2", "ddp2"],
+)
+def test_resume_after_kill_matches_uninterrupted_run(
+    tmp_path: Path, key: None, workers: int, extra: list[str], steps: int
+) -> None:
+    """Shuffling, dropout, MixUp and random crops/flips on; SIGKILL (every rank) mid-epoch; resume=auto."""
     (tmp_path / "cifar").mkdir()
-    write_cifar(tmp_path / "cifar", per_batch=40)  # 180 training images: 18 steps an epoch
-    whole = _finish(_cifar_run(tmp_path, tmp_path / "whole", workers), tmp_path / "whole")
+    write_cifar(tmp_path / "cifar", per_batch=40)  # 180 training images: 18 batches of 10 an epoch
+    whole = _finish(_cifar_run(tmp_path, tmp_path / "whole", workers, *extra), tmp_path / "whole")
 
-    killed = _cifar_run(tmp_path, tmp_path / "cut", workers)
+    killed = _cifar_run(tmp_path, tmp_path / "cut", workers, *extra)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
         int(p.stem.split("step")[1]) >= 7 for p in (tmp_path / "cut" / "checkpoints").glob("recovery-*.ckpt")
     ):
         time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
+    os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    resumed = _finish(_cifar_run(tmp_path, tmp_path / "cut", workers), tmp_path / "cut")
+    resumed = _finish(_cifar_run(tmp_path, tmp_path / "cut", workers, *extra), tmp_path / "cut")
     assert resumed["resumed_from"] is not None and "recovery-step" in resumed["resumed_from"]
-    assert resumed["global_step"] == whole["global_step"] == 36
+    assert resumed["global_step"] == whole["global_step"] == steps
+    assert resumed["model_fingerprint"] == whole["model_fingerprint"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_preemption_saves_at_a_step_boundary_exits_75_and_resumes_exactly(
+    tmp_path: Path, key: None, signum: int
+) -> None:
+    (tmp_path / "cifar").mkdir()
+    write_cifar(tmp_path / "cifar", per_batch=40)
+    whole = _finish(_cifar_run(tmp_path, tmp_path / "whole", 0), tmp_path / "whole")
+
+    stopped = _cifar_run(tmp_path, tmp_path / "cut", 0)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(
+        (tmp_path / "cut" / "checkpoints").glob("recovery-*.ckpt")
+    ):
+        time.sleep(0.02)
+    stopped.send_signal(signum)
+    assert stopped.wait(timeout=60) == 75
+    last = stopped.stderr.read().decode().strip().splitlines()[-1]
+    assert last.startswith("Preempted: saved ") and last.endswith("— rerun the same command to resume")
+    [saved] = (tmp_path / "cut" / "checkpoints").glob("preempted-step*.ckpt")
+    verify(saved.read_bytes(), saved, trust_unsigned=False)
+
+    resumed = _finish(_cifar_run(tmp_path, tmp_path / "cut", 0), tmp_path / "cut")
+    assert resumed["resumed_from"] == str(saved)
     assert resumed["model_fingerprint"] == whole["model_fingerprint"]

@@ -140,9 +140,13 @@ class EpochSeeded(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, epoch = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_of(self.seed, epoch, index))
+        cpu = torch.default_generator  # not torch.manual_seed: it also queues CUDA seeding, slowly
+        saved = cpu.get_state()
+        cpu.manual_seed(_seed_of(self.seed, epoch, index))
+        try:
             return self.dataset[index]
+        finally:
+            cpu.set_state(saved)
 
 
 class TensorImages(Dataset):

@@ -150,13 +150,8 @@ def test_full_disk_fails_with_one_line_and_keeps_the_previous_checkpoint(tmp_pat
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
 
 
-def _cifar_run(tmp_path: Path, run_dir: Path, workers: int, *extra: str) -> subprocess.Popen:
-    args = [
-        "data=cifar10",
-        f"data.root={tmp_path / 'cifar'}",
-        "data.batch_size=10",
-        f"data.num_workers={workers}",
-    ]
+def _cifar_run(cifar: Path, run_dir: Path, workers: int, *extra: str) -> subprocess.Popen:
+    args = ["data=cifar10", f"data.root={cifar}", "data.batch_size=10", f"data.num_workers={workers}"]
     args += [
         "model.width=8",
         "module.mixup_alpha=0.4",
@@ -167,7 +162,12 @@ def _cifar_run(tmp_path: Path, run_dir: Path, workers: int, *extra: str) -> subp
     env = {**os.environ, KEY_ENV: "test-key"}
     cmd = [sys.executable, "-m", "train", *args]
     return subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        cmd,
+        cwd=run_dir.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
 
@@ -176,28 +176,51 @@ def _finish(process: subprocess.Popen, run_dir: Path) -> dict:
     return json.loads((run_dir / "run_summary.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CIFAR-10 copy: 180 training images, 18 batches of 10 an epoch."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_batch=40)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The summary of the run every single-process resume must reproduce (no worker processes)."""
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    return _finish(_cifar_run(cifar, run_dir, 0), run_dir)
+
+
+def _wait_for(pattern: Path, min_step: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(int(p.stem.split("step")[1]) >= min_step for p in pattern.parent.glob(pattern.name)):
+            return
+        time.sleep(0.02)
+
+
 @pytest.mark.parametrize(
     ("workers", "extra", "steps"),
     [(0, [], 36), (2, [], 36), (0, ["trainer=ddp", "trainer.accelerator=cpu"], 18)],
     ids=["workers0", "workers2", "ddp2"],
 )
 def test_resume_after_kill_matches_uninterrupted_run(
-    tmp_path: Path, key: None, workers: int, extra: list[str], steps: int
+    tmp_path: Path, key: None, cifar: Path, uninterrupted: dict, workers: int, extra: list[str], steps: int
 ) -> None:
-    """Shuffling, dropout, MixUp and random crops/flips on; SIGKILL (every rank) mid-epoch; resume=auto."""
-    (tmp_path / "cifar").mkdir()
-    write_cifar(tmp_path / "cifar", per_batch=40)  # 180 training images: 18 batches of 10 an epoch
-    whole = _finish(_cifar_run(tmp_path, tmp_path / "whole", workers, *extra), tmp_path / "whole")
+    """Shuffling, dropout, MixUp and random crops/flips on; SIGKILL (every rank) mid-epoch; resume=auto.
 
-    killed = _cifar_run(tmp_path, tmp_path / "cut", workers, *extra)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(
-        int(p.stem.split("step")[1]) >= 7 for p in (tmp_path / "cut" / "checkpoints").glob("recovery-*.ckpt")
-    ):
-        time.sleep(0.02)
+    Augmentation is seeded per sample, so 2 worker processes reproduce the single-process run too.
+    """
+    whole = (
+        _finish(_cifar_run(cifar, tmp_path / "whole", workers, *extra), tmp_path / "whole")
+        if extra
+        else uninterrupted
+    )
+    killed = _cifar_run(cifar, tmp_path / "cut", workers, *extra)
+    _wait_for(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=7)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
-    resumed = _finish(_cifar_run(tmp_path, tmp_path / "cut", workers, *extra), tmp_path / "cut")
+    resumed = _finish(_cifar_run(cifar, tmp_path / "cut", workers, *extra), tmp_path / "cut")
     assert resumed["resumed_from"] is not None and "recovery-step" in resumed["resumed_from"]
     assert resumed["global_step"] == whole["global_step"] == steps
     assert resumed["model_fingerprint"] == whole["model_fingerprint"]
@@ -205,18 +228,10 @@ def test_resume_after_kill_matches_uninterrupted_run(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_preemption_saves_at_a_step_boundary_exits_75_and_resumes_exactly(
-    tmp_path: Path, key: None, signum: int
+    tmp_path: Path, key: None, cifar: Path, uninterrupted: dict, signum: int
 ) -> None:
-    (tmp_path / "cifar").mkdir()
-    write_cifar(tmp_path / "cifar", per_batch=40)
-    whole = _finish(_cifar_run(tmp_path, tmp_path / "whole", 0), tmp_path / "whole")
-
-    stopped = _cifar_run(tmp_path, tmp_path / "cut", 0)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(
-        (tmp_path / "cut" / "checkpoints").glob("recovery-*.ckpt")
-    ):
-        time.sleep(0.02)
+    stopped = _cifar_run(cifar, tmp_path / "cut", 0)
+    _wait_for(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=1)
     stopped.send_signal(signum)
     assert stopped.wait(timeout=60) == 75
     last = stopped.stderr.read().decode().strip().splitlines()[-1]
@@ -224,6 +239,6 @@ def test_preemption_saves_at_a_step_boundary_exits_75_and_resumes_exactly(
     [saved] = (tmp_path / "cut" / "checkpoints").glob("preempted-step*.ckpt")
     verify(saved.read_bytes(), saved, trust_unsigned=False)
 
-    resumed = _finish(_cifar_run(tmp_path, tmp_path / "cut", 0), tmp_path / "cut")
+    resumed = _finish(_cifar_run(cifar, tmp_path / "cut", 0), tmp_path / "cut")
     assert resumed["resumed_from"] == str(saved)
-    assert resumed["model_fingerprint"] == whole["model_fingerprint"]
+    assert resumed["model_fingerprint"] == uninterrupted["model_fingerprint"]

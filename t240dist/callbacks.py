@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import threading
@@ -18,7 +19,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist.data import ImageDataModule
-from t240dist.errors import Preempted
+from t240dist.errors import NonFiniteError, Preempted
+
+log = logging.getLogger(__name__)
 
 
 class ProgressBar(TQDMProgressBar):
@@ -231,3 +234,112 @@ class Preemption(pl.Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class NonFiniteGuard(pl.Callback):
+    """Keeps NaN and inf out of the weights and the checkpoints (Lightning checks no loss by default).
+
+    Each optimizer step's loss and gradients are checked on the device. ``nonfinite=stop`` keeps the
+    first bad step in a device register and stops with one line naming it. The register is read without
+    stalling the GPU: with one process after every step (through a non-blocking copy, read once it has
+    landed), with several at logging steps, where the ranks agree so that they stop together. ``skip``
+    must decide before the update, so it reads the flag every step (one sync), drops the step's
+    gradients (the optimizer then leaves the weights and its own state as they were) and puts back the
+    buffers that the forward pass changed (BatchNorm statistics), kept from the last good step. Every
+    save checks what it writes first (weights and buffers): a non-finite model is never written as
+    ``last`` or top-k.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.skipped = 0
+        self._step_finite: torch.Tensor | None = None  # this step's verdict so far (loss of each micro-batch)
+        self._first_bad: torch.Tensor | None = None  # the first non-finite step, -1 while there is none
+        self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # pinned copy of it, and its event
+        self._good_buffers: list[torch.Tensor] = []  # skip: the buffers as the last good step left them
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=pl_module.device)
+        if pl_module.device.type == "cuda":
+            self._copy = (torch.full((), -1, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+        if self.mode == "skip":
+            self._good_buffers = [b.detach().clone() for b in pl_module.buffers()]
+
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
+        finite = torch.isfinite(loss.detach())
+        self._step_finite = finite if self._step_finite is None else self._step_finite & finite
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        finite, self._step_finite = self._step_finite, None
+        if finite is None:
+            return
+        if trainer.precision != "16-mixed":  # GradScaler skips non-finite gradients and lowers its scale
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        if self.mode == "skip":
+            self._skip_unless(bool(finite), trainer, pl_module, optimizer)
+            return
+        unseen = (self._first_bad < 0) & ~finite
+        self._first_bad = torch.where(unseen, trainer.global_step, self._first_bad)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.mode == "stop":
+            step = self._observed_bad_step(trainer)
+            if step >= 0:
+                raise NonFiniteError(
+                    f"the loss or gradients became NaN/inf at step {step} — lower optim.lr, set trainer."
+                    "gradient_clip_val, or train on with nonfinite=skip; earlier checkpoints are intact"
+                )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        tensors = [t for t in checkpoint["state_dict"].values() if t.is_floating_point()]
+        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            raise NonFiniteError(
+                "the weights or buffers (e.g. BatchNorm statistics) are NaN/inf at step "
+                f"{trainer.global_step}, so no checkpoint was written — lower optim.lr or set "
+                "trainer.gradient_clip_val; earlier checkpoints are intact"
+            )
+
+    def _skip_unless(
+        self,
+        finite: bool,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        """Keep a good step's buffers; undo a bad step: no update, the buffers of the last good step."""
+        buffers = [b.detach() for b in pl_module.buffers()]
+        if finite:
+            torch._foreach_copy_(self._good_buffers, buffers)  # one launch for every buffer
+            return
+        optimizer.zero_grad(set_to_none=True)
+        torch._foreach_copy_(buffers, self._good_buffers)
+        self.skipped += 1
+        log.warning("step %d: non-finite loss or gradients, update skipped", trainer.global_step)
+
+    def _observed_bad_step(self, trainer: pl.Trainer) -> int:
+        """The first bad step as far as the host knows it now, or -1; never waits for the GPU alone."""
+        first_bad = self._first_bad
+        if first_bad is None:
+            return -1
+        if trainer.world_size > 1:  # ranks must stop together: agree where they already sync to log
+            if trainer.global_step % trainer.log_every_n_steps:
+                return -1
+            return int(trainer.strategy.reduce(first_bad.clone(), reduce_op="max"))
+        if self._copy is None:
+            return int(first_bad)  # on the CPU this costs nothing
+        host, landed = self._copy
+        if not landed.query():  # an event never recorded counts as landed
+            return -1
+        step = int(host)
+        host.copy_(first_bad, non_blocking=True)
+        landed.record()
+        return step

@@ -316,6 +316,7 @@ class Module(Strict):
 class RunConfig(Strict):
     seed: NonNegativeInt
     resume: str
+    nonfinite: Literal["stop", "skip"]
     data: Data
     model: Model
     optim: Optim

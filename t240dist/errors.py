@@ -27,6 +27,10 @@ class ConfigError(UserError):
     """A config value, key, group option or data path is wrong."""
 
 
+class NonFiniteError(UserError):
+    """The loss, the gradients or the weights became NaN or inf (``nonfinite=stop``)."""
+
+
 class Preempted(Exception):
     """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint to resume from."""
 

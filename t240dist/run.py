@@ -12,7 +12,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -23,13 +23,22 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from t240dist import report
-from t240dist.callbacks import ContinueLog, ExactResume, Preemption, ProgressBar, TrainSpeed
+from t240dist.callbacks import (
+    ContinueLog,
+    ExactResume,
+    NonFiniteGuard,
+    Preemption,
+    ProgressBar,
+    TrainSpeed,
+)
 from t240dist.checkpoint import SignedCheckpointIO, resume_checkpoint
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
 from t240dist.distributed import gather_ranks, one_job
 from t240dist.module import ClassifierModule
 from t240dist.optim import scaled_lr
+
+CallbackT = TypeVar("CallbackT", bound=pl.Callback)
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
@@ -88,6 +97,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "data": conf["data"]["name"],
         "train_size": info.train_size,
         "skipped_files": len(info.skipped),
+        "nonfinite_skipped_steps": _callback(trainer, NonFiniteGuard).skipped,
         "seed": conf["seed"],
         "best_checkpoint": checkpoint.best_model_path or None,
         "resumed_from": str(resume) if resume else None,
@@ -109,7 +119,14 @@ def build_trainer(
     directory = run_dir / "checkpoints"
     names = {"dirpath": directory, "auto_insert_metric_name": False}
     checkpoint = ModelCheckpoint(filename="epoch{epoch:03d}-step{step:06d}", **names, **ckpt)
-    callbacks: list[pl.Callback] = [speed, checkpoint, ContinueLog(), ExactResume(), Preemption(directory)]
+    callbacks: list[pl.Callback] = [
+        speed,
+        checkpoint,
+        ContinueLog(),
+        ExactResume(),
+        Preemption(directory),
+        NonFiniteGuard(conf["nonfinite"]),
+    ]
     callbacks += extra or []
     if every_n_steps:
         recovery = ModelCheckpoint(
@@ -163,6 +180,11 @@ def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any
         "reference_batch_size": optim["reference_batch_size"],
         "lr": scaled_lr(optim, effective),
     }
+
+
+def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT:
+    """The trainer's callback of type ``kind`` (build_trainer adds one of each)."""
+    return next(c for c in trainer.callbacks if isinstance(c, kind))
 
 
 def _device_name(trainer: pl.Trainer) -> str:

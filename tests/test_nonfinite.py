@@ -1,0 +1,91 @@
+"""Non-finite values: a NaN/inf loss or gradient stops the run naming the step, or skips that update;
+a model with NaN/inf weights is never written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose, run_cli
+from torch.utils.data import DataLoader, TensorDataset
+
+from t240dist.callbacks import NonFiniteGuard
+from t240dist.checkpoint import KEY_ENV, load_checkpoint
+from t240dist.config import validate
+from t240dist.data import DataInfo
+from t240dist.errors import NonFiniteError
+from t240dist.module import ClassifierModule
+from t240dist.run import build_trainer
+
+POISONED_BATCH = 3
+
+
+def test_diverging_run_stops_at_the_bad_step_and_writes_no_nan_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        [*TINY, "optim.lr=1e6", "checkpoint.every_n_steps=1", f"hydra.run.dir={run_dir}"], tmp_path
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    # the loss check, or the save of the step when BatchNorm statistics overflowed first
+    found = re.fullmatch(r"NonFiniteError: .+ NaN/inf at step (\d+)[ ,].+ — .+", last)
+    assert found, last
+    bad_step = int(found.group(1))
+    saved = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    assert saved, "the steps before the bad one were saved"
+    for path in saved:
+        ckpt = load_checkpoint(path, trust_unsigned=False)
+        assert ckpt["global_step"] <= bad_step
+        assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
+
+
+def _fit_with_a_nan_image(run_dir: Path, mode: str) -> tuple[ClassifierModule, object]:
+    """A real Trainer of ``python -m train`` on data whose batch ``POISONED_BATCH`` holds a NaN pixel."""
+    conf = validate(compose([*TINY, "trainer.max_epochs=1", f"nonfinite={mode}"]))
+    batch_size = conf["data"]["batch_size"]
+    x = torch.randn(6 * batch_size, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(len(x)) % 10
+    x[POISONED_BATCH * batch_size, 0, 0, 0] = float("nan")
+    info = DataInfo(
+        num_classes=10, channels=3, image_size=8, class_names=list("abcdefghij"), train_size=len(x)
+    )
+    module = ClassifierModule.from_config(conf, info)
+    trainer, _, _ = build_trainer(conf, run_dir)
+    clean = TensorDataset(x[:batch_size], y[:batch_size])
+    trainer.fit(
+        module,
+        train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=batch_size),
+        val_dataloaders=DataLoader(clean, batch_size=batch_size),
+    )
+    return module, trainer
+
+
+def test_skip_drops_only_the_bad_update_and_trains_on(tmp_path: Path) -> None:
+    module, trainer = _fit_with_a_nan_image(tmp_path, "skip")
+    guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert guard.skipped == 1
+    assert trainer.global_step == 6  # every step ran; one of them left the weights alone
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_stop_names_the_poisoned_step(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteError, match=f"became NaN/inf at step {POISONED_BATCH} — "):
+        _fit_with_a_nan_image(tmp_path, "stop")
+
+
+def test_a_model_with_nan_weights_is_never_saved(tmp_path: Path) -> None:
+    module, trainer = _fit_with_a_nan_image(tmp_path, "skip")
+    with torch.no_grad():
+        next(module.parameters())[0].fill_(float("inf"))
+    path = tmp_path / "poisoned.ckpt"
+    with pytest.raises(
+        NonFiniteError,
+        match=r"the weights or buffers \(e.g. BatchNorm statistics\) are NaN/inf at step 6, so no checkpoint",
+    ):
+        trainer.save_checkpoint(path)
+    assert not path.exists() and not list(tmp_path.glob(".poisoned*"))

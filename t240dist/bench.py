@@ -46,6 +46,9 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "hand-written": lambda: _hand_written(conf, data.info, batches, bench, device),
         "t240dist": lambda: _t240dist(conf, data.info, batches, bench, run_dir),
     }
+    if device.type == "cuda" and conf["monitor"]["name"] != "off":  # what GPU telemetry costs
+        unmonitored = {**conf, "monitor": {"name": "off"}}
+        loops["t240dist monitor=off"] = lambda: _t240dist(unmonitored, data.info, batches, bench, run_dir)
     times: dict[str, list[float]] = {name: [] for name in loops}
     peak: dict[str, float] = {}
     for _ in range(bench["repeats"]):

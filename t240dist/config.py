@@ -306,6 +306,22 @@ class Checkpoint(Strict):
     trust_unsigned: bool
 
 
+class NvmlMonitor(Strict):
+    name: Literal["nvml"]
+    library: str
+    interval_s: Annotated[float, Field(ge=0.01, le=60)]
+    slow_interval_s: Annotated[float, Field(ge=0.01, le=600)]
+    straggler_tolerance: Annotated[float, Field(gt=0, lt=1)]
+    throttle_warn_pct: Annotated[float, Field(gt=0, le=100)]
+
+
+class NoMonitor(Strict):
+    name: Literal["off"]
+
+
+Monitor = Annotated[NvmlMonitor | NoMonitor, Field(discriminator="name")]
+
+
 class Module(Strict):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
     mixup_alpha: NonNegativeFloat
@@ -323,10 +339,11 @@ class RunConfig(Strict):
     sched: Sched
     trainer: Trainer
     checkpoint: Checkpoint
+    monitor: Monitor
     module: Module
 
 
-_UNIONS = {"data", "model", "optim", "sched"}
+_UNIONS = {"data", "model", "optim", "sched", "monitor"}
 _FIXES = {
     "extra_forbidden": "remove it or fix its spelling (python -m train --cfg job lists the keys)",
     "missing": "add it to the config group or give it on the command line",

@@ -37,6 +37,7 @@ from t240dist.data import ImageDataModule
 from t240dist.distributed import gather_ranks, one_job
 from t240dist.module import ClassifierModule
 from t240dist.optim import scaled_lr
+from t240dist.telemetry import GpuMonitor, Totals
 
 CallbackT = TypeVar("CallbackT", bound=pl.Callback)
 
@@ -98,6 +99,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "train_size": info.train_size,
         "skipped_files": len(info.skipped),
         "nonfinite_skipped_steps": _callback(trainer, NonFiniteGuard).skipped,
+        **_gpu_summary(trainer),
         "seed": conf["seed"],
         "best_checkpoint": checkpoint.best_model_path or None,
         "resumed_from": str(resume) if resume else None,
@@ -133,6 +135,8 @@ def build_trainer(
             filename="recovery-step{step:06d}", every_n_train_steps=every_n_steps, **names
         )
         callbacks.append(recovery)
+    if conf["monitor"]["name"] == "nvml":
+        callbacks.append(GpuMonitor(conf["monitor"]))
     if conf["module"]["ema_decay"] is not None:
         callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
     trainer_cfg = dict(conf["trainer"])
@@ -180,6 +184,12 @@ def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any
         "reference_batch_size": optim["reference_batch_size"],
         "lr": scaled_lr(optim, effective),
     }
+
+
+def _gpu_summary(trainer: pl.Trainer) -> dict[str, Any]:
+    """Energy, energy per image, mean utilization and peak memory of the job's GPUs (None without)."""
+    monitors = [c for c in trainer.callbacks if isinstance(c, GpuMonitor)]
+    return monitors[0].summary() if monitors else Totals().summary(images=0)
 
 
 def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT:

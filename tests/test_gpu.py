@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY, compose
+from conftest import TINY, compose, scalars
 
 from t240dist.run import train
 
@@ -49,3 +52,54 @@ def test_training_steps_never_synchronise_the_gpu(tmp_path: Path, monkeypatch: p
         assert train(compose(overrides), run_dir=tmp_path)["global_step"] == 8
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_real_nvml_sees_the_training_gpu(tmp_path: Path) -> None:
+    """Real NVML during a real run: the job's GPU by UUID, plausible utilization and power, energy growing."""
+    overrides = [
+        "data=synthetic",
+        "data.image_size=32",
+        "data.train_size=16384",
+        "data.batch_size=256",
+        "data.num_workers=4",
+        "model=resnet18_cifar",
+        "trainer.max_epochs=2",
+        "trainer.precision=bf16-mixed",
+        "trainer.log_every_n_steps=5",
+        "trainer.enable_progress_bar=false",
+        "monitor.interval_s=0.1",
+        "monitor.slow_interval_s=0.3",
+    ]
+    summary = train(compose(overrides), run_dir=tmp_path)
+    tags = scalars(tmp_path)
+    assert {"gpu/util_pct/rank0", "gpu/power_w/rank0", "gpu/energy_j/rank0", "gpu/mem_used_gib/rank0"} <= set(
+        tags
+    )
+    assert max(v for _, v in tags["gpu/util_pct/rank0"]) > 20
+    assert all(20 < v < 1500 for _, v in tags["gpu/power_w/rank0"])
+    energy = [v for _, v in tags["gpu/energy_j/rank0"]]
+    assert energy == sorted(energy) and energy[-1] > energy[0] > 0
+    assert summary["energy_j"] > 0 and 0 < summary["energy_per_image_j"] < 1
+    assert 0 < summary["gpu_mem_peak_gib"] < 200 and summary["gpu_util_mean"] > 0
+
+
+def test_nvml_uuid_matches_cuda_device_whatever_cuda_visible_devices_says() -> None:
+    import pynvml
+
+    from t240dist.telemetry import job_gpu_uuids
+
+    [uuid] = job_gpu_uuids(pynvml, torch.device("cuda", 0))
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+        assert pynvml.nvmlDeviceGetUUID(handle) == uuid
+    finally:
+        pynvml.nvmlShutdown()
+    by_uuid = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.get_device_properties(0).uuid)"],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": uuid},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"GPU-{by_uuid.stdout.strip()}" == uuid

@@ -253,7 +253,7 @@ class NonFiniteGuard(pl.Callback):
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.skipped = 0
-        self._step_finite: torch.Tensor | None = None  # this step's verdict so far (loss of each micro-batch)
+        self._probe: torch.Tensor | None = None  # the step's losses summed: NaN/inf survive any sum
         self._first_bad: torch.Tensor | None = None  # the first non-finite step, -1 while there is none
         self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # pinned copy of it, and its event
         self._good_buffers: list[torch.Tensor] = []  # skip: the buffers as the last good step left them
@@ -268,23 +268,24 @@ class NonFiniteGuard(pl.Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        finite = torch.isfinite(loss.detach())
-        self._step_finite = finite if self._step_finite is None else self._step_finite & finite
+        loss = loss.detach()
+        self._probe = loss if self._probe is None else self._probe + loss
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        finite, self._step_finite = self._step_finite, None
-        if finite is None:
+        probe, self._probe = self._probe, None
+        if probe is None:
             return
         if trainer.precision != "16-mixed":  # GradScaler skips non-finite gradients and lowers its scale
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            probe = probe + torch.nn.utils.get_total_norm(grads)
+        finite = torch.isfinite(probe)
         if self.mode == "skip":
             self._skip_unless(bool(finite), trainer, pl_module, optimizer)
             return
-        unseen = (self._first_bad < 0) & ~finite
-        self._first_bad = torch.where(unseen, trainer.global_step, self._first_bad)
+        seen = finite | (self._first_bad >= 0)
+        self._first_bad = torch.where(seen, self._first_bad, trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

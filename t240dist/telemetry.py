@@ -144,6 +144,7 @@ class GpuMonitor(pl.Callback):
             if metrics and axis != self._written_at:
                 trainer.logger.log_metrics(metrics, step=axis)
                 self._written_at = axis
+        self.totals.host_s += time.perf_counter() - now  # what the training thread paid for telemetry
 
     def _metrics(self, ranks: list[dict[str, Any]], images: int) -> dict[str, float]:
         """Per-GPU series, the spread across GPUs, energy per image; warnings and totals on the way."""
@@ -219,6 +220,7 @@ class GpuMonitor(pl.Callback):
     def _stop(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
+            self.totals.thread_cpu_s = self.sampler.thread_cpu_s
             self.sampler = None
 
 
@@ -229,6 +231,8 @@ class Totals:
     energy_j: float = 0.0
     util: list[float] = field(default_factory=list)
     mem_peak_gib: float | None = None
+    host_s: float = 0.0  # time the training thread spent in telemetry (the exchanges)
+    thread_cpu_s: float = 0.0  # CPU time of the sampling thread
 
     def add(self, windows: Any, energy_j: float) -> None:
         self.energy_j += energy_j
@@ -246,6 +250,8 @@ class Totals:
             "energy_per_image_j": energy / images if energy and images else None,
             "gpu_util_mean": sum(self.util) / len(self.util) if self.util else None,
             "gpu_mem_peak_gib": self.mem_peak_gib,
+            "telemetry_host_s": self.host_s if energy else None,
+            "telemetry_thread_cpu_s": self.thread_cpu_s if energy else None,
         }
 
 
@@ -363,6 +369,7 @@ class NvmlSampler:
         self.interval_s, self.slow_interval_s = interval_s, slow_interval_s
         self.gpus: list[_Gpu] = []
         self._opened = False
+        self.thread_cpu_s = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="t240dist-nvml", daemon=True)
@@ -388,8 +395,10 @@ class NvmlSampler:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=5 * self.interval_s + 1)
-        if self._opened:
+            self._thread.join(timeout=1.0)
+        if self._thread.is_alive():  # inside a slow NVML call: leave the daemon thread, keep NVML open
+            log.warning("GPU telemetry: the NVML sampler did not stop within 1 s — leaving it behind")
+        elif self._opened:
             self._opened = False
             with contextlib.suppress(self.nvml.NVMLError):
                 self.nvml.nvmlShutdown()
@@ -431,6 +440,7 @@ class NvmlSampler:
                 readings = self._read(gpu, slow)
                 with self._lock:
                     gpu.record(readings, now)
+            self.thread_cpu_s = time.thread_time()
 
     def _read(self, gpu: _Gpu, slow: bool) -> dict[str, float]:
         readings: dict[str, float] = {}

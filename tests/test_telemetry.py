@@ -154,6 +154,7 @@ def test_two_ranks_write_each_gpu_once_on_the_step_axis(
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["energy_j"] > 0 and summary["energy_per_image_j"] > 0
     assert summary["gpu_util_mean"] == pytest.approx(51) and summary["gpu_mem_peak_gib"] == 3
+    assert 0 < summary["telemetry_host_s"] < summary["train_s"] and summary["telemetry_thread_cpu_s"] > 0
 
 
 def test_a_tensorboard_server_serves_the_gpu_dashboard_and_training_curves(

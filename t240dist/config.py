@@ -46,21 +46,35 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """Check the composed config against the schema; return it as a plain, resolved dict."""
+    return validate_run(plain(cfg))
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as a plain, resolved dict; a value left at ``???`` is a one-line error."""
     try:
-        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
         key = err.full_key
         raise ConfigError(f"{key} is not set — give it on the command line, e.g. {key}=...") from None
-    try:
-        RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_one_line(err.errors()[0], raw)) from None
+
+
+def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
+    """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema."""
+    check(RunConfig, raw)
     _check_device(raw["trainer"])
     if raw["resume"] not in ("auto", "never") and not Path(raw["resume"]).is_file():
         raise ConfigError(
             f"resume={raw['resume']} is not a checkpoint file — give its path, or auto or never"
         )
     return raw
+
+
+def check(schema: type[BaseModel], raw: dict[str, Any]) -> None:
+    """Validate ``raw`` against ``schema``; the first problem becomes a one-line ``ConfigError``."""
+    try:
+        schema.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err.errors()[0], raw)) from None
 
 
 def register_resolvers() -> None:
@@ -341,6 +355,25 @@ class RunConfig(Strict):
     checkpoint: Checkpoint
     monitor: Monitor
     module: Module
+
+
+class EvaluateOptions(Strict):
+    """``train.evaluate``'s own keys beside the run's (conf/evaluate.yaml); predict and export add theirs."""
+
+    ckpt: str
+
+
+class PredictOptions(EvaluateOptions):
+    input: str
+    output: str
+    top_k: PositiveInt
+
+
+class ExportOptions(EvaluateOptions):
+    format: Literal["onnx"]
+    output: str
+    tolerance: PositiveFloat
+    check_images: PositiveInt
 
 
 _UNIONS = {"data", "model", "optim", "sched", "monitor"}

@@ -30,6 +30,8 @@ from torchvision.transforms import v2
 from t240dist.errors import ConfigError
 
 STATS_SAMPLE = 512  # ImageFolder images read (decoded once) to estimate the normalisation
+EVAL_CROP = 0.875  # image files are resized to image_size / EVAL_CROP, then centre-cropped (ImageNet's eval)
+Normalisation = tuple[list[float], list[float]]  # per-channel mean and std of images in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,16 @@ class DataInfo:
     image_size: int
     class_names: list[str]
     train_size: int
+    mean: list[float]  # the normalisation every split gets (the train split's statistics)
+    std: list[float]
+    resize: int  # an image file's shorter side is resized to this, then centre-cropped to image_size
     skipped: tuple[str, ...] = ()  # "path: reason" of each unreadable file left out (data.on_corrupt=skip)
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """How an image file becomes a model input, in plain types: stored in checkpoints for inference."""
+        keys = ("channels", "image_size", "resize", "mean", "std")
+        return {key: getattr(self, key) for key in keys}
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -50,14 +61,15 @@ class ImageDataModule(pl.LightningDataModule):
     Sharding is done here (the Trainer runs with ``use_distributed_sampler=False``): training shards
     drop the remainder, so each sample is seen at most once per epoch; evaluation shards are not padded,
     so metrics reduced over ranks equal a single-process evaluation. A run resumed mid-epoch goes on at
-    the next batch (``resume_at``).
+    the next batch (``resume_at``). ``normalisation`` (a checkpoint's) replaces the train split's statistics,
+    so a model is evaluated with the preprocessing it was trained with, whatever data it is given.
     """
 
-    def __init__(self, cfg: dict[str, Any], seed: int) -> None:
+    def __init__(self, cfg: dict[str, Any], seed: int, normalisation: Normalisation | None = None) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed
         self._skip = 0
-        self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg)
+        self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, normalisation)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -207,7 +219,7 @@ Splits = tuple[Dataset, Dataset, Dataset, DataInfo]
 Labelled = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int labels (N,)
 
 
-def load_digits(cfg: dict[str, Any]) -> Splits:
+def load_digits(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
     """scikit-learn's 8x8 digits (16 grey levels), split train/val/test by ``split_seed``."""
     from sklearn.datasets import load_digits as sk_digits
 
@@ -219,18 +231,24 @@ def load_digits(cfg: dict[str, Any]) -> Splits:
     n_val = round(len(labels) * cfg["val_fraction"])
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     splits = [(images[i], labels[i]) for i in (train, val, test)]
-    return _in_memory(cfg, *splits, [str(d) for d in range(10)])
+    return _in_memory(cfg, *splits, [str(d) for d in range(10)], normalisation)
 
 
-def load_synthetic(cfg: dict[str, Any]) -> Splits:
-    """Synthetic images of any size and class count (already standardised, never augmented)."""
+def load_synthetic(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+    """Synthetic images of any size and class count (already standardised: no normalisation, no augmentation).
+
+    Image files given to a synthetic-trained model are only scaled to [0, 1] (mean 0, std 1).
+    """
     sets = [SyntheticImages(cfg[f"{name}_size"], cfg, i) for i, name in enumerate(("train", "val", "test"))]
     names = [f"class_{k}" for k in range(cfg["num_classes"])]
-    info = DataInfo(cfg["num_classes"], cfg["channels"], cfg["image_size"], names, cfg["train_size"])
+    channels, size = cfg["channels"], cfg["image_size"]
+    info = DataInfo(
+        cfg["num_classes"], channels, size, names, cfg["train_size"], [0.0] * channels, [1.0] * channels, size
+    )
     return (*sets, info)
 
 
-def load_cifar10(cfg: dict[str, Any]) -> Splits:
+def load_cifar10(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
     """CIFAR-10 python batches; a validation split is carved from the training batches.
 
     Read by hand because torchvision's CIFAR10 insists on the md5 of the official archive files (which
@@ -249,10 +267,11 @@ def load_cifar10(cfg: dict[str, Any]) -> Splits:
     ]
     val, train = _val_split(len(train_y), cfg)
     test = _cifar_batches([root / "test_batch"])
-    return _in_memory(cfg, (train_x[train], train_y[train]), (train_x[val], train_y[val]), test, names)
+    splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), test
+    return _in_memory(cfg, *splits, names, normalisation)
 
 
-def load_mnist(cfg: dict[str, Any]) -> Splits:
+def load_mnist(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
     """MNIST IDX files (plain or gzip); a validation split is carved from the training images."""
     root = Path(cfg["root"])
     files = {}
@@ -285,39 +304,59 @@ def load_mnist(cfg: dict[str, Any]) -> Splits:
     )
     val, train = _val_split(len(train_y), cfg)
     splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y)
-    return _in_memory(cfg, *splits, [str(d) for d in range(10)])
+    return _in_memory(cfg, *splits, [str(d) for d in range(10)], normalisation)
 
 
 def _in_memory(
-    cfg: dict[str, Any], train: Labelled, val: Labelled, test: Labelled, names: list[str]
+    cfg: dict[str, Any],
+    train: Labelled,
+    val: Labelled,
+    test: Labelled,
+    names: list[str],
+    normalisation: Normalisation | None,
 ) -> Splits:
-    """Datasets over uint8 tensors: augmentation on the train split only, normalised by its statistics."""
-    mean, std = _channel_stats(train[0].float().div_(255))
+    """Datasets over uint8 tensors: augmentation on the train split only, normalised by its statistics.
+
+    Image files given to the trained model are resized to the training size (a file of that size is
+    left as it is), then centre-cropped.
+    """
+    mean, std = normalisation or _channel_stats(train[0].float().div_(255))
     size = train[0].shape[-1]
-    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, from_files=False)
+    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize=None)
     sets = [TensorImages(*train, train_tf), TensorImages(*val, eval_tf), TensorImages(*test, eval_tf)]
-    return (*sets, DataInfo(len(names), train[0].shape[1], size, names, len(train[1])))
+    return (*sets, DataInfo(len(names), train[0].shape[1], size, names, len(train[1]), mean, std, size))
+
+
+def file_transform(preprocess: dict[str, Any]) -> v2.Compose:
+    """The eval transform of image files from ``DataInfo.preprocess`` (as a checkpoint stores it)."""
+    fit = _fit_file(preprocess["image_size"], preprocess["resize"])
+    return v2.Compose([*fit, *_normalise(preprocess["mean"], preprocess["std"])])
+
+
+def _fit_file(size: int, resize: int) -> list[v2.Transform]:
+    """A decoded file of any size to ``size`` x ``size``: shorter side to ``resize``, centre crop."""
+    return [v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size)]
+
+
+def _normalise(mean: list[float], std: list[float]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
 def _transforms(
-    augment: dict[str, Any], size: int, mean: list[float], std: list[float], from_files: bool
+    augment: dict[str, Any], size: int, mean: list[float], std: list[float], resize: int | None
 ) -> tuple[v2.Transform, v2.Transform]:
     """The train transform (``data.augment``) and the eval transform; both end in normalisation.
 
-    Files (any size) are resized and centre-cropped to ``size`` first; tensors already have it.
+    Files (any size; ``resize`` given) are resized and centre-cropped to ``size`` first; tensors have it.
     """
-    fit = (
-        [v2.ToImage(), v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)]
-        if from_files
-        else []
-    )
+    fit = [] if resize is None else _fit_file(size, resize)
     crop = {
         "none": fit,
         "pad": [*fit, v2.RandomCrop(size, padding=augment["padding"])],
         "resized": [*fit[:1], v2.RandomResizedCrop(size, antialias=True)],
     }[augment["crop"]]
     flip = [v2.RandomHorizontalFlip()] if augment["hflip"] else []
-    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    normalise = _normalise(mean, std)
     return v2.Compose([*crop, *flip, *normalise]), v2.Compose([*fit, *normalise])
 
 
@@ -381,12 +420,12 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(shape)
 
 
-def load_imagefolder(cfg: dict[str, Any]) -> Splits:
+def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
     """Class folders decoded lazily by torchvision: ROOT/train + ROOT/val (+ ROOT/test), or one ROOT split.
 
     One folder of class folders is split into train/val by ``data.val_fraction`` and ``data.split_seed``
     (test = val). Files are checked before training (``_preflight``); normalisation comes from a seeded
-    sample of up to ``STATS_SAMPLE`` training images.
+    sample of up to ``STATS_SAMPLE`` training images, unless ``normalisation`` is given.
     """
     root, size = Path(cfg["root"]), cfg["image_size"]
     if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
@@ -416,13 +455,15 @@ def load_imagefolder(cfg: dict[str, Any]) -> Splits:
     if not split:
         val_idx, train_idx = _val_split(len(sets[0]), cfg)
         sets = [Subset(sets[0], train_idx.tolist()), Subset(copy.copy(sets[0]), val_idx.tolist())]
-    mean, std = _file_stats(sets[0], size, cfg["split_seed"])
-    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, from_files=True)
+    mean, std = normalisation or _file_stats(sets[0], size, cfg["split_seed"])
+    resize = round(size / EVAL_CROP)
+    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize)
     _set_transform(sets[0], train_tf)
     for ds in sets[1:]:
         _set_transform(ds, eval_tf)
-    classes = _base(sets[0]).classes
-    info = DataInfo(len(classes), 3, size, list(classes), len(sets[0]), tuple(f"{p}: {w}" for p, w in bad))
+    classes = list(_base(sets[0]).classes)
+    skipped = tuple(f"{p}: {w}" for p, w in bad)
+    info = DataInfo(len(classes), 3, size, classes, len(sets[0]), mean, std, resize, skipped)
     return sets[0], sets[1], sets[2] if len(sets) > 2 else sets[1], info
 
 

@@ -20,10 +20,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class ClassifierModule(pl.LightningModule):
     """Trains, validates and tests an image classifier.
 
-    Hyperparameters are plain dicts, ints and strings (the resolved config groups, the data's class
-    names), so a checkpoint loads with ``torch.load(weights_only=True)`` and carries what inference
-    needs to rebuild the network and name its predictions. The training step never waits for the
-    device: metrics leave it only when Lightning logs them.
+    Hyperparameters are plain dicts, lists, numbers and strings (the resolved config groups, the data's
+    class names, the whole run config and the data's preprocessing), so a checkpoint loads with
+    ``torch.load(weights_only=True)`` and carries what inference needs to rebuild the network, its data
+    and its input pipeline, and to name its predictions. The training step never waits for the device:
+    metrics leave it only when Lightning logs them. ``test_step`` returns the logits, for callbacks.
     """
 
     def __init__(
@@ -35,6 +36,8 @@ class ClassifierModule(pl.LightningModule):
         num_classes: int,
         in_channels: int,
         class_names: list[str],
+        config: dict[str, Any],
+        preprocess: dict[str, Any],
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs the whole config to the HParams tab
@@ -53,7 +56,7 @@ class ClassifierModule(pl.LightningModule):
     def from_config(cls, conf: dict[str, Any], info: DataInfo) -> ClassifierModule:
         """The module for a validated run config and the data it trains on."""
         groups = (conf[k] for k in ("model", "optim", "sched", "module"))
-        return cls(*groups, info.num_classes, info.channels, info.class_names)
+        return cls(*groups, info.num_classes, info.channels, info.class_names, conf, info.preprocess)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -79,12 +82,12 @@ class ClassifierModule(pl.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc, self.val_top5)
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc, self.test_top5)
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "test", self.test_acc, self.test_top5)
 
     def _evaluate(
         self, batch: Batch, split: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy | None
-    ) -> None:
+    ) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         n = len(y)
@@ -94,6 +97,7 @@ class ClassifierModule(pl.LightningModule):
         if top5 is not None:
             top5.update(logits, y)
             self.log(f"{split}/top5", top5, batch_size=n)
+        return logits
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.net, self.hparams["optim"])

@@ -19,6 +19,7 @@ from torch.utils.tensorboard.summary import hparams
 from t240dist.data import DataInfo
 
 HPARAM_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss", "train/loss")
+SHOWN_ITEMS = 10  # longer lists and dicts of a summary are written to its file, not printed
 
 
 @rank_zero_only
@@ -73,15 +74,24 @@ def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
 
 
 @rank_zero_only
-def write_summary(summary: dict[str, Any], run_dir: Path) -> None:
-    """Write ``run_summary.json`` (atomically) and print the summary table."""
-    path = run_dir / "run_summary.json"
+def write_summary(summary: dict[str, Any], run_dir: Path, name: str = "run") -> None:
+    """Write ``<name>_summary.json`` (atomically) and print the summary table.
+
+    Lists and dicts of more than ``SHOWN_ITEMS`` entries (a confusion matrix, skipped files) stay in the file.
+    """
+    path = run_dir / f"{name}_summary.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
-    table = Table(title="run summary", show_header=False)
+    table = Table(title=f"{name} summary", show_header=False)
     for key, value in summary.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            shown = f"{value:.4g}"
+        elif isinstance(value, list | dict) and len(value) > SHOWN_ITEMS:
+            shown = f"{len(value)} entries, in {path.name}"
+        else:
+            shown = str(value)
         table.add_row(key, shown)
     Console().print(table)
 

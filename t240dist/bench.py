@@ -1,7 +1,8 @@
-"""The benchmark: t240dist's training path against a hand-written PyTorch loop, same process and data.
+"""The benchmark: t240dist's training path against a hand-written PyTorch loop, same process and data;
+and (``bench.task=predict``) its batch-inference path against a hand-written inference loop.
 
 Both consume the same pre-made batches already on the device, so the ratio measures the framework
-(Trainer, module, callbacks, logging), not the input pipeline.
+(Trainer, module, callbacks, logging; or predict's Predictor), not the input pipeline.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from t240dist.config import validate
 from t240dist.data import DataInfo, ImageDataModule
+from t240dist.inference import Predictor
 from t240dist.models import build_model
 from t240dist.module import ClassifierModule
 from t240dist.optim import build_optimizer
@@ -206,3 +208,99 @@ def _report(result: dict[str, Any], run_dir: Path) -> None:
             f"{row['ratio_to_hand_written']:.3f}",
         )
     Console().print(table)
+
+
+def run_predict_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Batch inference: ``predict``'s path (``Predictor``) against a hand-written ``torch.inference_mode()``
+    loop, interleaved ``bench.repeats`` times on the same device-resident batches; writes ``bench.json``."""
+    bench = OmegaConf.to_container(cfg.bench)
+    conf = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"]))
+    data = ImageDataModule(conf["data"], conf["seed"])
+    predictor = Predictor(ClassifierModule.from_config(conf, data.info), conf["trainer"], bench["top_k"])
+    device = predictor.device
+    images = [x for x, _ in _batches(data, bench["distinct_batches"], device)]
+    net, top_k = predictor.module.net, predictor.top_k
+    loops: dict[str, Callable[[], float]] = {
+        "hand-written": lambda: _hand_written_inference(net, images, conf, top_k, bench),
+        "t240dist": lambda: _per_batch(lambda i: predictor(images[i % len(images)]), bench, device),
+    }
+    times, peak = _interleaved(loops, bench["repeats"], device)
+    batch_size = conf["data"]["batch_size"]
+    result = {
+        "task": "predict",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": conf["model"]["name"],
+        "batch_size": batch_size,
+        "image_size": images[0].shape[-1],
+        "precision": conf["trainer"]["precision"],
+        "channels_last": conf["model"]["channels_last"],
+        "top_k": predictor.top_k,
+        "steps": bench["steps"],
+        "versions": {"torch": torch.__version__, "lightning": pl.__version__},
+        "loops": _rows(times, peak, batch_size),
+    }
+    _report(result, run_dir)
+    return result
+
+
+def _hand_written_inference(
+    net: torch.nn.Module, images: list[torch.Tensor], conf: dict[str, Any], top_k: int, bench: dict[str, Any]
+) -> float:
+    """The baseline: the inference loop a good engineer writes by hand, top-k read back to the host."""
+    device = images[0].device
+    channels_last = conf["model"]["channels_last"]
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(conf["trainer"]["precision"])
+    net.eval()
+
+    def step(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images[i % len(images)]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            probs, classes = net(x).float().softmax(dim=1).topk(top_k, dim=1)
+            return probs.cpu(), classes.cpu()
+
+    return _per_batch(step, bench, device)
+
+
+def _per_batch(step: Callable[[int], Any], bench: dict[str, Any], device: torch.device) -> float:
+    """Seconds per call of ``step(i)``: ``bench.steps`` timed calls after ``bench.warmup_steps`` others."""
+    for i in range(bench["warmup_steps"]):
+        step(i)
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(bench["steps"]):
+        step(i)
+    _sync(device)
+    return (time.perf_counter() - start) / bench["steps"]
+
+
+def _interleaved(
+    loops: dict[str, Callable[[], float]], repeats: int, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each loop's seconds per step in every repeat (loops take turns) and its peak GPU memory in GiB."""
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    peak: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times[name].append(loop())
+            if device.type == "cuda":
+                peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
+    return times, peak
+
+
+def _rows(times: dict[str, list[float]], peak: dict[str, float], batch_size: int) -> dict[str, Any]:
+    """The report's row of each loop: medians, and the ratio to the hand-written loop's images/s."""
+    base = statistics.median(times["hand-written"])
+    return {
+        name: {
+            "ms_per_step": 1e3 * statistics.median(t),
+            "images_per_s": batch_size / statistics.median(t),
+            "ratio_to_hand_written": base / statistics.median(t),
+            "peak_gib": peak.get(name),
+            "repeats_ms": [1e3 * x for x in t],
+        }
+        for name, t in times.items()
+    }

@@ -37,12 +37,14 @@ def compose(overrides: list[str]) -> DictConfig:
     return compose_config(overrides)
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """Run ``python -m train ARGS`` in a subprocess and capture its output."""
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 300, entry: str = "train", **env: str
+) -> subprocess.CompletedProcess:
+    """Run ``python -m ENTRY ARGS`` (``train``, ``train.evaluate``, ...) in a subprocess; capture output."""
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update(PYTHONUNBUFFERED="1", **env)
     return subprocess.run(
-        [sys.executable, "-m", "train", *args],
+        [sys.executable, "-m", entry, *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

@@ -1,4 +1,5 @@
-"""The benchmark's report on CPU: both loops run on the same batches; no timing is asserted."""
+"""The benchmarks' reports on CPU (training and batch inference): both loops run on the same batches; no
+timing is asserted."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from t240dist.bench import run_bench
+from t240dist.bench import run_bench, run_predict_bench
 from t240dist.config import compose_config
 
 
@@ -27,6 +28,29 @@ def test_bench_times_both_loops_and_writes_bench_json(tmp_path: Path) -> None:
     assert (
         set(loops) == {"hand-written", "t240dist"} and loops["hand-written"]["ratio_to_hand_written"] == 1.0
     )
+    for row in loops.values():
+        assert len(row["repeats_ms"]) == 2 and all(ms > 0 for ms in row["repeats_ms"])
+        assert row["images_per_s"] == pytest.approx(32e3 / row["ms_per_step"])
+
+
+def test_predict_bench_times_both_inference_loops_and_writes_bench_json(tmp_path: Path) -> None:
+    overrides = [
+        *TINY,
+        "bench.task=predict",
+        "bench.top_k=3",
+        "bench.warmup_steps=1",
+        "bench.steps=3",
+        "bench.repeats=2",
+        "bench.distinct_batches=2",
+        "model.channels_last=true",
+    ]
+    result = run_predict_bench(compose_config(overrides, config_name="bench"), tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
+    assert result["task"] == "predict" and result["device"] == "cpu" and result["top_k"] == 3
+    assert result["batch_size"] == 32 and result["image_size"] == 8 and result["channels_last"] is True
+    loops = result["loops"]
+    assert set(loops) == {"hand-written", "t240dist"}
+    assert loops["hand-written"]["ratio_to_hand_written"] == 1.0
     for row in loops.values():
         assert len(row["repeats_ms"]) == 2 and all(ms > 0 for ms in row["repeats_ms"])
         assert row["images_per_s"] == pytest.approx(32e3 / row["ms_per_step"])

@@ -1,0 +1,196 @@
+"""Inference from a real run's checkpoint: evaluate, predict image files, export to ONNX, refuse tampering."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, compose, run_cli
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from t240dist.checkpoint import KEY_ENV, CheckpointError, load_checkpoint
+from t240dist.config import compose_config, validate
+from t240dist.data import ImageDataModule, file_transform, load_rgb
+from t240dist.inference import evaluate, export, predict
+from t240dist.module import ClassifierModule
+from t240dist.run import train
+
+CLASSES = [f"class_{k}" for k in range(10)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """The summary of one tiny training run, signed with a test key, that every test here infers from."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_ENV, "test-key")
+        yield train(compose(TINY), run_dir=tmp_path_factory.mktemp("tiny") / "run")
+
+
+def _stored(run: dict) -> dict:
+    return load_checkpoint(Path(run["best_checkpoint"]), trust_unsigned=False)
+
+
+def test_checkpoints_carry_the_run_config_and_the_datas_preprocessing(run: dict) -> None:
+    hp = torch.load(run["best_checkpoint"], weights_only=True)["hyper_parameters"]
+    assert hp["config"] == validate(compose(TINY))
+    assert hp["preprocess"] == {
+        "channels": 3,
+        "image_size": 8,
+        "resize": 8,
+        "mean": [0.0] * 3,
+        "std": [1.0] * 3,
+    }
+
+
+def test_evaluation_data_takes_the_checkpoints_normalisation_instead_of_new_statistics() -> None:
+    digits = validate(compose(["data=digits"]))["data"]
+    fresh = ImageDataModule(digits, 0)
+    given = ImageDataModule(digits, 0, normalisation=([0.5], [0.25]))
+    assert fresh.info.mean != [0.5] and given.info.preprocess["mean"] == [0.5]
+    raw = fresh.test_set.images[0].float() / 255
+    assert torch.allclose(given.test_set[0][0], (raw - 0.5) / 0.25)
+    assert given.test_set[0][1] == fresh.test_set[0][1]
+
+
+def test_evaluate_reproduces_the_runs_test_accuracy_per_class_and_as_a_confusion_matrix(
+    run: dict, tmp_path: Path
+) -> None:
+    args = [f"ckpt={run['best_checkpoint']}", "data.batch_size=16", f"hydra.run.dir={tmp_path}"]
+    done = run_cli(args, cwd=tmp_path, entry="train.evaluate")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    summary = json.loads((tmp_path / "eval_summary.json").read_text())
+    assert summary["test_acc"] == run["test_acc"] and summary["test_top5"] == run["test_top5"]
+    matrix = np.array(summary["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == summary["images"] == 64
+    assert np.trace(matrix) / 64 == pytest.approx(run["test_acc"])
+    per_class = summary["per_class_acc"]
+    assert list(per_class) == CLASSES
+    support = matrix.sum(axis=1)
+    assert list(per_class.values()) == [matrix[k, k] / n if n else None for k, n in enumerate(support)]
+
+    with Image.open(tmp_path / "confusion_matrix.png") as png:
+        assert png.format == "PNG" and min(png.size) >= 300
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["test/confusion_matrix"]
+    assert events.Scalars("test/acc")[0].value == pytest.approx(run["test_acc"])
+    tags = [tag for tag in events.Tags()["scalars"] if tag.startswith("test/class_acc/")]
+    logged = {tag.removeprefix("test/class_acc/"): events.Scalars(tag)[0].value for tag in tags}
+    assert logged == pytest.approx({name: acc for name, acc in per_class.items() if acc is not None})
+
+
+def test_tampered_and_unsigned_checkpoints_are_refused_with_one_line(run: dict, tmp_path: Path) -> None:
+    good = Path(run["best_checkpoint"])
+    tampered = tmp_path / "tampered.ckpt"
+    data = bytearray(good.read_bytes())
+    data[100] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    args = [f"ckpt={tampered}", f"input={tmp_path}", f"hydra.run.dir={tmp_path / 'out'}"]
+    done = run_cli(args, cwd=tmp_path, entry="train.predict")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"CheckpointError: {tampered} is damaged (its sha256 does not match) — use an earlier checkpoint"
+    ]
+
+    unsigned = tmp_path / "unsigned.ckpt"
+    torch.save(_stored(run), unsigned)
+    overrides = [f"ckpt={unsigned}"]
+    with pytest.raises(CheckpointError, match=r"carries no t240dist signature — .*trust_unsigned=true"):
+        evaluate(compose_config(overrides, "evaluate"), overrides, tmp_path / "eval")
+    trusted = [*overrides, "checkpoint.trust_unsigned=true"]
+    summary = evaluate(compose_config(trusted, "evaluate"), trusted, tmp_path / "eval")
+    assert summary["test_acc"] == run["test_acc"]
+
+
+def _image_folder(root: Path) -> list[Path]:
+    """Real files of several formats, modes and sizes, and two unreadable ones; returns the readable ones."""
+    rng = np.random.default_rng(0)
+    (root / "sub").mkdir(parents=True)
+    (root / "a_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "a_truncated.png")
+    whole = (root / "a_truncated.png").read_bytes()
+    (root / "a_truncated.png").write_bytes(whole[: len(whole) // 2])
+    good = {
+        "b_rgb.png": Image.fromarray(rng.integers(0, 256, (17, 30, 3), dtype=np.uint8)),
+        "c_photo.jpg": Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)),
+        "d_grey.png": Image.fromarray(rng.integers(0, 256, (5, 9), dtype=np.uint8)),
+        "e_rgba.png": Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA"),
+        "sub/f_deep.png": Image.fromarray(rng.integers(0, 65535, (12, 12), dtype=np.uint16)),
+    }
+    for name, image in good.items():
+        image.save(root / name)
+    (root / "notes.txt").write_text("not an image, and not named like one: not a candidate")
+    return [root / name for name in good]
+
+
+def test_predict_classifies_image_files_as_the_network_does_and_lists_unreadable_ones(
+    run: dict, tmp_path: Path
+) -> None:
+    good = _image_folder(tmp_path / "images")
+    out = tmp_path / "preds.csv"
+    overrides = [f"ckpt={run['best_checkpoint']}", f"input={tmp_path / 'images'}", f"output={out}"]
+    overrides += ["top_k=3", "data.batch_size=2", "data.num_workers=2"]  # batch 1: no readable file
+    summary = predict(compose_config(overrides, "predict"), overrides, tmp_path / "run")
+
+    assert summary["images"] == 5 and summary["skipped_files"] == 2 and summary["images_per_s"] > 0
+    skipped = {Path(s["path"]).name: s["reason"] for s in summary["skipped"]}
+    assert skipped.keys() == {"a_broken.jpg", "a_truncated.png"} and all(skipped.values())
+    assert json.loads((tmp_path / "run" / "predict_summary.json").read_text()) == summary
+
+    with out.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3"]
+    assert [row["path"] for row in rows] == [str(p) for p in good]
+    for row in rows:
+        probs = [float(row[f"prob_{r}"]) for r in (1, 2, 3)]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+        assert len({row[f"class_{r}"] for r in (1, 2, 3)}) == 3 <= len(CLASSES)
+
+    # what the CSV says is what the checkpoint's network says about the file, preprocessed as stored
+    stored = _stored(run)
+    module = ClassifierModule(**stored["hyper_parameters"])
+    module.load_state_dict(stored["state_dict"])
+    x = file_transform(stored["hyper_parameters"]["preprocess"])(load_rgb(str(good[2])))
+    with torch.inference_mode():
+        probs, classes = module.eval()(x[None]).softmax(dim=1)[0].topk(3)
+    grey = rows[2]
+    assert [grey[f"class_{r}"] for r in (1, 2, 3)] == [CLASSES[k] for k in classes.tolist()]
+    assert [float(grey[f"prob_{r}"]) for r in (1, 2, 3)] == pytest.approx(probs.tolist(), abs=1e-6)
+
+    one = [f"ckpt={run['best_checkpoint']}", f"input={good[2]}", f"output={tmp_path / 'one.csv'}", "top_k=3"]
+    one += ["trainer.precision=bf16-mixed", "model.channels_last=true"]
+    bf16 = predict(compose_config(one, "predict"), one, tmp_path / "one")
+    assert bf16["images"] == 1 and bf16["precision"] == "bf16-mixed" and bf16["device"] == "cpu"
+    with (tmp_path / "one.csv").open(newline="") as f:
+        [row] = list(csv.DictReader(f))
+    assert float(row["prob_1"]) == pytest.approx(probs[0].item(), abs=0.02)
+
+
+def test_export_writes_an_onnx_model_that_onnx_runtime_runs_like_pytorch(run: dict, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    overrides = [f"ckpt={run['best_checkpoint']}", f"output={path}", "check_images=8"]
+    summary = export(compose_config(overrides, "export"), overrides, tmp_path)
+    assert summary["check_images"] == 8 and summary["max_abs_diff"] <= 1e-4
+    assert json.loads((tmp_path / "export_summary.json").read_text()) == summary
+
+    stored = _stored(run)
+    hp = stored["hyper_parameters"]
+    metadata = {prop.key: json.loads(prop.value) for prop in onnx.load(path).metadata_props}
+    assert metadata == {"class_names": hp["class_names"], "preprocess": hp["preprocess"]}
+    module = ClassifierModule(**hp)
+    module.load_state_dict(stored["state_dict"])
+    test_set = ImageDataModule(hp["config"]["data"], hp["config"]["seed"]).test_set
+    images = torch.stack([test_set[i][0] for i in range(20, 25)])  # other images, another batch size
+    (logits,) = onnxruntime.InferenceSession(str(path)).run(None, {"images": images.numpy()})
+    with torch.inference_mode():
+        expected = module.eval()(images).numpy()
+    assert logits.shape == (5, 10) and np.abs(logits - expected).max() <= 1e-4

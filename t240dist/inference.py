@@ -407,7 +407,8 @@ class ImageFiles(Dataset):
             image = load_rgb(str(self.files[i]))
             return i, self.transform(image.convert("L") if self.grey else image), ""
         except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, DecompressionBombError...
-            return i, None, f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+            first = str(err).strip().splitlines()[:1]
+            return i, None, ": ".join([type(err).__name__, *first])
 
 
 def _decoded_and_failed(

@@ -7,11 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TINY, compose, scalars
+from PIL import Image
 
+from t240dist.checkpoint import KEY_ENV
+from t240dist.config import compose_config
+from t240dist.inference import evaluate, predict
 from t240dist.run import train
 
 pytestmark = pytest.mark.gpu
@@ -103,3 +108,23 @@ def test_nvml_uuid_matches_cuda_device_whatever_cuda_visible_devices_says() -> N
         check=True,
     )
     assert f"GPU-{by_uuid.stdout.strip()}" == uuid
+
+
+def test_evaluate_and_predict_run_on_the_gpu_in_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    bf16 = [*TINY, "trainer.precision=bf16-mixed", "model.channels_last=true"]
+    run = train(compose(bf16), run_dir=tmp_path / "run")
+    ckpt = f"ckpt={run['best_checkpoint']}"
+    scored = evaluate(compose_config([ckpt], "evaluate"), [ckpt], tmp_path / "eval")
+    assert scored["test_acc"] == run["test_acc"] and scored["device"] == torch.cuda.get_device_name(0)
+
+    (tmp_path / "images").mkdir()
+    for i, size in enumerate((8, 30, 100)):
+        pixels = np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+    overrides = [ckpt, f"input={tmp_path / 'images'}", f"output={tmp_path / 'preds.csv'}"]
+    overrides.append("data.num_workers=2")
+    summary = predict(compose_config(overrides, "predict"), overrides, tmp_path / "predict")
+    assert summary["images"] == 3 and summary["skipped_files"] == 0
+    assert summary["device"] == torch.cuda.get_device_name(0) and summary["precision"] == "bf16-mixed"
+    assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + 3

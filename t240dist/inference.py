@@ -69,8 +69,7 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
         "test_loss": tested["test/loss"],
         "images": int(matrix.sum()),
         "per_class_acc": dict(zip(names, class_accuracy(matrix), strict=True)),
-        "confusion_matrix": matrix.tolist(),  # rows: true class, columns: predicted class
-        "class_names": names,
+        "confusion_matrix": matrix.tolist(),  # rows: true class, columns: predicted, in per_class_acc's order
         "data": conf["data"]["name"],
         "precision": conf["trainer"]["precision"],
         "device": _device_name(inference_device(conf["trainer"])),

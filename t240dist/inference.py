@@ -328,7 +328,11 @@ class ConfusionMatrix(pl.Callback):
                 writer.add_scalar(f"test/class_acc/{name}", acc, trainer.global_step)
 
     def _figure(self) -> Figure:
-        """torchmetrics' drawing of the matrix; counts and class names only while they stay legible."""
+        """torchmetrics' drawing of the matrix; counts and class names only while they stay legible.
+
+        matplotlib (a dependency for this) rather than pixels drawn with PIL: axes, labels and a colour scale
+        come with it, and TensorBoard's ``add_figure`` takes the same figure.
+        """
         n = len(self.names)
         side = min(3 + 0.6 * n, 20)  # inches
         figure = Figure(figsize=(side, side), layout="constrained")

@@ -52,7 +52,14 @@ def _fit_with_a_nan_image(run_dir: Path, mode: str) -> tuple[ClassifierModule, o
     y = torch.arange(len(x)) % 10
     x[POISONED_BATCH * batch_size, 0, 0, 0] = float("nan")
     info = DataInfo(
-        num_classes=10, channels=3, image_size=8, class_names=list("abcdefghij"), train_size=len(x)
+        num_classes=10,
+        channels=3,
+        image_size=8,
+        class_names=list("abcdefghij"),
+        train_size=len(x),
+        mean=[0.0] * 3,
+        std=[1.0] * 3,
+        resize=8,
     )
     module = ClassifierModule.from_config(conf, info)
     trainer, _, _ = build_trainer(conf, run_dir)

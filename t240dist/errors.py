@@ -27,8 +27,16 @@ class ConfigError(UserError):
     """A config value, key, group option or data path is wrong."""
 
 
+class SweepError(UserError):
+    """A sweep cannot go on: too many trials failed, or its settings cannot work together."""
+
+
 class Preempted(Exception):
     """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint to resume from."""
+
+
+class Pruned(Exception):
+    """An Optuna trial was stopped early by the study's pruner: a result of the sweep, not an error."""
 
 
 def run_app(app: Callable[[], Any]) -> None:

@@ -144,7 +144,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.hydra.sweeper._target_.endswith(".BasicSweeper"):
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
         rows = [_row_of_run_dir(path.parent.parent) for path in sweep_dir.glob("**/.hydra/overrides.yaml")]
         write_sweep_summary(rows, sweep_dir, config.sweep.direction)
 

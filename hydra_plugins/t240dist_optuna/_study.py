@@ -34,13 +34,16 @@ from t240dist import sweep
 from t240dist.errors import ConfigError, Preempted, Pruned, SweepError
 
 log = logging.getLogger(__name__)
+# Heartbeats and reruns of stale trials are "experimental" in optuna, and meant for Study.optimize, which a
+# sweeper that asks and tells does not use; the warnings would tell users nothing they can act on.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def run_study(
     settings: OptunaSweeperConf, launcher: Launcher, config: DictConfig, arguments: list[str]
 ) -> None:
     """Run the study to ``n_trials`` finished trials; write the study's summary in the sweep dir, whatever happens."""
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats
     space, fixed = search_space(settings.params, arguments)
     storage = _storage(settings, launcher)
     study = open_study(settings, storage)

@@ -31,13 +31,13 @@ SUMMARY_FILE = "sweep_summary.csv"
 COLUMNS = ("trial", "state", "objective", "test_acc", "val_acc", "overrides", "run_dir", "error")
 _STATE_ORDER = {"complete": 0, "pruned": 1}  # then fail, running, waiting (Optuna's trial states)
 
-# The study of the Optuna sweeper that runs in this process (basic launcher): its trials report to it directly,
-# which is also the only way to reach an in-memory study.
+# The study of the Optuna sweeper running in this process (basic launcher): trials in this process report to
+# it directly, the only way to reach a study in memory.
 _shared: dict[str, Any] = {}
 
 
 def objective(summary: dict[str, Any], sweep: dict[str, Any]) -> float:
-    """The run's value of ``sweep.objective`` (``val/acc`` is the summary's ``val_acc``); NaN if it has none."""
+    """The run's value of ``sweep.objective`` (``val/acc`` reads the summary's ``val_acc``); NaN if none."""
     value = summary[sweep["objective"].replace("/", "_")]
     return math.nan if value is None else float(value)
 
@@ -57,7 +57,7 @@ def pruning(sweep: dict[str, Any]) -> OptunaPruning | None:
 
 
 class OptunaPruning(pl.Callback):
-    """Reports the validation metric to the Optuna trial after each epoch and stops training when it is pruned.
+    """Reports the validation metric to the Optuna trial after each epoch; stops training when it is pruned.
 
     Hand-written: optuna-integration's PyTorchLightningPruningCallback is built on the ``lightning`` package
     (t240dist's Trainer is ``pytorch_lightning``'s) and, under DDP, has every rank open the storage. Here only
@@ -90,7 +90,7 @@ class OptunaPruning(pl.Callback):
 
 
 def _open_trial(ref: dict[str, Any]) -> Any:
-    """The running Optuna trial ``ref`` names: through the sweeper's study in this process, else its storage."""
+    """The running Optuna trial ``ref`` names: through the sweeper's study in this process, or its storage."""
     import optuna
 
     study = _shared.get("study")
@@ -135,7 +135,7 @@ def take_own_gpus(trial: DictConfig | None) -> None:
 
 
 class SweepSummary(Callback):
-    """After a multirun of Hydra's basic sweeper: ``sweep_summary.csv`` in the sweep dir and a table, best first.
+    """After a multirun of Hydra's basic sweeper: ``sweep_summary.csv`` in the sweep dir, a table, best first.
 
     Read from each trial's run dir. The Optuna sweeper writes its own summary, over the whole study.
     """

@@ -1,4 +1,4 @@
-"""Sweeps as users run them: Hydra's grid multirun and Optuna studies (pruning, NaN, resume, parallel DDP trials)."""
+"""Sweeps as users run them: a grid multirun, Optuna studies (pruning, NaN, resume, parallel DDP trials)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ OPTUNA_LR = [
 def _pruner(**kwargs: float) -> list[str]:
     """Replace the median pruner by a threshold pruner, which prunes the same trials whatever their order."""
     args = ",".join(f"{k}:{v}" for k, v in kwargs.items())
-    return ["hydra.sweeper.pruner=null", f"hydra.sweeper.pruner={{_target_:optuna.pruners.ThresholdPruner,{args}}}"]
+    return [
+        "hydra.sweeper.pruner=null",
+        f"hydra.sweeper.pruner={{_target_:optuna.pruners.ThresholdPruner,{args}}}",
+    ]
 
 
 def _sweep_dirs(root: Path) -> list[Path]:
@@ -79,16 +82,24 @@ def test_grid_sweep_gives_each_trial_a_run_dir_its_hparams_and_a_summary_best_fi
     rows = _rows(sweep_dir)
     objectives = [float(r["objective"]) for r in rows]
     assert len(rows) == 4 and objectives == sorted(objectives, reverse=True)  # val/acc, best first
-    assert {r["run_dir"] for r in rows} == {str(r) for r in runs} and {r["state"] for r in rows} == {"complete"}
+    assert {r["run_dir"] for r in rows} == {str(r) for r in runs} and {r["state"] for r in rows} == {
+        "complete"
+    }
     assert objectives[0] == _run_summary(rows[0]["run_dir"])["val_acc"]
     assert "sweep summary" in done.stdout
 
 
 def test_optuna_records_a_pruned_and_a_nan_trial_and_the_sweep_goes_on(tmp_path: Path) -> None:
     objective = ["sweep.objective=val/loss", "sweep.direction=minimize", "trainer.max_epochs=3"]
-    sweep = ["optim.lr=choice(0.1,1e-6,1e30)", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_failure_rate=0.5"]
+    sweep = [
+        "optim.lr=choice(0.1,1e-6,1e30)",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=0.5",
+    ]
     # lr 1e-6 is still at val/loss 2.25 after epoch 1 (0.1 is at 2.01); lr 1e30 ends in NaN
-    done = run_cli([*OPTUNA_LR, *TINY, *objective, *sweep, *_pruner(upper=2.15, n_warmup_steps=1)], cwd=tmp_path)
+    done = run_cli(
+        [*OPTUNA_LR, *TINY, *objective, *sweep, *_pruner(upper=2.15, n_warmup_steps=1)], cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
     [sweep_dir] = _sweep_dirs(tmp_path)
@@ -109,7 +120,9 @@ def test_optuna_records_a_pruned_and_a_nan_trial_and_the_sweep_goes_on(tmp_path:
 def _start(args: list[str], cwd: Path, name: str) -> subprocess.Popen:
     """Start ``python -m train ARGS``, its output in files (a sweep's output would fill a pipe)."""
     out = open(cwd / f"{name}.out", "w")  # noqa: SIM115 — closed with the process
-    return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+    )
 
 
 def _wait_for(root: Path, pattern: str, process: subprocess.Popen, timeout: float = 240) -> Path:
@@ -119,14 +132,27 @@ def _wait_for(root: Path, pattern: str, process: subprocess.Popen, timeout: floa
         found = sorted(root.glob(pattern))
         if found:
             return found[0]
-        assert process.poll() is None, f"the sweep ended (exit {process.returncode}) before {pattern} appeared"
+        assert process.poll() is None, (
+            f"the sweep ended (exit {process.returncode}) before {pattern} appeared"
+        )
         time.sleep(0.1)
     raise AssertionError(f"no {pattern} after {timeout} s")
 
 
 def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path) -> None:
-    storage = ["hydra.sweeper.storage=sqlite:///study.db", "hydra.sweeper.study_name=lr", "hydra.sweeper.sampler.seed=0"]
-    args = ["-m", "sweep=optuna", *TINY, "trainer.max_epochs=4", *storage, "hydra.sweeper.heartbeat_interval=1"]
+    storage = [
+        "hydra.sweeper.storage=sqlite:///study.db",
+        "hydra.sweeper.study_name=lr",
+        "hydra.sweeper.sampler.seed=0",
+    ]
+    args = [
+        "-m",
+        "sweep=optuna",
+        *TINY,
+        "trainer.max_epochs=4",
+        *storage,
+        "hydra.sweeper.heartbeat_interval=1",
+    ]
 
     first = _start([*args, "hydra.sweeper.n_trials=2"], tmp_path, "first")
     _wait_for(tmp_path, "multirun/*/*/1/.hydra/overrides.yaml", first)  # trial 1 has started
@@ -146,7 +172,9 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
     study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path / 'study.db'}")
     trials = study.trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE"]
-    assert trials[2].params == trials[1].params and trials[4].params == trials[3].params  # run again as they were
+    assert (
+        trials[2].params == trials[1].params and trials[4].params == trials[3].params
+    )  # run again as they were
     assert trials[3].user_attrs["error"].startswith("Preempted: saved")
     sweeps = _sweep_dirs(tmp_path)
     assert len(sweeps) == 3 and len(list(sweeps[2].glob("*/run_summary.json"))) == 1  # only trial 4 ran last
@@ -167,7 +195,10 @@ def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_par
 
     [sweep_dir] = _sweep_dirs(tmp_path)
     rows = _rows(sweep_dir)
-    assert [(r["state"], r["overrides"]) for r in rows] == [("complete", "optim.lr=0.1"), ("pruned", "optim.lr=1e-06")]
+    assert [(r["state"], r["overrides"]) for r in rows] == [
+        ("complete", "optim.lr=0.1"),
+        ("pruned", "optim.lr=1e-06"),
+    ]
     spans = []
     for row in rows:
         summary = _run_summary(row["run_dir"])
@@ -187,7 +218,9 @@ def test_search_space_takes_params_and_command_line_sweeps_which_win() -> None:
     space, fixed = _study.search_space(params, ["data.batch_size=range(16,65,16)", "optim.lr=0.1", "+x=1"])
     assert space == {"data.batch_size": IntDistribution(16, 64, step=16)}
     assert fixed == {"seed": "seed=3", "optim.lr": "optim.lr=0.1", "+x": "+x=1"}
-    space, _ = _study.search_space(params, ["model.width=choice(8,16)", "module.label_smoothing=interval(0,0.2)"])
+    space, _ = _study.search_space(
+        params, ["model.width=choice(8,16)", "module.label_smoothing=interval(0,0.2)"]
+    )
     assert space["optim.lr"] == FloatDistribution(0.001, 0.5, log=True)
     assert space["model.width"] == CategoricalDistribution([8, 16])
     assert space["module.label_smoothing"] == FloatDistribution(0.0, 0.2)
@@ -205,10 +238,20 @@ def test_more_failed_trials_than_max_failure_rate_of_n_trials_stop_the_sweep() -
         _study._record(study, study.ask(), value=value, error=None if value else "ValueError: boom")
     _study._check_failures(study, _settings())  # 1 failure of at most 0.25 x 4
     _study._record(study, study.ask(), error="RuntimeError: CUDA out of memory")
-    with pytest.raises(SweepError, match=r"2 of the study's trials failed, .* \(last: RuntimeError: CUDA out of"):
+    with pytest.raises(
+        SweepError, match=r"2 of the study's trials failed, .* \(last: RuntimeError: CUDA out of"
+    ):
         _study._check_failures(study, _settings())
 
 
-def test_a_study_in_a_storage_needs_a_name(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="hydra.sweeper.study_name is not set"):
-        _study._storage(_settings(storage=f"sqlite:///{tmp_path / 'x.db'}"), launcher=None)  # type: ignore[arg-type]
+def test_a_stored_study_is_found_by_its_name_and_keeps_its_direction(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    with pytest.raises(ConfigError, match=r"hydra\.sweeper\.study_name is not set — .*study_name=NAME"):
+        _study._storage(_settings(storage=url), launcher=None)  # type: ignore[arg-type]
+    settings = _settings(storage=url, study_name="lr")
+    _study.open_study(settings, _study._storage(settings, launcher=None))  # type: ignore[arg-type]
+    minimize = _settings(storage=url, study_name="lr", direction="minimize")
+    with pytest.raises(
+        ConfigError, match=r"study 'lr' in .* is to maximize, not minimize — use sweep.direction="
+    ):
+        _study.open_study(minimize, _study._storage(minimize, launcher=None))  # type: ignore[arg-type]

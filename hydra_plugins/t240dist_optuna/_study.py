@@ -1,4 +1,4 @@
-"""The study loop of the t240dist Optuna sweeper: ask a batch of trials, launch them as jobs, tell the results.
+"""The study loop of the t240dist Optuna sweeper: ask for a batch of trials, launch them, tell their results.
 
 A study in a storage survives: rerunning the same command loads it and runs until it has ``n_trials``
 finished trials (complete, pruned or failed), so finished trials are not rerun. A trial whose job raised,
@@ -34,6 +34,9 @@ from t240dist import sweep
 from t240dist.errors import ConfigError, Preempted, Pruned, SweepError
 
 log = logging.getLogger(__name__)
+# A trial that a killed or preempted sweep left unfinished is run again, once: one that kills the sweep itself
+# must not be retried forever.
+RERUN_INTERRUPTED = RetryHeartbeatStaleTrialCallback(max_retry=1)
 # Heartbeats and reruns of stale trials are "experimental" in optuna, and meant for Study.optimize, which a
 # sweeper that asks and tells does not use; the warnings would tell users nothing they can act on.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -43,14 +46,15 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 def run_study(
     settings: OptunaSweeperConf, launcher: Launcher, config: DictConfig, arguments: list[str]
 ) -> None:
-    """Run the study to ``n_trials`` finished trials; write the study's summary in the sweep dir, whatever happens."""
+    """Run the study to ``n_trials`` finished trials; write its summary in the sweep dir in any case."""
     space, fixed = search_space(settings.params, arguments)
     storage = _storage(settings, launcher)
     study = open_study(settings, storage)
     objective = config.sweep.objective
+    where = settings.storage or "in memory"
     log.info(
-        f"Optuna study '{study.study_name}' ({settings.storage or 'in memory'}): {study.direction.name.lower()} "
-        f"{objective}, {len(counted_trials(study))} of {settings.n_trials} trials finished"
+        f"Optuna study '{study.study_name}' ({where}): {settings.direction} {objective}, "
+        f"{len(counted_trials(study))} of {settings.n_trials} trials finished"
     )
     job_idx = 0
     try:
@@ -61,14 +65,16 @@ def run_study(
                 with _heartbeats(storage, trials):
                     returns = launcher.launch(overrides, initial_job_idx=job_idx)
                 job_idx += len(returns)
-                exhausted = [_tell(study, trial, job, objective) for trial, job in zip(trials, returns, strict=True)]
+                exhausted = [
+                    _tell(study, trial, job, objective) for trial, job in zip(trials, returns, strict=True)
+                ]
                 _check_failures(study, settings)
                 if any(exhausted):
                     log.info("the sampler has tried its whole search space")
                     break
     finally:
         rows = [_row(trial) for trial in study.get_trials(deepcopy=False)]
-        sweep.write_sweep_summary(rows, Path(config.hydra.sweep.dir), study.direction.name.lower())
+        sweep.write_sweep_summary(rows, Path(config.hydra.sweep.dir), settings.direction)
 
 
 def search_space(
@@ -119,23 +125,26 @@ def _storage(settings: OptunaSweeperConf, launcher: Launcher) -> RDBStorage | No
     return RDBStorage(
         settings.storage,
         heartbeat_interval=settings.heartbeat_interval,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        heartbeat_stale_trial_callback=RERUN_INTERRUPTED,
     )
 
 
 def open_study(settings: OptunaSweeperConf, storage: RDBStorage | None) -> optuna.Study:
     """Create the study, or load it from its storage; fail the trials a killed sweep left running."""
-    try:
-        study = optuna.create_study(
-            storage=storage,
-            sampler=settings.sampler,
-            pruner=settings.pruner or optuna.pruners.NopPruner(),
-            study_name=settings.study_name,
-            direction=settings.direction,
-            load_if_exists=True,
+    study = optuna.create_study(
+        storage=storage,
+        sampler=settings.sampler,
+        pruner=settings.pruner or optuna.pruners.NopPruner(),
+        study_name=settings.study_name,
+        direction=settings.direction,
+        load_if_exists=True,
+    )
+    stored = study.direction.name.lower()
+    if stored != settings.direction:  # optuna keeps a loaded study's direction without a word
+        raise ConfigError(
+            f"study '{study.study_name}' in {settings.storage} is to {stored}, not {settings.direction} — "
+            f"use sweep.direction={stored}, or another hydra.sweeper.study_name"
         )
-    except ValueError as err:  # e.g. the stored study goes the other direction
-        raise ConfigError(f"{err} — use another hydra.sweeper.study_name, or the study's settings") from None
     optuna.storages.fail_stale_trials(study)
     return study
 
@@ -151,7 +160,7 @@ def _overrides(trial: Trial, fixed: dict[str, str], slot: int) -> list[str]:
     """The job's overrides: the sampled parameters, the fixed ones, and the trial's identity for pruning."""
     params = [f"{name}={value}" for name, value in trial.params.items()]
     trial.set_user_attr("overrides", " ".join(params))
-    # Optuna names a trial in its storage by an id it keeps in a private attribute; Trial(study, id) is public.
+    # A storage knows a trial by an id that optuna keeps in a private attribute; Trial(study, id) is public.
     identity = f"sweep.trial={{number:{trial.number},id:{trial._trial_id},slot:{slot}}}"
     return [*params, *fixed.values(), identity]
 
@@ -196,7 +205,7 @@ def _tell(study: optuna.Study, trial: Trial, job: JobReturn, objective: str) -> 
         return _record(study, trial, state=TrialState.PRUNED)
     if isinstance(outcome, Preempted):  # the sweep was asked to stop: run this trial again when resumed
         _record(study, trial, error=_error_line(outcome))
-        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, study.get_trials(deepcopy=False)[trial.number])
+        RERUN_INTERRUPTED(study, study.get_trials(deepcopy=False)[trial.number])
         raise outcome
     if job.status == JobStatus.FAILED:
         return _record(study, trial, error=_error_line(outcome))
@@ -233,6 +242,7 @@ def _record(
 
 
 def _error_line(err: BaseException) -> str:
+    """``Type: first line of the message``: what the summary and the study keep of a trial's exception."""
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
@@ -243,8 +253,9 @@ def _check_failures(study: optuna.Study, settings: OptunaSweeperConf) -> None:
     if len(failed) > settings.max_failure_rate * settings.n_trials:
         last = failed[-1].user_attrs.get("error", "interrupted")
         raise SweepError(
-            f"{len(failed)} of the study's trials failed, more than max_failure_rate={settings.max_failure_rate} "
-            f"of n_trials={settings.n_trials} (last: {last}) — fix the cause, or raise hydra.sweeper.max_failure_rate"
+            f"{len(failed)} of the study's trials failed, more than max_failure_rate="
+            f"{settings.max_failure_rate} of n_trials={settings.n_trials} (last: {last}) — "
+            "fix the cause, or raise hydra.sweeper.max_failure_rate"
         )
 
 

@@ -1,4 +1,4 @@
-"""``hydra/sweeper=t240dist_optuna`` (picked by ``sweep=optuna``): an Optuna study whose trials are Hydra jobs.
+"""``hydra/sweeper=t240dist_optuna`` (what ``sweep=optuna`` picks): an Optuna study of Hydra jobs.
 
 The project's own sweeper because the stock hydra-optuna-sweeper 1.3 pins optuna<3 (whose sqlite studies then
 need sqlalchemy<2), lets a NaN objective or one raising trial end the whole sweep, cannot resume a study, and
@@ -7,8 +7,8 @@ hides the trial from the job, so nothing can prune. The settings keep the stock 
 ``pruner``); their values live in ``conf/sweep/optuna.yaml``.
 
 Hydra imports every public module under ``hydra_plugins`` at start-up, so this one stays light: optuna is
-imported by ``_study`` when a sweep runs. (No ``from __future__ import annotations``: Hydra executes the module
-before registering it in ``sys.modules``, where dataclasses look up string annotations.)
+imported by ``_study`` when a sweep runs. (No ``from __future__ import annotations``: Hydra executes the
+module before registering it in ``sys.modules``, where dataclasses look up string annotations.)
 """
 
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="t240dist_optuna", node
 
 
 class OptunaSweeper(Sweeper):
-    """Asks Optuna for ``n_jobs`` trials at a time, runs them through Hydra's launcher and tells the results."""
+    """Asks Optuna for ``n_jobs`` trials at a time, runs them with Hydra's launcher, tells their results."""
 
     def __init__(self, **settings: Any) -> None:
         self.settings = OptunaSweeperConf(**settings)  # sampler and pruner arrive instantiated

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import TINY, run_cli, scalars
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -20,6 +22,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from hydra_plugins.t240dist_optuna import _study
 from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
 from t240dist.errors import ConfigError, SweepError
+from t240dist.sweep import take_own_gpus
 
 # An Optuna sweep over optim.lr alone, each value tried once, in an order fixed by the seed.
 OPTUNA_LR = [
@@ -255,3 +258,19 @@ def test_a_stored_study_is_found_by_its_name_and_keeps_its_direction(tmp_path: P
         ConfigError, match=r"study 'lr' in .* is to maximize, not minimize — use sweep.direction="
     ):
         _study.open_study(minimize, _study._storage(minimize, launcher=None))  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_trials_that_submitit_local_runs_together_take_gpus_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pynvml
+
+    pynvml.nvmlInit()
+    count = pynvml.nvmlDeviceGetCount()
+    pynvml.nvmlShutdown()
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    for slot in range(3):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what submitit gives every job with gpus_per_node=1
+        take_own_gpus(OmegaConf.create({"number": slot, "id": slot, "slot": slot}))
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == str(slot % count)

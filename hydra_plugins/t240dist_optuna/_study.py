@@ -207,7 +207,8 @@ def _tell(study: optuna.Study, trial: Trial, job: JobReturn, objective: str) -> 
         _record(study, trial, error=_error_line(outcome))
         RERUN_INTERRUPTED(study, study.get_trials(deepcopy=False)[trial.number])
         raise outcome
-    if job.status == JobStatus.FAILED:
+    if job.status == JobStatus.FAILED:  # its traceback: hydra.verbose=hydra_plugins.t240dist_optuna._study
+        log.debug(f"trial {trial.number} raised", exc_info=outcome)
         return _record(study, trial, error=_error_line(outcome))
     if not math.isfinite(outcome):
         return _record(study, trial, error=f"the objective {objective} is {outcome}")

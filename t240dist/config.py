@@ -343,10 +343,23 @@ class Module(Strict):
     ema_decay: Annotated[float, Field(gt=0, lt=1)] | None
 
 
+class SweepTrial(Strict):
+    number: NonNegativeInt
+    id: NonNegativeInt
+    slot: NonNegativeInt
+
+
+class Sweep(Strict):
+    objective: Literal["val/acc", "val/loss", "test/acc", "test/loss"]
+    direction: Literal["maximize", "minimize"]
+    trial: SweepTrial | None
+
+
 class RunConfig(Strict):
     seed: NonNegativeInt
     resume: str
     nonfinite: Literal["stop", "skip"]
+    sweep: Sweep
     data: Data
     model: Model
     optim: Optim

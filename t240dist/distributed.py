@@ -5,14 +5,18 @@ the config (a multirun re-sweeps, an Optuna sweeper samples again) and makes run
 rank 0 writes the resolved config into its run dir and names it in ``T240DIST_RUN_CONFIG``; a process
 that Lightning starts as a local rank > 0 finds that variable and trains exactly that config in that run
 dir, without composing anything. Processes started by torchrun or SLURM never see the variable.
+Inside another program's worker (a submitit job of a sweep), Lightning would rerun that program, so there
+the ranks are started as ``python -m train``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +47,8 @@ def one_job(config_path: Path) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
     os.environ[RUN_CONFIG_ENV] = str(config_path.resolve())
     try:
-        yield
+        with _ranks_start_as_train():
+            yield
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -52,6 +57,27 @@ def one_job(config_path: Path) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def _ranks_start_as_train() -> Iterator[None]:
+    """Make Lightning start ranks > 0 as ``python -m train`` when this process runs another main module.
+
+    Lightning's launcher reruns ``__main__`` (by its spec, else ``sys.argv[0]``) with ``sys.argv``; in a
+    submitit worker that is ``submitit.core._submit``, which refuses the arguments. ``python -m train``
+    started with the run config in its environment trains that config, whatever its arguments.
+    """
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == "train.__main__":
+        yield
+        return
+    argv = sys.argv
+    main.__spec__, sys.argv = importlib.util.find_spec("train.__main__"), argv[:1]
+    try:
+        yield
+    finally:
+        main.__spec__, sys.argv = spec, argv
 
 
 def gather_ranks(conf: dict[str, Any], device: str) -> list[dict[str, Any]]:

@@ -31,8 +31,16 @@ class NonFiniteError(UserError):
     """The loss, the gradients or the weights became NaN or inf (``nonfinite=stop``)."""
 
 
+class SweepError(UserError):
+    """A sweep cannot go on: too many trials failed, or its settings cannot work together."""
+
+
 class Preempted(Exception):
     """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint to resume from."""
+
+
+class Pruned(Exception):
+    """An Optuna trial was stopped early by the study's pruner: a result of the sweep, not an error."""
 
 
 def run_app(app: Callable[[], Any]) -> None:
@@ -70,6 +78,11 @@ def _fail(line: str, err: BaseException) -> NoReturn:
 def _hydra_line(err: BaseException) -> str:
     """Fold Hydra's and OmegaConf's multi-line messages into `<what> — <fix>`."""
     text = str(err).split("Config search path")[0]
+    if "Could not find 'hydra/sweeper/t240dist_optuna'" in text:
+        return (
+            "Hydra found no t240dist Optuna sweeper (hydra_plugins/t240dist_optuna) — pip install '.[sweep]' "
+            "(editable: add --config-settings editable_mode=compat), or run from the checkout"
+        )
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown and "+" in text:
         key = unknown.group(1)

@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from t240dist import report
+from t240dist import report, sweep
 from t240dist.callbacks import (
     ContinueLog,
     ExactResume,
@@ -58,7 +58,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
     data = ImageDataModule(conf["data"], conf["seed"])
     info = data.info
-    trainer, speed, checkpoint = build_trainer(conf, run_dir)
+    pruning = sweep.pruning(conf["sweep"])
+    trainer, speed, checkpoint = build_trainer(conf, run_dir, [pruning] if pruning else None)
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
 
@@ -104,9 +105,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "best_checkpoint": checkpoint.best_model_path or None,
         "resumed_from": str(resume) if resume else None,
         "run_dir": str(run_dir),
+        "pruned_at_epoch": pruning.pruned_at if pruning else None,
         "ranks": ranks,
         "versions": {"torch": torch.__version__, "lightning": pl.__version__},
     }
+    summary["objective"] = sweep.objective(summary, conf["sweep"])
     report.write_summary(summary, run_dir)
     return summary
 

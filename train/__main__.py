@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import hydra
 from omegaconf import DictConfig
 
+from t240dist import sweep
 from t240dist.config import CONF_DIR, register_resolvers
 from t240dist.distributed import launched_rank
 from t240dist.errors import one_line_errors, run_app
@@ -13,9 +16,14 @@ from t240dist.run import train
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Run one job; return the test accuracy (the objective a sweeper maximises)."""
-    with one_line_errors():
-        return train(cfg)["test_acc"]
+    """Run one job; return its ``sweep.objective``, the value a sweeper optimises.
+
+    The error of an Optuna trial propagates to the sweeper, which records it and goes on; any other job's
+    error stops the process with one line.
+    """
+    sweep.take_own_gpus(cfg.sweep.trial)
+    with nullcontext() if cfg.sweep.trial else one_line_errors():
+        return sweep.trial_result(train(cfg))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""A job's side of a sweep: the objective it returns, Optuna pruning while it trains, and the sweep summary.
+
+The Optuna sweeper itself is a Hydra plugin (``hydra_plugins/t240dist_optuna``). It names each trial in the
+job's config (``sweep.trial``); this module needs optuna only in a job that is an Optuna trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+
+from t240dist.errors import Pruned
+
+SUMMARY_FILE = "sweep_summary.csv"
+COLUMNS = ("trial", "state", "objective", "test_acc", "val_acc", "overrides", "run_dir", "error")
+_STATE_ORDER = {"complete": 0, "pruned": 1}  # then fail, running, waiting (Optuna's trial states)
+
+# The study of the Optuna sweeper running in this process (basic launcher): trials in this process report to
+# it directly, the only way to reach a study in memory.
+_shared: dict[str, Any] = {}
+
+
+def objective(summary: dict[str, Any], sweep: dict[str, Any]) -> float:
+    """The run's value of ``sweep.objective`` (``val/acc`` reads the summary's ``val_acc``); NaN if none."""
+    value = summary[sweep["objective"].replace("/", "_")]
+    return math.nan if value is None else float(value)
+
+
+def trial_result(summary: dict[str, Any]) -> float:
+    """What a job hands its sweeper: the objective, or ``Pruned`` for a trial the pruner stopped."""
+    if summary["pruned_at_epoch"] is not None:
+        raise Pruned(f"pruned after epoch {summary['pruned_at_epoch']}")
+    return summary["objective"]
+
+
+def pruning(sweep: dict[str, Any]) -> OptunaPruning | None:
+    """The pruning callback of a job that is an Optuna trial; None for any other run."""
+    if sweep["trial"] is None:
+        return None
+    return OptunaPruning(sweep["trial"], "val/" + sweep["objective"].split("/")[1])
+
+
+class OptunaPruning(pl.Callback):
+    """Reports the validation metric to the Optuna trial after each epoch; stops training when it is pruned.
+
+    Hand-written: optuna-integration's PyTorchLightningPruningCallback is built on the ``lightning`` package
+    (t240dist's Trainer is ``pytorch_lightning``'s) and, under DDP, has every rank open the storage. Here only
+    rank 0 talks to Optuna and broadcasts the decision, and a pruned trial stops like an early-stopped run
+    (every rank leaves ``fit`` normally, the best checkpoint is still tested), so nothing crashes.
+    """
+
+    def __init__(self, trial: dict[str, Any], metric: str) -> None:
+        self.ref, self.metric = trial, metric
+        self.pruned_at: int | None = None
+        self._trial: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._trial = _open_trial(self.ref)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        prune = False
+        if trainer.is_global_zero:
+            value = float(trainer.callback_metrics[self.metric])
+            # A NaN would make Optuna's pruners prune the trial; left unreported, it ends as a failed trial.
+            if math.isfinite(value):
+                self._trial.report(value, step=trainer.current_epoch)
+                prune = self._trial.should_prune()
+        if trainer.strategy.broadcast(prune, src=0):
+            trainer.should_stop = True
+            self.pruned_at = trainer.current_epoch
+
+
+def _open_trial(ref: dict[str, Any]) -> Any:
+    """The running Optuna trial ``ref`` names: through the sweeper's study in this process, or its storage."""
+    import optuna
+
+    study = _shared.get("study")
+    if (
+        study is None
+    ):  # a job in a process of its own (submitit): the sweeper's settings are in its Hydra config
+        sweeper = HydraConfig.get().sweeper
+        pruner = instantiate(sweeper.pruner) if sweeper.pruner else optuna.pruners.NopPruner()
+        study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage, pruner=pruner)
+    return optuna.trial.Trial(study, ref["id"])
+
+
+@contextmanager
+def sharing(study: Any) -> Iterator[None]:
+    """Let trials that run in this process report to ``study`` while the sweeper runs it."""
+    _shared["study"] = study
+    try:
+        yield
+    finally:
+        _shared.clear()
+
+
+def take_own_gpus(trial: DictConfig | None) -> None:
+    """Give each of the trials that submitit's local executor runs at once GPUs of its own.
+
+    That executor hands every job the same first ``gpus_per_node`` GPUs; trial ``slot`` k of a batch takes
+    the k-th group of that size instead (wrapping around). Must run before CUDA starts in the process.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if trial is None or os.environ.get("SUBMITIT_EXECUTOR") != "local" or not visible:
+        return
+    import pynvml  # counts every GPU, whatever CUDA_VISIBLE_DEVICES says
+
+    pynvml.nvmlInit()
+    try:
+        total = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    per_job = len(visible.split(","))
+    first = trial.slot * per_job
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str((first + i) % total) for i in range(per_job))
+
+
+class SweepSummary(Callback):
+    """After a multirun of Hydra's basic sweeper: ``sweep_summary.csv`` in the sweep dir, a table, best first.
+
+    Read from each trial's run dir. The Optuna sweeper writes its own summary, over the whole study.
+    """
+
+    @rank_zero_only
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.hydra.sweeper._target_.endswith(".BasicSweeper"):
+            return
+        sweep_dir = Path(config.hydra.sweep.dir).absolute()
+        rows = [_row_of_run_dir(path.parent.parent) for path in sweep_dir.glob("**/.hydra/overrides.yaml")]
+        write_sweep_summary(rows, sweep_dir, config.sweep.direction)
+
+
+def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:
+    """One trial of a basic sweep, from its run dir: its overrides and, if it finished, its run summary."""
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    summary_path = run_dir / "run_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return {
+        "trial": int(run_dir.name) if run_dir.name.isdigit() else run_dir.name,
+        "state": "complete" if summary else "fail",
+        "objective": summary.get("objective"),
+        "test_acc": summary.get("test_acc"),
+        "val_acc": summary.get("val_acc"),
+        "overrides": " ".join(overrides),
+        "run_dir": str(run_dir),
+        "error": "",
+    }
+
+
+def run_metrics(run_dir: str | None) -> dict[str, Any]:
+    """``test_acc`` and ``val_acc`` of a trial's run summary, None where the trial wrote none."""
+    path = Path(run_dir or "") / "run_summary.json"
+    summary = json.loads(path.read_text()) if run_dir and path.is_file() else {}
+    return {"test_acc": summary.get("test_acc"), "val_acc": summary.get("val_acc")}
+
+
+def write_sweep_summary(rows: list[dict[str, Any]], sweep_dir: Path, direction: str) -> None:
+    """Write ``sweep_summary.csv`` (completed trials best first, then pruned, then the rest) and print it."""
+    sign = -1.0 if direction == "maximize" else 1.0
+
+    def rank(row: dict[str, Any]) -> tuple[int, float, Any]:
+        value = row["objective"]
+        known = value is not None and math.isfinite(value)
+        return _STATE_ORDER.get(row["state"], 2), sign * value if known else math.inf, str(row["trial"])
+
+    rows = sorted(rows, key=rank)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / SUMMARY_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = Table(title=f"sweep summary ({direction}) → {sweep_dir / SUMMARY_FILE}")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            *(f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "") for v in row.values())
+        )
+    Console().print(table)

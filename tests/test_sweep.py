@@ -1,0 +1,284 @@
+"""Sweeps as users run them: a grid multirun, Optuna studies (pruning, NaN, resume, parallel DDP trials)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import TINY, run_cli, scalars
+from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from hydra_plugins.t240dist_optuna import _study
+from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
+from t240dist.errors import ConfigError, SweepError
+from t240dist.sweep import take_own_gpus
+
+# Hydra 1.3 finds the sweeper by listing the hydra_plugins namespace, which a setuptools editable install (a
+# PEP 660 import hook) hides from that listing: the sweeps see the checkout on PYTHONPATH, however installed.
+CHECKOUT = {
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.getenv("PYTHONPATH")]))
+}
+
+# An Optuna sweep over optim.lr alone, each value tried once, in an order fixed by the seed.
+OPTUNA_LR = [
+    "-m",
+    "sweep=optuna",
+    "optim.weight_decay=0",
+    "module.label_smoothing=0",
+    "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
+    "hydra.sweeper.sampler.seed=0",
+]
+
+
+def _pruner(**kwargs: float) -> list[str]:
+    """Replace the median pruner by a threshold pruner, which prunes the same trials whatever their order."""
+    args = ",".join(f"{k}:{v}" for k, v in kwargs.items())
+    return [
+        "hydra.sweeper.pruner=null",
+        f"hydra.sweeper.pruner={{_target_:optuna.pruners.ThresholdPruner,{args}}}",
+    ]
+
+
+def _sweep_dirs(root: Path) -> list[Path]:
+    return sorted(root.glob("multirun/*/*"))
+
+
+def _rows(sweep_dir: Path) -> list[dict[str, str]]:
+    with open(sweep_dir / "sweep_summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _run_summary(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "run_summary.json").read_text())
+
+
+def test_grid_sweep_gives_each_trial_a_run_dir_its_hparams_and_a_summary_best_first(tmp_path: Path) -> None:
+    tiny = [a for a in TINY if not a.startswith(("data.batch_size=", "trainer.max_epochs="))]
+    sweep = ["optim.lr=0.1,0.02", "data.batch_size=32,64", "trainer.max_epochs=1"]
+    done = run_cli(["-m", *tiny, *sweep], cwd=tmp_path, **CHECKOUT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    [sweep_dir] = _sweep_dirs(tmp_path)
+    runs = sorted(p.parent for p in sweep_dir.glob("*/run_summary.json"))
+    assert [r.name for r in runs] == ["0", "1", "2", "3"]
+    compared = set()
+    for run in runs:
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        hparams = start.session_start_info.hparams
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert {"val/acc", "test/acc"} <= {m.name.tag for m in experiment.metric_infos}
+        summary = _run_summary(run)
+        # the HParams table shows the last value of each metric tag: the run's final metrics
+        assert scalars(run)["test/acc"][-1][1] == pytest.approx(summary["test_acc"])
+        assert hparams["optim.lr"].number_value == pytest.approx(summary["lr"])
+        compared.add((hparams["optim.lr"].number_value, hparams["data.batch_size"].number_value))
+    assert compared == {(0.1, 32), (0.1, 64), (0.02, 32), (0.02, 64)}
+
+    rows = _rows(sweep_dir)
+    objectives = [float(r["objective"]) for r in rows]
+    assert len(rows) == 4 and objectives == sorted(objectives, reverse=True)  # val/acc, best first
+    assert {r["run_dir"] for r in rows} == {str(r) for r in runs} and {r["state"] for r in rows} == {
+        "complete"
+    }
+    assert objectives[0] == _run_summary(rows[0]["run_dir"])["val_acc"]
+    assert "sweep summary" in done.stdout
+
+
+def test_optuna_records_a_pruned_and_a_nan_trial_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    objective = ["sweep.objective=val/loss", "sweep.direction=minimize", "trainer.max_epochs=3"]
+    sweep = [
+        "optim.lr=choice(0.1,1e-6,1e30)",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=0.5",
+    ]
+    # lr 1e-6 is still at val/loss 2.25 after epoch 1 (0.1 is at 2.01); lr 1e30 ends in NaN
+    done = run_cli(
+        [*OPTUNA_LR, *TINY, *objective, *sweep, *_pruner(upper=2.15, n_warmup_steps=1)],
+        cwd=tmp_path,
+        **CHECKOUT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    [sweep_dir] = _sweep_dirs(tmp_path)
+    rows = _rows(sweep_dir)
+    assert [(r["state"], r["overrides"]) for r in rows] == [
+        ("complete", "optim.lr=0.1"),
+        ("pruned", "optim.lr=1e-06"),
+        ("fail", "optim.lr=1e+30"),
+    ]
+    good, pruned, nan = (_run_summary(r["run_dir"]) for r in rows)
+    assert float(rows[0]["objective"]) == pytest.approx(good["val_loss"]) and good["epochs"] == 3
+    assert pruned["pruned_at_epoch"] == 1 and pruned["epochs"] == 2  # stopped after 2 of 3 epochs
+    assert float(rows[1]["objective"]) == pytest.approx(pruned["val_loss"])  # the last value it reported
+    assert rows[2]["error"] == "the objective val/loss is nan" and nan["epochs"] == 3
+    assert "failed: the objective val/loss is nan" in done.stdout + done.stderr
+
+
+def _start(args: list[str], cwd: Path, name: str) -> subprocess.Popen:
+    """Start ``python -m train ARGS``, its output in files (a sweep's output would fill a pipe)."""
+    out = open(cwd / f"{name}.out", "w")  # noqa: SIM115 — closed with the process
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+    )
+
+
+def _wait_for(root: Path, pattern: str, process: subprocess.Popen, timeout: float = 240) -> Path:
+    """The first file matching ``pattern`` under ``root``, once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0]
+        assert process.poll() is None, (
+            f"the sweep ended (exit {process.returncode}) before {pattern} appeared"
+        )
+        time.sleep(0.1)
+    raise AssertionError(f"no {pattern} after {timeout} s")
+
+
+def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path) -> None:
+    storage = [
+        "hydra.sweeper.storage=sqlite:///study.db",
+        "hydra.sweeper.study_name=lr",
+        "hydra.sweeper.sampler.seed=0",
+    ]
+    args = [
+        "-m",
+        "sweep=optuna",
+        *TINY,
+        "trainer.max_epochs=4",
+        *storage,
+        "hydra.sweeper.heartbeat_interval=1",
+    ]
+
+    first = _start([*args, "hydra.sweeper.n_trials=2"], tmp_path, "first")
+    _wait_for(tmp_path, "multirun/*/*/1/.hydra/overrides.yaml", first)  # trial 1 has started
+    first.kill()
+    assert first.wait() == -signal.SIGKILL
+    time.sleep(2.5)  # trial 1 goes stale: no heartbeat for twice the heartbeat interval
+
+    second = _start([*args, "hydra.sweeper.n_trials=3"], tmp_path, "second")
+    _wait_for(tmp_path, "multirun/*/*/1/checkpoints/epoch000-*.ckpt", second)  # its 2nd trial is in epoch 1
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=120) == 75, (tmp_path / "second.out").read_text()[-2000:]
+    assert "Preempted: saved" in (tmp_path / "second.out").read_text()
+
+    third = run_cli([*args, "hydra.sweeper.n_trials=3"], cwd=tmp_path, **CHECKOUT)
+    assert third.returncode == 0, third.stderr[-2000:]
+
+    study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    assert (
+        trials[2].params == trials[1].params and trials[4].params == trials[3].params
+    )  # run again as they were
+    assert trials[3].user_attrs["error"].startswith("Preempted: saved")
+    sweeps = _sweep_dirs(tmp_path)
+    assert len(sweeps) == 3 and len(list(sweeps[2].glob("*/run_summary.json"))) == 1  # only trial 4 ran last
+    assert trials[0].user_attrs["run_dir"] == str(sweeps[0] / "0")  # trial 0 ran once, in the first sweep
+    rows = _rows(sweeps[2])  # the summary covers the whole study
+    assert [r["state"] for r in rows] == ["complete"] * 3 + ["fail"] * 2
+    assert {r["error"] for r in rows[3:]} == {"interrupted", trials[3].user_attrs["error"]}
+
+
+def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_params(tmp_path: Path) -> None:
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=3"]
+    parallel = ["hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2"]
+    storage = ["hydra.sweeper.storage=sqlite:///study.db", "hydra.sweeper.study_name=ddp"]
+    # across 2 ranks, lr 1e-6 stays at val/acc 0.20 after epoch 1 (0.1 is at 0.33)
+    sweep = ["optim.lr=choice(0.1,1e-6)", *_pruner(lower=0.25, n_warmup_steps=1)]
+    done = run_cli([*OPTUNA_LR, *TINY, *ddp, *parallel, *storage, *sweep], cwd=tmp_path, **CHECKOUT)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    [sweep_dir] = _sweep_dirs(tmp_path)
+    rows = _rows(sweep_dir)
+    assert [(r["state"], r["overrides"]) for r in rows] == [
+        ("complete", "optim.lr=0.1"),
+        ("pruned", "optim.lr=1e-06"),
+    ]
+    spans = []
+    for row in rows:
+        summary = _run_summary(row["run_dir"])
+        assert [r["rank"] for r in summary["ranks"]] == [0, 1]
+        assert len({r["config_sha256"] for r in summary["ranks"]}) == 1  # both ranks: the trial's config
+        assert summary["lr"] == float(row["overrides"].removeprefix("optim.lr="))
+        end = (Path(row["run_dir"]) / "run_summary.json").stat().st_mtime
+        spans.append((end - summary["wall_s"], end))
+    assert _run_summary(rows[1]["run_dir"])["epochs"] == 2  # pruned: both ranks stopped after epoch 1
+    (start_a, end_a), (start_b, end_b) = spans
+    assert start_a < end_b and start_b < end_a  # the two trials ran at the same time
+    assert not (tmp_path / "outputs").exists()  # ranks > 0 made no run dirs of their own
+
+
+def test_search_space_takes_params_and_command_line_sweeps_which_win() -> None:
+    params = {"optim.lr": "tag(log, interval(0.001, 0.5))", "data.batch_size": "choice(32, 64)", "seed": 3}
+    space, fixed = _study.search_space(params, ["data.batch_size=range(16,65,16)", "optim.lr=0.1", "+x=1"])
+    assert space == {"data.batch_size": IntDistribution(16, 64, step=16)}
+    assert fixed == {"seed": "seed=3", "optim.lr": "optim.lr=0.1", "+x": "+x=1"}
+    space, _ = _study.search_space(
+        params, ["model.width=choice(8,16)", "module.label_smoothing=interval(0,0.2)"]
+    )
+    assert space["optim.lr"] == FloatDistribution(0.001, 0.5, log=True)
+    assert space["model.width"] == CategoricalDistribution([8, 16])
+    assert space["module.label_smoothing"] == FloatDistribution(0.0, 0.2)
+
+
+def _settings(**changes: object) -> OptunaSweeperConf:
+    values = dict(sampler=None, pruner=None, direction="maximize", storage=None, study_name=None, n_trials=4)
+    values.update(n_jobs=1, max_failure_rate=0.25, heartbeat_interval=60, params={})
+    return OptunaSweeperConf(**{**values, **changes})
+
+
+def test_more_failed_trials_than_max_failure_rate_of_n_trials_stop_the_sweep() -> None:
+    study = optuna.create_study(direction="maximize")
+    for value in (0.5, None):
+        _study._record(study, study.ask(), value=value, error=None if value else "ValueError: boom")
+    _study._check_failures(study, _settings())  # 1 failure of at most 0.25 x 4
+    _study._record(study, study.ask(), error="RuntimeError: CUDA out of memory")
+    with pytest.raises(
+        SweepError, match=r"2 of the study's trials failed, .* \(last: RuntimeError: CUDA out of"
+    ):
+        _study._check_failures(study, _settings())
+
+
+def test_a_stored_study_is_found_by_its_name_and_keeps_its_direction(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    with pytest.raises(ConfigError, match=r"hydra\.sweeper\.study_name is not set — .*study_name=NAME"):
+        _study._storage(_settings(storage=url), launcher=None)  # type: ignore[arg-type]
+    settings = _settings(storage=url, study_name="lr")
+    _study.open_study(settings, _study._storage(settings, launcher=None))  # type: ignore[arg-type]
+    minimize = _settings(storage=url, study_name="lr", direction="minimize")
+    with pytest.raises(
+        ConfigError, match=r"study 'lr' in .* is to maximize, not minimize — use sweep.direction="
+    ):
+        _study.open_study(minimize, _study._storage(minimize, launcher=None))  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_trials_that_submitit_local_runs_together_take_gpus_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pynvml
+
+    pynvml.nvmlInit()
+    count = pynvml.nvmlDeviceGetCount()
+    pynvml.nvmlShutdown()
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    for slot in range(3):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what submitit gives every job with gpus_per_node=1
+        take_own_gpus(OmegaConf.create({"number": slot, "id": slot, "slot": slot}))
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == str(slot % count)

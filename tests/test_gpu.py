@@ -83,7 +83,7 @@ def test_real_nvml_sees_the_training_gpu(tmp_path: Path) -> None:
     assert max(v for _, v in tags["gpu/util_pct/rank0"]) > 20
     assert all(20 < v < 1500 for _, v in tags["gpu/power_w/rank0"])
     energy = [v for _, v in tags["gpu/energy_j/rank0"]]
-    assert energy == sorted(energy) and energy[-1] > energy[0] > 0
+    assert energy == sorted(energy) and energy[-1] > energy[0] >= 0  # joules since the start
     assert summary["energy_j"] > 0 and 0 < summary["energy_per_image_j"] < 1
     assert 0 < summary["gpu_mem_peak_gib"] < 200 and summary["gpu_util_mean"] > 0
 

@@ -100,7 +100,10 @@ def test_grid_sweep_gives_each_trial_a_run_dir_its_hparams_and_a_summary_best_fi
 
 def test_optuna_records_a_pruned_and_a_nan_trial_and_the_sweep_goes_on(tmp_path: Path) -> None:
     objective = ["sweep.objective=val/loss", "sweep.direction=minimize", "trainer.max_epochs=3"]
+    # nonfinite=skip: the diverged trial trains on to the end (stop would end it with NonFiniteError,
+    # which fails the trial the same way), so its NaN objective is what fails it
     sweep = [
+        "nonfinite=skip",
         "optim.lr=choice(0.1,1e-6,1e30)",
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.max_failure_rate=0.5",

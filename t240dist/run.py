@@ -31,7 +31,7 @@ from t240dist.callbacks import (
     ProgressBar,
     TrainSpeed,
 )
-from t240dist.checkpoint import SignedCheckpointIO, resume_checkpoint
+from t240dist.checkpoint import SignedCheckpointIO, load_checkpoint, resume_checkpoint
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
 from t240dist.distributed import gather_ranks, one_job
@@ -72,9 +72,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
-        tested = trainer.test(
-            module, datamodule=data, ckpt_path="best" if checkpoint.best_model_path else None
-        )
+        tested = trainer.test(module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module))
         ranks = gather_ranks(conf, _device_name(trainer))
 
     summary = {
@@ -198,6 +196,21 @@ def _gpu_summary(trainer: pl.Trainer) -> dict[str, Any]:
 def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT:
     """The trainer's callback of type ``kind`` (build_trainer adds one of each)."""
     return next(c for c in trainer.callbacks if isinstance(c, kind))
+
+
+def _best_weights(conf: dict[str, Any], checkpoint: ModelCheckpoint, module: ClassifierModule) -> str | None:
+    """What ``trainer.test`` scores: the best checkpoint ("best"), or None to score the module as it is.
+
+    With EMA, Lightning's WeightAveraging puts the raw weights back when a checkpoint is loaded after
+    fit, so the averaged weights that the best checkpoint holds (and evaluate scores) are loaded here.
+    """
+    best = checkpoint.best_model_path
+    if not best:
+        return None
+    if conf["module"]["ema_decay"] is None:
+        return "best"
+    module.load_state_dict(load_checkpoint(Path(best), conf["checkpoint"]["trust_unsigned"])["state_dict"])
+    return None
 
 
 def _device_name(trainer: pl.Trainer) -> str:

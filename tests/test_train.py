@@ -14,6 +14,8 @@ from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, writ
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.overrides import TorchFunctionMode
 
+from t240dist.config import validate
+from t240dist.data import ImageDataModule
 from t240dist.module import ClassifierModule
 from t240dist.run import train
 
@@ -155,6 +157,16 @@ def test_ema_tests_the_averaged_weights(tmp_path: Path, tiny: list[str]) -> None
     last_ema = torch.load(tmp_path / "ema/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert not torch.equal(last_plain["net.head.1.weight"], last_ema["net.head.1.weight"])
     assert plain["global_step"] == ema["global_step"]
+    # the run's test scored the averaged weights of its best checkpoint, as a plain Trainer does
+    best = torch.load(ema["best_checkpoint"], weights_only=True)
+    module = ClassifierModule(**best["hyper_parameters"])
+    module.load_state_dict(best["state_dict"])
+    conf = validate(compose([*tiny, "module.ema_decay=0.5"]))
+    data = ImageDataModule(conf["data"], conf["seed"])
+    [scored] = pl.Trainer(logger=False, enable_progress_bar=False).test(
+        module, datamodule=data, verbose=False
+    )
+    assert (scored["test/acc"], scored["test/loss"]) == (ema["test_acc"], pytest.approx(ema["test_loss"]))
 
 
 def test_same_seed_gives_the_same_run(tmp_path: Path, tiny: list[str]) -> None:

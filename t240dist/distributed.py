@@ -188,7 +188,7 @@ class RankWatch:
     def stop_if_dead(self, wait_s: float) -> None:
         """Stop the job if a rank died or dies within ``wait_s``; return otherwise."""
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
+        while (self.children or self.parent) and time.monotonic() < deadline:
             death = self._death()
             if death:
                 self._stop_job(death)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -189,16 +190,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Preemption(pl.Callback):
-    """SIGTERM or SIGUSR1 (a scheduler's warning) sets a flag; the run saves at the next step boundary
-    and stops with ``Preempted`` (exit code 75). Nothing is done inside the signal handler. With several
-    ranks, they agree on the flag at logging steps (one all-reduce there) and stop after the same step.
+    """SIGTERM, SIGUSR1 (SLURM's ``--signal``) or SIGUSR2 (submitit's) set a flag; the run saves at the next
+    step boundary and stops with ``Preempted`` (exit code 75). Nothing is done inside the signal handler.
+    With several ranks, they agree on the flag at logging steps (one all-reduce there) and stop after the
+    same step. In a submitit job, submitit's own handler for its signal, which this one displaced, runs
+    after the save: it requeues the job (submitit owns requeue there) and exits.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.requested: int | None = None
+        self.received: set[int] = set()
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,7 +219,7 @@ class Preemption(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        stop = self.requested is not None
+        stop = bool(self.received)
         if trainer.world_size > 1:
             if trainer.global_step % trainer.log_every_n_steps:
                 return
@@ -224,16 +227,27 @@ class Preemption(pl.Callback):
         if stop:  # stop right here: a graceful stop would run epoch-end hooks and save as if the epoch ended
             path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
             trainer.save_checkpoint(path)
+            for signum in self.received:
+                if _is_submitit_requeue(self._previous.get(signum)):
+                    self._previous[signum](signum, None)  # requeues and exits on rank 0; returns elsewhere
             step = trainer.global_step
             raise Preempted(f"saved {path} at step {step} — rerun the same command to resume")
 
     def _request(self, signum: int, frame: Any) -> None:
-        self.requested = signum
+        self.received.add(signum)
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+def _is_submitit_requeue(handler: Any) -> bool:
+    """Whether ``handler`` is the one submitit installs in its jobs: checkpoint the call, requeue, exit."""
+    submitit = sys.modules.get("submitit.core.job_environment")  # imported in every submitit job
+    if submitit is None:
+        return False
+    return getattr(handler, "__func__", None) is submitit.SignalHandler.checkpoint_and_try_requeue
 
 
 class NonFiniteGuard(pl.Callback):

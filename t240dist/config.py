@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from t240dist.distributed import slurm_runs_the_tasks
 from t240dist.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -62,6 +63,7 @@ def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
     """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema."""
     check(RunConfig, raw)
     _check_device(raw["trainer"])
+    _check_launch(raw["trainer"])
     if raw["resume"] not in ("auto", "never") and not Path(raw["resume"]).is_file():
         raise ConfigError(
             f"resume={raw['resume']} is not a checkpoint file — give its path, or auto or never"
@@ -89,10 +91,13 @@ def register_resolvers() -> None:
 def _run_name() -> str:
     """``DATE/TIME-RANDOM``: unique even for runs started in the same second.
 
-    Under torchrun every node composes its own config, so the name must not depend on the clock:
-    ``torchrun/RDZV_ID``, the rendezvous id that all nodes share.
+    Where every process of a job composes its own config, the name must not depend on the clock: under
+    torchrun ``torchrun/RDZV_ID``, the rendezvous id that all nodes share; for the tasks of a SLURM job
+    ``slurm/JOB_ID``, which a requeued job keeps, so it resumes in the same run dir.
     """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None and slurm_runs_the_tasks():
+        return f"slurm/{os.environ['SLURM_JOB_ID']}"
     if run_id is None:
         return f"{datetime.now():%Y-%m-%d/%H-%M-%S}-{secrets.token_hex(3)}"
     if run_id == "none":
@@ -104,7 +109,10 @@ def _run_name() -> str:
 
 
 def _global_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank before Lightning knows it: torchrun's RANK, or the task id of a SLURM job."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ["SLURM_PROCID"]) if slurm_runs_the_tasks() else 0
 
 
 class Strict(BaseModel):
@@ -438,3 +446,27 @@ def _check_device(trainer: dict[str, Any]) -> None:
     on_cpu = trainer["accelerator"] == "cpu" or not cuda
     if on_cpu and trainer["precision"] == "16-mixed":
         raise ConfigError("trainer.precision=16-mixed needs a GPU — use bf16-mixed or 32-true on the CPU")
+
+
+def _check_launch(trainer: dict[str, Any]) -> None:
+    """Catch a SLURM or submitit job whose tasks do not match the trainer's devices and nodes, early."""
+    local_tasks = int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1"))
+    if local_tasks > 1:
+        raise ConfigError(
+            f"hydra.launcher.tasks_per_node={local_tasks} starts {local_tasks} copies of the same run on "
+            f"this machine — keep it 1 and use trainer=ddp trainer.devices={local_tasks}"
+        )
+    if not slurm_runs_the_tasks():
+        return
+    tasks, nodes = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1")), int(os.environ.get("SLURM_NNODES", "1"))
+    devices = trainer["devices"]
+    if isinstance(devices, int) and devices != tasks:
+        raise ConfigError(
+            f"trainer.devices={devices} but SLURM runs {tasks} task(s) per node, one per rank — make them "
+            f"equal: --ntasks-per-node={devices} (hydra.launcher.tasks_per_node) or trainer.devices={tasks}"
+        )
+    if trainer["num_nodes"] != nodes:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer['num_nodes']} but the SLURM job has {nodes} node(s) — make them "
+            f"equal: --nodes={trainer['num_nodes']} (hydra.launcher.nodes) or trainer.num_nodes={nodes}"
+        )

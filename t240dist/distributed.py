@@ -1,33 +1,42 @@
-"""One config for every rank: how ``python -m train trainer=ddp`` stays one job under Hydra.
+"""One job over several processes: how ``python -m train trainer=ddp`` starts its ranks and stops them.
 
 Lightning's DDP launcher starts ranks > 0 by re-running the command line. Under Hydra that re-composes
-the config (a multirun re-sweeps, an Optuna sweeper samples again) and makes run dirs of its own. So
-rank 0 writes the resolved config into its run dir and names it in ``T240DIST_RUN_CONFIG``; a process
-that Lightning starts as a local rank > 0 finds that variable and trains exactly that config in that run
-dir, without composing anything. Processes started by torchrun or SLURM never see the variable.
-Inside another program's worker (a submitit job of a sweep), Lightning would rerun that program, so there
-the ranks are started as ``python -m train``.
+the config (a multirun re-sweeps, an Optuna sweeper samples again) and makes run dirs of its own; under
+a submitit job the command line is submitit's, not ours. So rank 0 writes the resolved config into its
+run dir and names it in ``T240DIST_RUN_CONFIG``, and starts each rank > 0 as plain ``python -m train``,
+which finds that variable and trains exactly that config in that run dir, without composing anything.
+Rank 0 and the ranks it started watch each other (``RankWatch``): when one dies, the others stop with
+one line instead of a traceback or a hang. Processes started by torchrun or SLURM never see the variable;
+their launchers stop the job when a process dies.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from t240dist.errors import ConfigError
+from t240dist.errors import EXIT_PREEMPTED, EXIT_RANK_DIED, ConfigError
 
 RUN_CONFIG_ENV = "T240DIST_RUN_CONFIG"
+RANK0_PID_ENV = "T240DIST_RANK0_PID"  # set for the ranks that rank 0 starts: their parent, to watch
 # What Lightning's launcher writes into rank 0's environment; left there, a second fit in the same
 # process (the next trial of a multirun) would believe its ranks were started externally and hang.
 _LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", RUN_CONFIG_ENV)
@@ -47,8 +56,7 @@ def one_job(config_path: Path) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
     os.environ[RUN_CONFIG_ENV] = str(config_path.resolve())
     try:
-        with _ranks_start_as_train():
-            yield
+        yield
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -57,27 +65,6 @@ def one_job(config_path: Path) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-@contextmanager
-def _ranks_start_as_train() -> Iterator[None]:
-    """Make Lightning start ranks > 0 as ``python -m train`` when this process runs another main module.
-
-    Lightning's launcher reruns ``__main__`` (by its spec, else ``sys.argv[0]``) with ``sys.argv``; in a
-    submitit worker that is ``submitit.core._submit``, which refuses the arguments. ``python -m train``
-    started with the run config in its environment trains that config, whatever its arguments.
-    """
-    main = sys.modules["__main__"]
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and spec.name == "train.__main__":
-        yield
-        return
-    argv = sys.argv
-    main.__spec__, sys.argv = importlib.util.find_spec("train.__main__"), argv[:1]
-    try:
-        yield
-    finally:
-        main.__spec__, sys.argv = spec, argv
 
 
 def gather_ranks(conf: dict[str, Any], device: str) -> list[dict[str, Any]]:
@@ -98,3 +85,144 @@ def gather_ranks(conf: dict[str, Any], device: str) -> list[dict[str, Any]]:
             "line (or let python -m train trainer=ddp start them)"
         )
     return ranks
+
+
+def slurm_runs_the_tasks() -> bool:
+    """Whether SLURM started this process as one task (rank) of a job, as Lightning sees it.
+
+    torchrun inside a SLURM allocation takes precedence, as in Lightning's own choice of environment.
+    """
+    return SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
+
+
+def cluster_plugins() -> list[Any]:
+    """Lightning's SLURM environment without its auto-requeue, when SLURM runs the tasks.
+
+    Requeue belongs to whatever started the job (launch/slurm.sbatch on exit code 75, or submitit), and
+    the save to the ``Preemption`` callback at a step boundary. Lightning's auto-requeue would save an
+    ``hpc_ckpt`` from inside its SIGUSR1 handler, mid-step and outside ``checkpoints/``, and requeue again.
+    """
+    return [SLURMEnvironment(auto_requeue=False)] if slurm_runs_the_tasks() else []
+
+
+class WatchedDDP(DDPStrategy):
+    """Lightning's DDP with ranks started by ``RankLauncher``: a dying rank stops the others, in one line."""
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        self._launcher = RankLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        # A dead peer reaches the survivors' collectives as a RuntimeError (gloo: "Connection closed by
+        # peer"): name the rank that died instead of printing that traceback.
+        if isinstance(exception, RuntimeError):
+            self.launcher.watch.stop_if_dead(wait_s=RankWatch.NOTICE_S)
+
+    def teardown(self) -> None:
+        self.launcher.watch.stop()
+        super().teardown()
+
+
+class RankLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher with two changes.
+
+    Ranks > 0 start as plain ``python -m train``: they train the handed config, so it does not matter what
+    started rank 0 (a Hydra multirun, a submitit job). And ``RankWatch`` replaces Lightning's child
+    observer, which SIGKILLs rank 0 without a word up to 5 s after a rank died.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.watch = RankWatch({}, None)
+
+    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+        first = self.cluster_environment.node_rank() * self.num_processes
+        rank0_pid = os.environ.get(RANK0_PID_ENV)
+        children = {first + i: proc for i, proc in enumerate(self.procs, start=1)}
+        self.watch = RankWatch(children, (first, int(rank0_pid)) if rank0_pid else None)
+        self.watch.start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+    def _call_children_scripts(self) -> None:
+        self._check_can_spawn_children()
+        env = self.cluster_environment
+        os.environ.update(
+            MASTER_ADDR=env.main_address,
+            MASTER_PORT=str(env.main_port),
+            NODE_RANK=str(env.node_rank()),
+            LOCAL_RANK=str(env.local_rank()),
+            WORLD_SIZE=str(self.num_processes * self.num_nodes),
+        )
+        for local_rank in range(1, self.num_processes):
+            child_env = {**os.environ, "LOCAL_RANK": str(local_rank), RANK0_PID_ENV: str(os.getpid())}
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "train"], env=child_env))
+
+
+class RankWatch:
+    """Stops this process with one line when another rank of its job dies, instead of a hang or a traceback.
+
+    Rank 0 polls the ranks it started; a rank it started notices when rank 0, its parent, is gone. A rank
+    that exited 0 (done) or 75 (preempted, like all the others) did not die.
+    """
+
+    POLL_S = 0.2
+    NOTICE_S = 2.0  # how long an error in a collective waits for the death that caused it to show
+
+    def __init__(self, children: dict[int, subprocess.Popen], parent: tuple[int, int] | None) -> None:
+        self.children = children
+        self.parent = parent  # (rank, pid)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        if self.children or self.parent:
+            threading.Thread(target=self._watch, name="rank-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def stop_if_dead(self, wait_s: float) -> None:
+        """Stop the job if a rank died or dies within ``wait_s``; return otherwise."""
+        deadline = time.monotonic() + wait_s
+        while (self.children or self.parent) and time.monotonic() < deadline:
+            death = self._death()
+            if death:
+                self._stop_job(death)
+            time.sleep(self.POLL_S)
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.POLL_S):
+            death = self._death()
+            if death:
+                self._stop_job(death)
+
+    def _death(self) -> str | None:
+        """Which rank died and how, in words; None while all are alive or ended well."""
+        for rank, proc in self.children.items():
+            code = proc.poll()
+            if code is not None and code not in (0, EXIT_PREEMPTED):
+                how = (
+                    f"exited with code {code}" if code > 0 else f"was killed by {signal.Signals(-code).name}"
+                )
+                return f"rank {rank} (pid {proc.pid}) {how}"
+        if self.parent and os.getppid() != self.parent[1]:
+            return f"rank {self.parent[0]} (pid {self.parent[1]}) is gone"
+        return None
+
+    def _stop_job(self, death: str) -> NoReturn:
+        """Say which rank died, end the ranks this process started and exit, even from within a collective."""
+        with _STOPPING:  # the watch thread and the main thread may both get here: one line only
+            fix = "the job stops; rerun the same command to resume from the last checkpoint"
+            print(f"RankDied: {death} — {fix}", file=sys.stderr, flush=True)
+            for proc in self.children.values():
+                if proc.poll() is None:
+                    proc.kill()
+            sys.stdout.flush()
+            os._exit(EXIT_RANK_DIED)
+
+
+_STOPPING = threading.Lock()

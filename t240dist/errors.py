@@ -13,7 +13,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun/requeue to resume
+EXIT_RANK_DIED = 1  # another rank of the job died: the job failed; a rerun resumes from the last checkpoint
 
 # Read once at import: run_app sets the variable for Hydra's sake, the user's wish stays here.
 _FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -36,7 +37,7 @@ class SweepError(UserError):
 
 
 class Preempted(Exception):
-    """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint to resume from."""
+    """The run was asked to stop (SIGTERM/SIGUSR1/SIGUSR2) and saved a checkpoint to resume from."""
 
 
 class Pruned(Exception):

@@ -20,7 +20,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.strategies import DDPStrategy
 
 from t240dist import report, sweep
 from t240dist.callbacks import (
@@ -34,7 +33,7 @@ from t240dist.callbacks import (
 from t240dist.checkpoint import SignedCheckpointIO, load_checkpoint, resume_checkpoint
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
-from t240dist.distributed import gather_ranks, one_job
+from t240dist.distributed import WatchedDDP, cluster_plugins, gather_ranks, one_job
 from t240dist.module import ClassifierModule
 from t240dist.optim import scaled_lr
 from t240dist.telemetry import GpuMonitor, Totals
@@ -143,7 +142,7 @@ def build_trainer(
     trainer_cfg = dict(conf["trainer"])
     timeout = timedelta(seconds=trainer_cfg.pop("collective_timeout_s"))
     if trainer_cfg["strategy"] == "ddp":
-        trainer_cfg["strategy"] = DDPStrategy(timeout=timeout)
+        trainer_cfg["strategy"] = WatchedDDP(timeout=timeout)
     if trainer_cfg["enable_progress_bar"]:
         callbacks.append(ProgressBar(refresh_rate=trainer_cfg["log_every_n_steps"]))
     logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
@@ -153,7 +152,7 @@ def build_trainer(
         callbacks=callbacks,
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # ImageDataModule shards the data itself
-        plugins=[SignedCheckpointIO(trust_unsigned)],
+        plugins=[SignedCheckpointIO(trust_unsigned), *cluster_plugins()],
     )
     return trainer, speed, checkpoint
 

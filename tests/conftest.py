@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,16 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
+@pytest.fixture
+def reap() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test started in sessions of their own: whatever is left of them is killed at its end."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def compose(overrides: list[str]) -> DictConfig:
     return compose_config(overrides)
 
@@ -58,3 +72,33 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def process_tree(root: int) -> dict[int, dict[str, str]]:
+    """The live descendants of ``root``, each with the environment it was started with (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue  # ended while we looked
+    tree, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid in [pid for pid, ppid in parents.items() if ppid == parent]:
+            try:
+                raw = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            tree[pid] = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+            frontier.append(pid)
+    return tree
+
+
+def wait_for_checkpoint(pattern: Path, min_step: int) -> None:
+    """Wait (up to 2 minutes) until a checkpoint matching ``pattern`` of step ``min_step`` or later exists."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(int(p.stem.split("step")[1]) >= min_step for p in pattern.parent.glob(pattern.name)):
+            return
+        time.sleep(0.02)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose, run_cli, scalars
+from conftest import TINY, compose, run_cli, scalars, wait_for_checkpoint
 from datasets_on_disk import write_cifar
 
 from t240dist.checkpoint import KEY_ENV, CheckpointError, load_checkpoint, sign, verify
@@ -191,14 +191,6 @@ def uninterrupted(cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return _finish(_cifar_run(cifar, run_dir, 0), run_dir)
 
 
-def _wait_for(pattern: Path, min_step: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if any(int(p.stem.split("step")[1]) >= min_step for p in pattern.parent.glob(pattern.name)):
-            return
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize(
     ("workers", "extra", "steps"),
     [(0, [], 36), (2, [], 36), (0, ["trainer=ddp", "trainer.accelerator=cpu"], 18)],
@@ -217,7 +209,7 @@ def test_resume_after_kill_matches_uninterrupted_run(
         else uninterrupted
     )
     killed = _cifar_run(cifar, tmp_path / "cut", workers, *extra)
-    _wait_for(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=7)
+    wait_for_checkpoint(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=7)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     resumed = _finish(_cifar_run(cifar, tmp_path / "cut", workers, *extra), tmp_path / "cut")
@@ -231,7 +223,7 @@ def test_preemption_saves_at_a_step_boundary_exits_75_and_resumes_exactly(
     tmp_path: Path, key: None, cifar: Path, uninterrupted: dict, signum: int
 ) -> None:
     stopped = _cifar_run(cifar, tmp_path / "cut", 0)
-    _wait_for(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=1)
+    wait_for_checkpoint(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=1)
     stopped.send_signal(signum)
     assert stopped.wait(timeout=60) == 75
     last = stopped.stderr.read().decode().strip().splitlines()[-1]

@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from t240dist.config import validate
 from t240dist.data import DataInfo, ImageDataModule
 from t240dist.inference import Predictor
-from t240dist.models import build_model
+from t240dist.models import build_model, compile_network
 from t240dist.module import ClassifierModule
 from t240dist.optim import build_optimizer
 from t240dist.run import build_trainer
@@ -51,6 +52,12 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if device.type == "cuda" and conf["monitor"]["name"] != "off":  # what GPU telemetry costs
         unmonitored = {**conf, "monitor": {"name": "off"}}
         loops["t240dist monitor=off"] = lambda: _t240dist(unmonitored, data.info, batches, bench, run_dir)
+    for mode in bench["compile_modes"]:  # both loops again with the network compiled
+        compiled = {**conf, "model": {**conf["model"], "compile": mode}}
+        loops[f"hand-written compile={mode}"] = partial(
+            _hand_written, compiled, data.info, batches, bench, device
+        )
+        loops[f"t240dist compile={mode}"] = partial(_t240dist, compiled, data.info, batches, bench, run_dir)
     times: dict[str, list[float]] = {name: [] for name in loops}
     peak: dict[str, float] = {}
     for _ in range(bench["repeats"]):
@@ -67,6 +74,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "ms_per_step": 1e3 * statistics.median(t),
             "images_per_s": batch_size / statistics.median(t),
             "ratio_to_hand_written": base / statistics.median(t),
+            "ratio_to_same_hand_written": statistics.median(times[_hand_twin(name)]) / statistics.median(t),
             "peak_gib": peak.get(name),
             "repeats_ms": [1e3 * x for x in t],
         }
@@ -87,6 +95,12 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return result
 
 
+def _hand_twin(loop: str) -> str:
+    """The hand-written loop that ``loop`` is compared with: the one with the same compile setting."""
+    mode = loop.partition(" compile=")[2]
+    return f"hand-written compile={mode}" if mode else "hand-written"
+
+
 def _batches(data: ImageDataModule, count: int, device: torch.device) -> Batches:
     """Draw ``count`` batches from the configured dataset and move them to the device once."""
     loader = iter(data.train_dataloader())
@@ -99,6 +113,7 @@ def _hand_written(
 ) -> float:
     """The baseline: the loop a good engineer writes by hand. Returns seconds per timed step."""
     net = build_model(conf["model"], info.channels, info.num_classes).to(device)
+    cuda_graphs = compile_network(net, conf["model"]["compile"])
     optimizer = build_optimizer(net, conf["optim"])
     smoothing = conf["module"]["label_smoothing"]
     channels_last = conf["model"]["channels_last"]
@@ -112,6 +127,8 @@ def _hand_written(
 
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
@@ -196,16 +213,18 @@ def _report(result: dict[str, Any], run_dir: Path) -> None:
         f"{result['precision']} · {result['device']}"
     )
     table = Table(title=title)
-    for column in ("loop", "img/s", "ms/step", "peak GiB", "÷ hand-written"):
+    for column in ("loop", "img/s", "ms/step", "peak GiB", "÷ hand-written", "÷ same-mode hand-written"):
         table.add_column(column, justify="right")
     for name, row in result["loops"].items():
         peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "-"
+        same = row.get("ratio_to_same_hand_written")
         table.add_row(
             name,
             f"{row['images_per_s']:,.0f}",
             f"{row['ms_per_step']:.2f}",
             peak,
             f"{row['ratio_to_hand_written']:.3f}",
+            f"{same:.3f}" if same is not None else "-",
         )
     Console().print(table)
 
@@ -299,6 +318,7 @@ def _rows(times: dict[str, list[float]], peak: dict[str, float], batch_size: int
             "ms_per_step": 1e3 * statistics.median(t),
             "images_per_s": batch_size / statistics.median(t),
             "ratio_to_hand_written": base / statistics.median(t),
+            "ratio_to_same_hand_written": statistics.median(times[_hand_twin(name)]) / statistics.median(t),
             "peak_gib": peak.get(name),
             "repeats_ms": [1e3 * x for x in t],
         }

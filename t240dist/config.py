@@ -190,14 +190,14 @@ class SmallCnnModel(Strict):
     width: Annotated[int, Field(ge=4, le=1024)]
     dropout: Annotated[float, Field(ge=0, lt=1)]
     channels_last: bool
-    compile: bool
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"]
 
 
 class TorchvisionModel(Strict):
     name: str
     cifar_stem: bool
     channels_last: bool
-    compile: bool
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"]
 
     @model_validator(mode="before")
     @classmethod

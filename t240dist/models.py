@@ -25,6 +25,19 @@ def build_model(cfg: dict[str, Any], in_channels: int, num_classes: int) -> nn.M
     return net
 
 
+def compile_network(net: nn.Module, setting: bool | str) -> bool:
+    """Compile ``net`` in place as ``model.compile`` says: false, true (torch.compile's default mode) or a
+    mode name. Returns whether its steps replay CUDA graphs, so that each training step must be marked.
+
+    In place (``nn.Module.compile``), so state_dict keys stay those of the plain network.
+    """
+    if setting is False:
+        return False
+    mode = "default" if setting is True else str(setting)
+    net.compile(mode=mode)
+    return mode in ("reduce-overhead", "max-autotune")
+
+
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU blocks (one max-pool) and a linear head: ~0.2 M parameters at width 32."""
 

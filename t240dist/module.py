@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from t240dist.data import DataInfo
-from t240dist.models import build_model
+from t240dist.models import build_model, compile_network
 from t240dist.optim import build_optimizer, build_scheduler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -42,8 +42,7 @@ class ClassifierModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run logs the whole config to the HParams tab
         self.net = build_model(model, in_channels, num_classes)
-        if model["compile"]:
-            self.net.compile()  # in place: state_dict keys stay those of the plain network
+        self.cuda_graphs = compile_network(self.net, model["compile"])
         self.channels_last = model["channels_last"]
         self.label_smoothing = module["label_smoothing"]
         self.mix = _batch_mixer(module, num_classes)
@@ -62,6 +61,10 @@ class ClassifierModule(pl.LightningModule):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 from torch.utils.tensorboard.summary import hparams
 
@@ -92,7 +93,7 @@ def write_summary(summary: dict[str, Any], run_dir: Path, name: str = "run") -> 
             shown = f"{len(value)} entries, in {path.name}"
         else:
             shown = str(value)
-        table.add_row(key, shown)
+        table.add_row(key, Text(shown))  # not markup: values may hold "[...]"
     Console().print(table)
 
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from t240dist.errors import Pruned
 
@@ -192,7 +193,9 @@ def write_sweep_summary(rows: list[dict[str, Any]], sweep_dir: Path, direction: 
     for column in COLUMNS:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(
-            *(f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "") for v in row.values())
+        # Text, not markup: error lines quote paths such as "[/path/file.cc:561]"
+        cells = (
+            f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "") for v in row.values()
         )
+        table.add_row(*map(Text, cells))
     Console().print(table)

@@ -22,7 +22,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from hydra_plugins.t240dist_optuna import _study
 from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
 from t240dist.errors import ConfigError, SweepError
-from t240dist.sweep import take_own_gpus
+from t240dist.sweep import take_own_gpus, write_sweep_summary
 
 # Hydra 1.3 finds the sweeper by listing the hydra_plugins namespace, which a setuptools editable install (a
 # PEP 660 import hook) hides from that listing: the sweeps see the checkout on PYTHONPATH, however installed.
@@ -285,3 +285,17 @@ def test_trials_that_submitit_local_runs_together_take_gpus_of_their_own(
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what submitit gives every job with gpus_per_node=1
         take_own_gpus(OmegaConf.create({"number": slot, "id": slot, "slot": slot}))
         assert os.environ["CUDA_VISIBLE_DEVICES"] == str(slot % count)
+
+
+def test_an_error_line_with_brackets_is_printed_as_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    error = (
+        "RuntimeError: [/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:561] Connection closed by peer"
+    )
+    row = dict.fromkeys(("trial", "objective", "test_acc", "val_acc", "overrides", "run_dir"))
+    write_sweep_summary([{**row, "trial": 0, "state": "fail", "error": error}], tmp_path, "maximize")
+    printed = capsys.readouterr().out
+    assert "by peer" in printed  # printed (folded), where rich markup would have raised on "[/__w...]"
+    [written] = csv.DictReader((tmp_path / "sweep_summary.csv").open())
+    assert written["error"] == error

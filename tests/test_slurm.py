@@ -25,7 +25,7 @@ from t240dist.distributed import RANK0_PID_ENV
 from t240dist.errors import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = [*TINY, "data.train_size=1024", "trainer=ddp", "trainer.accelerator=cpu", "checkpoint.every_n_steps=1"]
+ARGS = [*TINY, "data.train_size=512", "trainer=ddp", "trainer.accelerator=cpu", "checkpoint.every_n_steps=1"]
 KEY = {KEY_ENV: "test-key"}
 
 # srun's part in the test: start the command as $SLURM_NTASKS_PER_NODE tasks of one node, each with

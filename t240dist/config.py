@@ -96,9 +96,9 @@ def _run_name() -> str:
     ``slurm/JOB_ID``, which a requeued job keeps, so it resumes in the same run dir.
     """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id is None and slurm_runs_the_tasks():
-        return f"slurm/{os.environ['SLURM_JOB_ID']}"
     if run_id is None:
+        if slurm_runs_the_tasks():
+            return f"slurm/{os.environ['SLURM_JOB_ID']}"
         return f"{datetime.now():%Y-%m-%d/%H-%M-%S}-{secrets.token_hex(3)}"
     if run_id == "none":
         raise ConfigError(

@@ -7,7 +7,7 @@ run dir and names it in ``T240DIST_RUN_CONFIG``, and starts each rank > 0 as pla
 which finds that variable and trains exactly that config in that run dir, without composing anything.
 Rank 0 and the ranks it started watch each other (``RankWatch``): when one dies, the others stop with
 one line instead of a traceback or a hang. Processes started by torchrun or SLURM never see the variable;
-their launchers stop the job when a process dies.
+there torchrun's agent, or a failed or timed-out collective under SLURM, stops a job that lost a process.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from t240dist.errors import EXIT_PREEMPTED, EXIT_RANK_DIED, ConfigError
 
 RUN_CONFIG_ENV = "T240DIST_RUN_CONFIG"
 RANK0_PID_ENV = "T240DIST_RANK0_PID"  # set for the ranks that rank 0 starts: their parent, to watch
-# What Lightning's launcher writes into rank 0's environment; left there, a second fit in the same
-# process (the next trial of a multirun) would believe its ranks were started externally and hang.
+# What the launcher writes into rank 0's environment (as Lightning's does); left there, a second fit in
+# the same process (the next trial of a multirun) would believe its ranks were started externally and hang.
 _LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", RUN_CONFIG_ENV)
 
 
 def launched_rank() -> tuple[DictConfig, Path] | None:
-    """The config and run dir that rank 0 handed to this process, if Lightning started it as a rank > 0."""
+    """The config and run dir that rank 0 handed to this process, if rank 0 started it as a rank > 0."""
     path = os.environ.get(RUN_CONFIG_ENV)
     if not path or int(os.environ.get("LOCAL_RANK", "0")) == 0:
         return None
@@ -52,7 +52,7 @@ def launched_rank() -> tuple[DictConfig, Path] | None:
 
 @contextmanager
 def one_job(config_path: Path) -> Iterator[None]:
-    """Hand ``config_path`` to the ranks Lightning launches; afterwards leave the process as it was."""
+    """Hand ``config_path`` to the ranks that rank 0 starts; afterwards leave the process as it was."""
     saved = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
     os.environ[RUN_CONFIG_ENV] = str(config_path.resolve())
     try:

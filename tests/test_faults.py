@@ -17,7 +17,7 @@ from conftest import TINY, process_tree, wait_for_checkpoint
 from t240dist.checkpoint import KEY_ENV
 from t240dist.errors import EXIT_RANK_DIED
 
-DDP = [*TINY, "data.train_size=1024", "trainer=ddp", "trainer.accelerator=cpu", "checkpoint.every_n_steps=1"]
+DDP = [*TINY, "data.train_size=512", "trainer=ddp", "trainer.accelerator=cpu", "checkpoint.every_n_steps=1"]
 
 
 def _gone(pid: int, within_s: float) -> bool:
@@ -92,4 +92,4 @@ def test_torchrun_restarts_after_a_killed_worker_and_resumes_from_the_last_check
     assert agent.returncode == 0, output[-3000:]
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert Path(summary["resumed_from"]).parent == run_dir / "checkpoints"
-    assert summary["global_step"] == 2 * 1024 // (32 * 2) and summary["world_size"] == 2
+    assert summary["global_step"] == 2 * 512 // (32 * 2) and summary["world_size"] == 2

@@ -16,13 +16,16 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, process_tree, run_cli, wait_for_checkpoint
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from t240dist.checkpoint import KEY_ENV
+from t240dist.config import CONF_DIR, register_resolvers
 from t240dist.distributed import RANK0_PID_ENV
 from t240dist.errors import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = [*TINY, "data.train_size=1024", "trainer=ddp", "trainer.accelerator=cpu", "checkpoint.every_n_steps=1"]
+ARGS = [*TINY, "data.train_size=512", "trainer=ddp", "trainer.accelerator=cpu", "checkpoint.every_n_steps=1"]
 KEY = {KEY_ENV: "test-key"}
 
 # srun's part in the test: start the command as $SLURM_NTASKS_PER_NODE tasks of one node, each with
@@ -153,3 +156,14 @@ def test_slurm_tasks_that_do_not_match_the_devices_stop_the_run_with_one_line(tm
         "ConfigError: trainer.devices=2 but SLURM runs 1 task(s) per node, one per rank — make them equal: "
         "--ntasks-per-node=2 (hydra.launcher.tasks_per_node) or trainer.devices=1"
     ]
+
+
+def test_slurm_launcher_sizes_the_job_from_the_trainer() -> None:
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
+    assert launcher["signal_delay_s"] > 0 and launcher["max_num_timeout"] > 0

@@ -114,14 +114,20 @@ def sharing(study: Any) -> Iterator[None]:
         _shared.clear()
 
 
-def take_own_gpus(trial: DictConfig | None) -> None:
-    """Give each of the trials that submitit's local executor runs at once GPUs of its own.
+def take_own_share(trial: DictConfig | None) -> None:
+    """Give each of the trials that submitit's local executor runs at once GPUs and a DDP port of its own.
 
     That executor hands every job the same first ``gpus_per_node`` GPUs; trial ``slot`` k of a batch takes
     the k-th group of that size instead (wrapping around). Must run before CUDA starts in the process.
+    Lightning picks its rendezvous port in the ephemeral range, where a concurrent trial's connections can
+    take it before it listens, and a MASTER_PORT inherited from the sweep is the same for every trial
+    (EADDRINUSE, seen with two 2-rank trials): each trial takes a port of its own, below that range.
     """
+    if trial is None or os.environ.get("SUBMITIT_EXECUTOR") != "local":
+        return
+    os.environ["MASTER_PORT"] = str(20000 + os.getpid() % 12000)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if trial is None or os.environ.get("SUBMITIT_EXECUTOR") != "local" or not visible:
+    if not visible:
         return
     import pynvml  # counts every GPU, whatever CUDA_VISIBLE_DEVICES says
 

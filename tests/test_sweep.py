@@ -22,7 +22,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from hydra_plugins.t240dist_optuna import _study
 from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
 from t240dist.errors import ConfigError, SweepError
-from t240dist.sweep import take_own_gpus, write_sweep_summary
+from t240dist.sweep import take_own_share, write_sweep_summary
 
 # Hydra 1.3 finds the sweeper by listing the hydra_plugins namespace, which a setuptools editable install (a
 # PEP 660 import hook) hides from that listing: the sweeps see the checkout on PYTHONPATH, however installed.
@@ -283,7 +283,7 @@ def test_trials_that_submitit_local_runs_together_take_gpus_of_their_own(
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
     for slot in range(3):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # what submitit gives every job with gpus_per_node=1
-        take_own_gpus(OmegaConf.create({"number": slot, "id": slot, "slot": slot}))
+        take_own_share(OmegaConf.create({"number": slot, "id": slot, "slot": slot}))
         assert os.environ["CUDA_VISIBLE_DEVICES"] == str(slot % count)
 
 

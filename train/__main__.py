@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float:
     The error of an Optuna trial propagates to the sweeper, which records it and goes on; any other job's
     error stops the process with one line.
     """
-    sweep.take_own_gpus(cfg.sweep.trial)
+    sweep.take_own_share(cfg.sweep.trial)
     with nullcontext() if cfg.sweep.trial else one_line_errors():
         return sweep.trial_result(train(cfg))
 

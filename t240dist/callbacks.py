@@ -51,12 +51,17 @@ class TrainSpeed(pl.Callback):
     def __init__(self) -> None:
         self.images = 0
         self.train_s = 0.0
+        self.first_step_s: float | None = None  # from the start of fit's training to the first step's end
+        self._train_start = 0.0
         self._clock: float | None = None
         self._window = (0, 0.0)  # (images, time) when the current logging window opened
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.train_s if self.train_s > 0 else 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start()
@@ -76,6 +81,8 @@ class TrainSpeed(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.images += len(batch[1]) * trainer.world_size
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - self._train_start
         # The same cadence and step counter Lightning uses for self.log (and its LearningRateMonitor).
         if trainer.logger is None or self._clock is None or not trainer._logger_connector.should_update_logs:
             return

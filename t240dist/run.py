@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import signal
 import threading
 import time
@@ -47,6 +48,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     ``run_dir`` defaults to Hydra's output dir of the running job.
     """
     started = time.perf_counter()
+    before_train = _process_age_s()
     conf = validate(cfg)
     # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
     if threading.current_thread() is threading.main_thread():
@@ -57,10 +59,16 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
     data = ImageDataModule(conf["data"], conf["seed"])
     info = data.info
+    data_ready = time.perf_counter()
     pruning = sweep.pruning(conf["sweep"])
     trainer, speed, checkpoint = build_trainer(conf, run_dir, [pruning] if pruning else None)
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
+    startup = {
+        "before_train": before_train,  # interpreter, imports, Hydra's compose
+        "data": data_ready - started,
+        "model_and_trainer": time.perf_counter() - data_ready,
+    }
 
     report.show_config(conf, run_dir)
     report.show_resume(resume)
@@ -83,6 +91,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "wall_s": time.perf_counter() - started,
         "train_s": speed.train_s,
         "train_images_per_s": speed.images_per_s,
+        "startup_s": {**startup, "first_step": speed.first_step_s},  # first_step: compile, autotune, workers
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
@@ -210,6 +219,17 @@ def _best_weights(conf: dict[str, Any], checkpoint: ModelCheckpoint, module: Cla
         return "best"
     module.load_state_dict(load_checkpoint(Path(best), conf["checkpoint"]["trust_unsigned"])["state_dict"])
     return None
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (from /proc on Linux; None elsewhere): the start-up cost that
+    comes before ``train`` is called, imports and config composition included."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
 
 
 def _device_name(trainer: pl.Trainer) -> str:

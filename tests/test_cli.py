@@ -16,6 +16,10 @@ def test_default_run_trains_digits_to_097_and_reports(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["test_acc"] >= 0.97 and summary["data"] == "digits" and summary["model"] == "small_cnn"
     assert summary["devices"] == ["cpu"]
+    startup = summary["startup_s"]
+    assert set(startup) == {"before_train", "data", "model_and_trainer", "first_step"}
+    assert startup["before_train"] > 0.5 and all(v > 0 for v in startup.values())  # imports take seconds
+    assert startup["data"] + startup["model_and_trainer"] + startup["first_step"] < summary["wall_s"]
     out = done.stdout + done.stderr
     assert "config" in out and "optim" in out and "lr: 0.1" in out  # the composed config tree
     assert "Epoch 19" in out  # the progress bar

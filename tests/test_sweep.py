@@ -135,7 +135,11 @@ def _start(args: list[str], cwd: Path, name: str) -> subprocess.Popen:
     """Start ``python -m train ARGS``, its output in files (a sweep's output would fill a pipe)."""
     out = open(cwd / f"{name}.out", "w")  # noqa: SIM115 — closed with the process
     return subprocess.Popen(
-        [sys.executable, "-m", "train", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "train", *args],
+        cwd=cwd,
+        env={**os.environ, **CHECKOUT},
+        stdout=out,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -163,24 +167,27 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
         "-m",
         "sweep=optuna",
         *TINY,
-        "trainer.max_epochs=4",
+        "trainer.max_epochs=12",  # long enough that a signal sent after a trial's first save lands mid-trial
         *storage,
         "hydra.sweeper.heartbeat_interval=1",
     ]
 
-    first = _start([*args, "hydra.sweeper.n_trials=2"], tmp_path, "first")
-    _wait_for(tmp_path, "multirun/*/*/1/.hydra/overrides.yaml", first)  # trial 1 has started
+    # a sweep dir each, in start order: multirun/s/1, 2, 3
+    first = _start([*args, "hydra.sweeper.n_trials=2", "hydra.sweep.dir=multirun/s/1"], tmp_path, "first")
+    _wait_for(tmp_path, "multirun/s/1/1/.hydra/overrides.yaml", first)  # trial 1 has started
     first.kill()
     assert first.wait() == -signal.SIGKILL
     time.sleep(2.5)  # trial 1 goes stale: no heartbeat for twice the heartbeat interval
 
-    second = _start([*args, "hydra.sweeper.n_trials=3"], tmp_path, "second")
-    _wait_for(tmp_path, "multirun/*/*/1/checkpoints/epoch000-*.ckpt", second)  # its 2nd trial is in epoch 1
+    second = _start([*args, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=multirun/s/2"], tmp_path, "second")
+    _wait_for(tmp_path, "multirun/s/2/1/checkpoints/*.ckpt", second)  # its 2nd trial has saved once
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=120) == 75, (tmp_path / "second.out").read_text()[-2000:]
     assert "Preempted: saved" in (tmp_path / "second.out").read_text()
 
-    third = run_cli([*args, "hydra.sweeper.n_trials=3"], cwd=tmp_path, **CHECKOUT)
+    third = run_cli(
+        [*args, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=multirun/s/3"], cwd=tmp_path, **CHECKOUT
+    )
     assert third.returncode == 0, third.stderr[-2000:]
 
     study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path / 'study.db'}")

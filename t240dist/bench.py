@@ -58,39 +58,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             _hand_written, compiled, data.info, batches, bench, device
         )
         loops[f"t240dist compile={mode}"] = partial(_t240dist, compiled, data.info, batches, bench, run_dir)
-    times: dict[str, list[float]] = {name: [] for name in loops}
-    peak: dict[str, float] = {}
-    for _ in range(bench["repeats"]):
-        for name, loop in loops.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times[name].append(loop())
-            if device.type == "cuda":
-                peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
-    batch_size = conf["data"]["batch_size"]
-    base = statistics.median(times["hand-written"])
-    rows = {
-        name: {
-            "ms_per_step": 1e3 * statistics.median(t),
-            "images_per_s": batch_size / statistics.median(t),
-            "ratio_to_hand_written": base / statistics.median(t),
-            "ratio_to_same_hand_written": statistics.median(times[_hand_twin(name)]) / statistics.median(t),
-            "peak_gib": peak.get(name),
-            "repeats_ms": [1e3 * x for x in t],
-        }
-        for name, t in times.items()
-    }
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": conf["model"]["name"],
-        "batch_size": batch_size,
-        "image_size": batches[0][0].shape[-1],
-        "precision": conf["trainer"]["precision"],
-        "channels_last": conf["model"]["channels_last"],
-        "steps": bench["steps"],
-        "versions": {"torch": torch.__version__, "lightning": pl.__version__},
-        "loops": rows,
-    }
+    result = _measure(loops, conf, bench, batches[0][0], {"task": "train"})
     _report(result, run_dir)
     return result
 
@@ -138,14 +106,7 @@ def _hand_written(
         scaler.step(optimizer)
         scaler.update()
 
-    for i in range(bench["warmup_steps"]):
-        step(i)
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(bench["steps"]):
-        step(i)
-    _sync(device)
-    return (time.perf_counter() - start) / bench["steps"]
+    return _per_batch(step, bench, device)
 
 
 class _Cycle(IterableDataset):
@@ -243,21 +204,7 @@ def run_predict_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "hand-written": lambda: _hand_written_inference(net, images, conf, top_k, bench),
         "t240dist": lambda: _per_batch(lambda i: predictor(images[i % len(images)]), bench, device),
     }
-    times, peak = _interleaved(loops, bench["repeats"], device)
-    batch_size = conf["data"]["batch_size"]
-    result = {
-        "task": "predict",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "model": conf["model"]["name"],
-        "batch_size": batch_size,
-        "image_size": images[0].shape[-1],
-        "precision": conf["trainer"]["precision"],
-        "channels_last": conf["model"]["channels_last"],
-        "top_k": predictor.top_k,
-        "steps": bench["steps"],
-        "versions": {"torch": torch.__version__, "lightning": pl.__version__},
-        "loops": _rows(times, peak, batch_size),
-    }
+    result = _measure(loops, conf, bench, images[0], {"task": "predict", "top_k": top_k})
     _report(result, run_dir)
     return result
 
@@ -292,6 +239,31 @@ def _per_batch(step: Callable[[int], Any], bench: dict[str, Any], device: torch.
         step(i)
     _sync(device)
     return (time.perf_counter() - start) / bench["steps"]
+
+
+def _measure(
+    loops: dict[str, Callable[[], float]],
+    conf: dict[str, Any],
+    bench: dict[str, Any],
+    example: torch.Tensor,
+    task: dict[str, Any],
+) -> dict[str, Any]:
+    """Time the loops (interleaved repeats) and describe the measurement: the content of ``bench.json``."""
+    device = example.device
+    times, peak = _interleaved(loops, bench["repeats"], device)
+    batch_size = conf["data"]["batch_size"]
+    return {
+        **task,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": conf["model"]["name"],
+        "batch_size": batch_size,
+        "image_size": example.shape[-1],
+        "precision": conf["trainer"]["precision"],
+        "channels_last": conf["model"]["channels_last"],
+        "steps": bench["steps"],
+        "versions": {"torch": torch.__version__, "lightning": pl.__version__},
+        "loops": _rows(times, peak, batch_size),
+    }
 
 
 def _interleaved(

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -185,19 +186,34 @@ Data = Annotated[
 ]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+def _compile_setting(value: Any) -> Any:
+    """``model.compile``: false, true (torch.compile's default mode) or a torch.compile mode name."""
+    if isinstance(value, bool) or value in COMPILE_MODES:
+        return value
+    raise ValueError(
+        f"'{value}' is not a compile setting — use false, true, " + " or ".join(COMPILE_MODES[1:])
+    )
+
+
+CompileSetting = Annotated[bool | str, BeforeValidator(_compile_setting)]
+
+
 class SmallCnnModel(Strict):
     name: Literal["small_cnn"]
     width: Annotated[int, Field(ge=4, le=1024)]
     dropout: Annotated[float, Field(ge=0, lt=1)]
     channels_last: bool
-    compile: bool | Literal["default", "reduce-overhead", "max-autotune"]
+    compile: CompileSetting
 
 
 class TorchvisionModel(Strict):
     name: str
     cifar_stem: bool
     channels_last: bool
-    compile: bool | Literal["default", "reduce-overhead", "max-autotune"]
+    compile: CompileSetting
 
     @model_validator(mode="before")
     @classmethod

@@ -38,6 +38,9 @@ from t240dist.errors import ConfigError
         (["trainer.accelerator=gpu"], "no CUDA GPU is visible — use trainer=cpu or trainer=auto"),
         (["trainer=cpu", "trainer.precision=16-mixed"], "16-mixed needs a GPU"),
         (["data=imagefolder"], "data.root is not set"),
+        (["nonfinite=bogus"], "nonfinite must be 'stop' or 'skip' (got 'bogus')"),
+        (["model.compile=fast"], "model.compile: 'fast' is not a compile setting — use false, true, reduce"),
+        (["monitor.interval_s=0"], "monitor.interval_s must be greater than or equal to 0.01 (got 0)"),
     ],
 )
 def test_bad_value_is_one_config_error_naming_key_and_fix(overrides: list[str], expected: str) -> None:

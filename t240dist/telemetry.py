@@ -229,16 +229,16 @@ class Totals:
     """Run-level figures for the summary, accumulated from every exchanged window."""
 
     energy_j: float = 0.0
-    util: list[float] = field(default_factory=list)
+    util: dict[str, list[float]] = field(default_factory=dict)  # each GPU's window means
     mem_peak_gib: float | None = None
     host_s: float = 0.0  # time the training thread spent in telemetry (the exchanges)
     thread_cpu_s: float = 0.0  # CPU time of the sampling thread
 
     def add(self, windows: Any, energy_j: float) -> None:
         self.energy_j += energy_j
-        for _, window in windows:
+        for label, window in windows:
             if "util_pct" in window["values"]:
-                self.util.append(window["values"]["util_pct"])
+                self.util.setdefault(label, []).append(window["values"]["util_pct"])
             peak = window["peaks"].get("mem_used_gib")
             if peak is not None:
                 self.mem_peak_gib = max(peak, self.mem_peak_gib or 0.0)
@@ -248,7 +248,7 @@ class Totals:
         return {
             "energy_j": energy,
             "energy_per_image_j": energy / images if energy and images else None,
-            "gpu_util_mean": sum(self.util) / len(self.util) if self.util else None,
+            "gpu_util_mean": _mean([_mean(u) for u in self.util.values()]) if self.util else None,
             "gpu_mem_peak_gib": self.mem_peak_gib,
             "telemetry_host_s": self.host_s if energy else None,
             "telemetry_thread_cpu_s": self.thread_cpu_s if energy else None,
@@ -566,6 +566,10 @@ def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
         },
         "GPUs": {title: ["Multiline", [rf"^gpu/{name}/"]] for name, title in CHARTS.items()},
     }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _why(err: Exception) -> str:

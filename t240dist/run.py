@@ -106,7 +106,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "train_size": info.train_size,
         "skipped_files": len(info.skipped),
         "nonfinite_skipped_steps": _callback(trainer, NonFiniteGuard).skipped,
-        **_gpu_summary(trainer),
+        **(monitor.summary() if (monitor := _callback(trainer, GpuMonitor)) else Totals().summary(images=0)),
         "seed": conf["seed"],
         "best_checkpoint": checkpoint.best_model_path or None,
         "resumed_from": str(resume) if resume else None,
@@ -195,15 +195,9 @@ def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any
     }
 
 
-def _gpu_summary(trainer: pl.Trainer) -> dict[str, Any]:
-    """Energy, energy per image, mean utilization and peak memory of the job's GPUs (None without)."""
-    monitors = [c for c in trainer.callbacks if isinstance(c, GpuMonitor)]
-    return monitors[0].summary() if monitors else Totals().summary(images=0)
-
-
-def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT:
-    """The trainer's callback of type ``kind`` (build_trainer adds one of each)."""
-    return next(c for c in trainer.callbacks if isinstance(c, kind))
+def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
+    """The trainer's callback of type ``kind`` (build_trainer adds at most one of each), or None."""
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 def _best_weights(conf: dict[str, Any], checkpoint: ModelCheckpoint, module: ClassifierModule) -> str | None:

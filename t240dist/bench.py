@@ -8,6 +8,8 @@ Both consume the same pre-made batches already on the device, so the ratio measu
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -18,14 +20,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
-from t240dist.config import validate
+from t240dist.config import validate, validate_run
 from t240dist.data import DataInfo, ImageDataModule
+from t240dist.errors import ConfigError
 from t240dist.inference import Predictor
 from t240dist.models import build_model, compile_network
 from t240dist.module import ClassifierModule
@@ -36,37 +41,100 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Time both loops ``bench.repeats`` times, interleaved; print a table and write ``bench.json``."""
+    """Time the loops ``bench.repeats`` times, interleaved; print a table and write ``bench.json``.
+
+    Under torchrun (``trainer=ddp``) every rank runs every loop: the hand-written one through
+    ``DistributedDataParallel``, t240dist's through its DDP strategy; rank 0 also times the hand-written
+    loop alone on its device, the baseline of the scaling column, and reports.
+    """
     bench = OmegaConf.to_container(cfg.bench)
     train_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"])
     conf = validate(train_cfg)
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and conf["trainer"]["accelerator"] != "cpu" else "cpu"
-    )
+    device = _join_ranks(conf["trainer"])
     data = ImageDataModule(conf["data"], conf["seed"])
     batches = _batches(data, bench["distinct_batches"], device)
-    loops: dict[str, Callable[[], float]] = {
-        "hand-written": lambda: _hand_written(conf, data.info, batches, bench, device),
-        "t240dist": lambda: _t240dist(conf, data.info, batches, bench, run_dir),
-    }
-    if device.type == "cuda" and conf["monitor"]["name"] != "off":  # what GPU telemetry costs
-        unmonitored = {**conf, "monitor": {"name": "off"}}
-        loops["t240dist monitor=off"] = lambda: _t240dist(unmonitored, data.info, batches, bench, run_dir)
-    for mode in bench["compile_modes"]:  # both loops again with the network compiled
-        compiled = {**conf, "model": {**conf["model"], "compile": mode}}
-        loops[f"hand-written compile={mode}"] = partial(
-            _hand_written, compiled, data.info, batches, bench, device
-        )
-        loops[f"t240dist compile={mode}"] = partial(_t240dist, compiled, data.info, batches, bench, run_dir)
+    loops = _train_loops(conf, bench, data.info, batches, device, run_dir)
     result = _measure(loops, conf, bench, batches[0][0], {"task": "train"})
-    _report(result, run_dir)
+    if _rank() == 0:
+        _report(result, run_dir)
     return result
 
 
+def _train_loops(
+    conf: dict[str, Any],
+    bench: dict[str, Any],
+    info: DataInfo,
+    batches: Batches,
+    device: torch.device,
+    run_dir: Path,
+) -> dict[str, Callable[[], float]]:
+    """The loops to time, each with its hand-written twin (named as in ``_hand_twin``)."""
+    variants: dict[str, dict[str, Any]] = {"": conf}
+    if device.type == "cuda" and conf["monitor"]["name"] != "off":  # what GPU telemetry costs
+        variants[" monitor=off"] = {**conf, "monitor": {"name": "off"}}
+    for mode in bench["compile_modes"]:  # both loops again with the network compiled
+        variants[f" compile={mode}"] = {**conf, "model": {**conf["model"], "compile": mode}}
+    if _fast_path(bench["cuda_graph"], conf, device):
+        variants[" cuda_graph"] = validate_run({**conf, "model": {**conf["model"], "cuda_graph": True}})
+    ddp = _world() > 1
+    loops: dict[str, Callable[[], float]] = {}
+    for suffix, variant in variants.items():
+        if suffix != " monitor=off":
+            loops[f"hand-written{suffix}"] = partial(
+                _hand_written, variant, info, batches, bench, device, ddp
+            )
+        loops[f"t240dist{suffix}"] = partial(_t240dist, variant, info, batches, bench, run_dir)
+    if ddp:  # the scaling baseline: rank 0 alone, while the other ranks wait
+        loops[SINGLE] = partial(_rank0_alone, _hand_written, conf, info, batches, bench, device, False)
+    return loops
+
+
+SINGLE = "hand-written, one device"  # under DDP: the loop that the scaling column divides by
+
+
+def _fast_path(setting: bool | str, conf: dict[str, Any], device: torch.device) -> bool:
+    """Whether to time the loops with ``model.cuda_graph=true`` too: ``bench.cuda_graph`` true, or auto
+    (on one GPU, unless the run already uses it)."""
+    if setting == "auto":
+        return device.type == "cuda" and _world() == 1 and not conf["model"]["cuda_graph"]
+    return bool(setting)
+
+
 def _hand_twin(loop: str) -> str:
-    """The hand-written loop that ``loop`` is compared with: the one with the same compile setting."""
-    mode = loop.partition(" compile=")[2]
-    return f"hand-written compile={mode}" if mode else "hand-written"
+    """The hand-written loop that ``loop`` is compared with: the one with the same model settings."""
+    return loop.replace(" monitor=off", "").replace("t240dist", "hand-written")
+
+
+def _join_ranks(trainer: dict[str, Any]) -> torch.device:
+    """This process's device; under torchrun, after joining the job's process group (NCCL on GPUs)."""
+    cuda = torch.cuda.is_available() and trainer["accelerator"] != "cpu"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if _world() > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    elif trainer["strategy"] == "ddp" or trainer["num_nodes"] > 1:
+        raise ConfigError(
+            "the benchmark starts no processes of its own — run it under torchrun: "
+            "torchrun --nproc-per-node=N -m train.bench trainer=ddp trainer.devices=N ..."
+        )
+    return device
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _rank0_alone(loop: Callable[..., float], *args: Any) -> float:
+    """``loop(*args)`` on rank 0 only (NaN elsewhere); every rank returns when it is done."""
+    seconds = loop(*args) if _rank() == 0 else math.nan
+    dist.barrier()
+    return seconds
 
 
 def _batches(data: ImageDataModule, count: int, device: torch.device) -> Batches:
@@ -77,11 +145,25 @@ def _batches(data: ImageDataModule, count: int, device: torch.device) -> Batches
 
 
 def _hand_written(
-    conf: dict[str, Any], info: DataInfo, batches: Batches, bench: dict[str, Any], device: torch.device
+    conf: dict[str, Any],
+    info: DataInfo,
+    batches: Batches,
+    bench: dict[str, Any],
+    device: torch.device,
+    ddp: bool,
 ) -> float:
-    """The baseline: the loop a good engineer writes by hand. Returns seconds per timed step."""
+    """The baseline: the loop a good engineer writes by hand. Returns seconds per timed step.
+
+    With ``model.cuda_graph``, forward and backward are captured after three eager steps and replayed
+    (the whole-network capture of PyTorch's CUDA-graph notes), the optimizer stepping outside the graph.
+    """
     net = build_model(conf["model"], info.channels, info.num_classes).to(device)
     cuda_graphs = compile_network(net, conf["model"]["compile"])
+    model = (
+        DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if ddp
+        else net
+    )
     optimizer = build_optimizer(net, conf["optim"])
     smoothing = conf["module"]["label_smoothing"]
     channels_last = conf["model"]["channels_last"]
@@ -93,20 +175,39 @@ def _hand_written(
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
 
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            return F.cross_entropy(model(x), y, label_smoothing=smoothing)
+
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            loss = F.cross_entropy(net(x), y, label_smoothing=smoothing)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss_of(x, y)).backward()
         scaler.step(optimizer)
         scaler.update()
 
-    return _per_batch(step, bench, device)
+    if not conf["model"]["cuda_graph"]:
+        return _per_batch(step, bench, device)
+    for i in range(3):
+        step(i)
+    static_x, static_y = (t.clone() for t in batches[0])
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss_of(static_x, static_y).backward()
+
+    def replay(i: int) -> None:
+        x, y = batches[i % len(batches)]
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        optimizer.step()
+
+    return _per_batch(replay, bench, device)
 
 
 class _Cycle(IterableDataset):
@@ -169,25 +270,31 @@ def _sync(device: torch.device) -> None:
 def _report(result: dict[str, Any], run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    devices = f" × {result['world_size']}" if result["world_size"] > 1 else ""
     title = (
-        f"{result['model']} · batch {result['batch_size']} · {result['image_size']} px · "
-        f"{result['precision']} · {result['device']}"
+        f"{result['model']} · batch {result['batch_size']} per device · {result['image_size']} px · "
+        f"{result['precision']} · {result['device']}{devices}"
     )
     table = Table(title=title)
-    for column in ("loop", "img/s", "ms/step", "peak GiB", "÷ hand-written", "÷ same-mode hand-written"):
+    columns = ["loop", "img/s", "ms/step", "peak GiB", "÷ hand-written", "÷ same-mode hand-written"]
+    scaled = result["world_size"] > 1
+    for column in columns + (["scaling"] if scaled else []):
         table.add_column(column, justify="right")
     for name, row in result["loops"].items():
-        peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "-"
-        same = row.get("ratio_to_same_hand_written")
-        table.add_row(
+        cells = [
             name,
             f"{row['images_per_s']:,.0f}",
             f"{row['ms_per_step']:.2f}",
-            peak,
-            f"{row['ratio_to_hand_written']:.3f}",
-            f"{same:.3f}" if same is not None else "-",
-        )
+            _fixed(row["peak_gib"], 2),
+            _fixed(row["ratio_to_hand_written"], 3),
+            _fixed(row["ratio_to_same_hand_written"], 3),
+        ]
+        table.add_row(*cells, *([_fixed(row["scaling"], 3)] if scaled else []))
     Console().print(table)
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def run_predict_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -252,17 +359,19 @@ def _measure(
     device = example.device
     times, peak = _interleaved(loops, bench["repeats"], device)
     batch_size = conf["data"]["batch_size"]
+    world = _world()
     return {
         **task,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": conf["model"]["name"],
-        "batch_size": batch_size,
+        "batch_size": batch_size,  # per device
+        "world_size": world,
         "image_size": example.shape[-1],
         "precision": conf["trainer"]["precision"],
         "channels_last": conf["model"]["channels_last"],
         "steps": bench["steps"],
         "versions": {"torch": torch.__version__, "lightning": pl.__version__},
-        "loops": _rows(times, peak, batch_size),
+        "loops": _rows(times, peak, batch_size, world),
     }
 
 
@@ -282,15 +391,22 @@ def _interleaved(
     return times, peak
 
 
-def _rows(times: dict[str, list[float]], peak: dict[str, float], batch_size: int) -> dict[str, Any]:
-    """The report's row of each loop: medians, and the ratio to the hand-written loop's images/s."""
-    base = statistics.median(times["hand-written"])
+def _rows(
+    times: dict[str, list[float]], peak: dict[str, float], batch_size: int, world: int
+) -> dict[str, Any]:
+    """The report's row of each loop: medians, the ratio to the hand-written loop's images/s, and under
+    DDP the scaling: images/s ÷ (devices × the hand-written loop's images/s on one device)."""
+    rate = {
+        name: (batch_size if name == SINGLE else batch_size * world) / statistics.median(t)
+        for name, t in times.items()
+    }
     return {
         name: {
             "ms_per_step": 1e3 * statistics.median(t),
-            "images_per_s": batch_size / statistics.median(t),
-            "ratio_to_hand_written": base / statistics.median(t),
-            "ratio_to_same_hand_written": statistics.median(times[_hand_twin(name)]) / statistics.median(t),
+            "images_per_s": rate[name],
+            "ratio_to_hand_written": rate[name] / rate["hand-written"],
+            "ratio_to_same_hand_written": rate[name] / rate[_hand_twin(name)],
+            "scaling": rate[name] / (world * rate[SINGLE]) if SINGLE in rate and name != SINGLE else None,
             "peak_gib": peak.get(name),
             "repeats_ms": [1e3 * x for x in t],
         }

@@ -63,6 +63,7 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
     """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema."""
     check(RunConfig, raw)
+    _check_step_graph(raw)
     _check_device(raw["trainer"])
     _check_launch(raw["trainer"])
     if raw["resume"] not in ("auto", "never") and not Path(raw["resume"]).is_file():
@@ -201,19 +202,23 @@ def _compile_setting(value: Any) -> Any:
 CompileSetting = Annotated[bool | str, BeforeValidator(_compile_setting)]
 
 
-class SmallCnnModel(Strict):
+class ModelSwitches(Strict):
+    """The switches every model has (conf/config.yaml's ``model:``)."""
+
+    channels_last: bool
+    compile: CompileSetting
+    cuda_graph: bool
+
+
+class SmallCnnModel(ModelSwitches):
     name: Literal["small_cnn"]
     width: Annotated[int, Field(ge=4, le=1024)]
     dropout: Annotated[float, Field(ge=0, lt=1)]
-    channels_last: bool
-    compile: CompileSetting
 
 
-class TorchvisionModel(Strict):
+class TorchvisionModel(ModelSwitches):
     name: str
     cifar_stem: bool
-    channels_last: bool
-    compile: CompileSetting
 
     @model_validator(mode="before")
     @classmethod
@@ -462,6 +467,53 @@ def _check_device(trainer: dict[str, Any]) -> None:
     on_cpu = trainer["accelerator"] == "cpu" or not cuda
     if on_cpu and trainer["precision"] == "16-mixed":
         raise ConfigError("trainer.precision=16-mixed needs a GPU — use bf16-mixed or 32-true on the CPU")
+
+
+def _check_step_graph(raw: dict[str, Any]) -> None:
+    """``model.cuda_graph=true`` replays one captured step: refuse what a fixed replay cannot do."""
+    if not raw["model"]["cuda_graph"]:
+        return
+    trainer, module = raw["trainer"], raw["module"]
+    conflicts = [
+        (
+            raw["model"]["compile"] is not False,
+            "model.compile (torch.compile's own graphs)",
+            "model.compile=false",
+        ),
+        (
+            trainer["precision"] == "16-mixed",
+            "16-mixed (GradScaler skips steps)",
+            "trainer.precision=bf16-mixed",
+        ),
+        (
+            trainer["accumulate_grad_batches"] > 1,
+            "gradient accumulation",
+            "trainer.accumulate_grad_batches=1",
+        ),
+        (
+            module["mixup_alpha"] > 0 or module["cutmix_alpha"] > 0,
+            "MixUp/CutMix",
+            "module.mixup_alpha=0 module.cutmix_alpha=0",
+        ),
+        (raw["nonfinite"] == "skip", "nonfinite=skip (a host decision per step)", "nonfinite=stop"),
+        (
+            trainer["strategy"] == "ddp" or trainer["num_nodes"] > 1 or _device_count(trainer["devices"]) > 1,
+            "several devices (DDP)",
+            "trainer.devices=1, or model.compile=reduce-overhead with DDP",
+        ),
+    ]
+    for conflict, what, fix in conflicts:
+        if conflict:
+            raise ConfigError(f"model.cuda_graph=true cannot replay a step with {what} — set {fix}")
+    if trainer["accelerator"] == "cpu" or not torch.cuda.is_available():
+        raise ConfigError("model.cuda_graph=true needs a GPU — set model.cuda_graph=false on the CPU")
+
+
+def _device_count(devices: int | str | list[int]) -> int:
+    """How many devices ``trainer.devices`` asks for on this machine."""
+    if devices == "auto":
+        return max(1, torch.cuda.device_count())
+    return len(devices) if isinstance(devices, list) else int(devices)
 
 
 def _check_launch(trainer: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,6 +16,10 @@ from t240dist.models import build_model, compile_network
 from t240dist.optim import build_optimizer, build_scheduler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+LossAndLogits = tuple[torch.Tensor, torch.Tensor]
+# Eager steps before the step is captured (model.cuda_graph): lazy set-up (cuBLAS/cuDNN handles and
+# workspaces, the optimizer's state) must happen before capture, as PyTorch's CUDA-graph notes require.
+GRAPH_WARMUP_STEPS = 3
 
 
 class ClassifierModule(pl.LightningModule):
@@ -43,6 +48,10 @@ class ClassifierModule(pl.LightningModule):
         self.save_hyperparameters(logger=False)  # the run logs the whole config to the HParams tab
         self.net = build_model(model, in_channels, num_classes)
         self.cuda_graphs = compile_network(self.net, model["compile"])
+        self.step_graph: StepGraph | None = None  # model.cuda_graph: captured after GRAPH_WARMUP_STEPS
+        self._graphed = model["cuda_graph"]
+        self._eager_steps = 0
+        self._replayed = False  # whether this step's gradients came from a replay (no backward, no zero_grad)
         self.channels_last = model["channels_last"]
         self.label_smoothing = module["label_smoothing"]
         self.mix = _batch_mixer(module, num_classes)
@@ -68,11 +77,7 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        target: torch.Tensor = y
-        if self.mix is not None:
-            x, target = self.mix(x, y)
-        logits = self(x)
-        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        loss, logits = self._replay_or_forward(x, y) if self._graphed else self._loss(x, y)
         # Logged on the steps Lightning writes, and only then: each self.log costs ~1 ms of host time
         # (a Metric object even more), which a launch-bound step pays in full. Not prog_bar=True either:
         # Lightning turns progress-bar values into floats after every batch (a sync); t240dist's
@@ -81,6 +86,34 @@ class ClassifierModule(pl.LightningModule):
             accuracy = (logits.detach().argmax(dim=-1) == y).float().mean()
             self.log_dict({"train/loss": loss, "train/acc": accuracy}, batch_size=len(y))
         return loss
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> LossAndLogits:
+        target: torch.Tensor = y
+        if self.mix is not None:
+            x, target = self.mix(x, y)
+        logits = self(x)
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing), logits
+
+    def _replay_or_forward(self, x: torch.Tensor, y: torch.Tensor) -> LossAndLogits:
+        """The fast path: replay the captured step (captured once the warm-up steps are done); eager for
+        the warm-up and for a batch of another shape than the captured one."""
+        if self.step_graph is None and self._eager_steps >= GRAPH_WARMUP_STEPS:
+            self.step_graph = StepGraph(self._loss, list(self.net.parameters()), x, y)
+        self._replayed = self.step_graph is not None and self.step_graph.fits(x, y)
+        if self._replayed:
+            return self.step_graph(x, y)
+        self._eager_steps += 1
+        return self._loss(x, y)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        if self._replayed:
+            return  # the replay has just written this step's gradients
+        # once captured, the gradients must stay in the memory the graph writes: zeroed, not freed
+        optimizer.zero_grad(set_to_none=self.step_graph is None)
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if not self._replayed:
+            super().backward(loss, *args, **kwargs)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc, self.val_top5)
@@ -127,3 +160,46 @@ def _batch_mixer(cfg: dict[str, Any], num_classes: int) -> v2.Transform | None:
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+class StepGraph:
+    """One training step's forward, loss and backward, captured once as a CUDA graph and then replayed.
+
+    Each replay reads the batch from the same input tensors and writes the loss, the logits and every
+    parameter's gradient into the same memory as the last one. The optimizer steps outside the graph
+    (a fused or foreach step is a few launches) and finds the gradients where it always does, so the
+    learning-rate schedule, gradient clipping and the NaN guard work as in eager steps.
+    """
+
+    def __init__(
+        self,
+        loss_of: Callable[[torch.Tensor, torch.Tensor], LossAndLogits],
+        params: list[torch.nn.Parameter],
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> None:
+        self.x, self.y = x.clone(), y.clone()
+        for p in params:
+            p.grad = None  # so that backward allocates them in the graph's memory pool
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the telemetry thread may use CUDA meanwhile; only this thread's work is captured
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.loss, self.logits = loss_of(self.x, self.y)
+            self.loss.backward()
+
+    def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether a batch can be replayed: the captured shapes and dtypes."""
+        same = (x.shape, x.dtype, y.shape, y.dtype) == (
+            self.x.shape,
+            self.x.dtype,
+            self.y.shape,
+            self.y.dtype,
+        )
+        return same
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> LossAndLogits:
+        """Run the step on this batch: the loss and logits (overwritten by the next replay)."""
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        return self.loss.detach(), self.logits

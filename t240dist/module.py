@@ -60,6 +60,14 @@ class ClassifierModule(pl.LightningModule):
         self.val_top5 = _accuracy(num_classes, 5) if top5 else None
         self.test_top5 = _accuracy(num_classes, 5) if top5 else None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name around every hook call (~50 times a step); nn.Module's
+        # __setattr__ checks for parameters, buffers and modules each time (~3 µs). It is a plain string.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @classmethod
     def from_config(cls, conf: dict[str, Any], info: DataInfo) -> ClassifierModule:
         """The module for a validated run config and the data it trains on."""

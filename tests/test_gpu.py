@@ -130,8 +130,10 @@ def test_evaluate_and_predict_run_on_the_gpu_in_bf16(tmp_path: Path, monkeypatch
     assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + 3
 
 
-def test_cuda_graph_fast_path_follows_the_eager_loss_curve(tmp_path: Path) -> None:
-    """model.compile=reduce-overhead (forward and backward replayed as CUDA graphs) trains like eager."""
+@pytest.mark.parametrize("fast_path", ["model.cuda_graph=true", "model.compile=reduce-overhead"])
+def test_cuda_graph_fast_path_follows_the_eager_loss_curve(tmp_path: Path, fast_path: str) -> None:
+    """The whole step replayed as one CUDA graph (model.cuda_graph), or torch.compile's CUDA graphs of the
+    network (reduce-overhead), trains like eager: same first loss, same descent, same step count."""
     base = [
         "data=synthetic",
         "data.train_size=8192",
@@ -145,7 +147,7 @@ def test_cuda_graph_fast_path_follows_the_eager_loss_curve(tmp_path: Path) -> No
         "trainer.enable_progress_bar=false",
     ]
     eager = train(compose(base), run_dir=tmp_path / "eager")
-    fast = train(compose([*base, "model.compile=reduce-overhead"]), run_dir=tmp_path / "fast")
+    fast = train(compose([*base, fast_path]), run_dir=tmp_path / "fast")
     curves = [[v for _, v in scalars(tmp_path / run)["train/loss"]] for run in ("eager", "fast")]
     assert len(curves[0]) == len(curves[1]) == eager["global_step"] == fast["global_step"] == 64
     first, early = [c[0] for c in curves], [sum(c[:16]) / 16 for c in curves]

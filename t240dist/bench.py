@@ -74,8 +74,8 @@ def _train_loops(
         variants[" monitor=off"] = {**conf, "monitor": {"name": "off"}}
     for mode in bench["compile_modes"]:  # both loops again with the network compiled
         variants[f" compile={mode}"] = {**conf, "model": {**conf["model"], "compile": mode}}
-    if _fast_path(bench["cuda_graph"], conf, device):
-        variants[" cuda_graph"] = validate_run({**conf, "model": {**conf["model"], "cuda_graph": True}})
+    if _fast_path(bench["fast_path"], conf, device):
+        variants[" compile=step"] = validate_run({**conf, "model": {**conf["model"], "compile": "step"}})
     ddp = _world() > 1
     loops: dict[str, Callable[[], float]] = {}
     for suffix, variant in variants.items():
@@ -93,10 +93,10 @@ SINGLE = "hand-written, one device"  # under DDP: the loop that the scaling colu
 
 
 def _fast_path(setting: bool | str, conf: dict[str, Any], device: torch.device) -> bool:
-    """Whether to time the loops with ``model.cuda_graph=true`` too: ``bench.cuda_graph`` true, or auto
-    (on one GPU, unless the run already uses it)."""
+    """Whether to time the loops with ``model.compile=step`` too: ``bench.fast_path`` true, or auto (on one
+    GPU, unless the run or ``bench.compile_modes`` already has it)."""
     if setting == "auto":
-        return device.type == "cuda" and _world() == 1 and not conf["model"]["cuda_graph"]
+        return device.type == "cuda" and _world() == 1 and conf["model"]["compile"] != "step"
     return bool(setting)
 
 
@@ -154,7 +154,7 @@ def _hand_written(
 ) -> float:
     """The baseline: the loop a good engineer writes by hand. Returns seconds per timed step.
 
-    With ``model.cuda_graph``, forward and backward are captured after three eager steps and replayed
+    With ``model.compile=step``, forward and backward are captured after three eager steps and replayed
     (the whole-network capture of PyTorch's CUDA-graph notes), the optimizer stepping outside the graph.
     """
     net = build_model(conf["model"], info.channels, info.num_classes).to(device)
@@ -190,7 +190,7 @@ def _hand_written(
         scaler.step(optimizer)
         scaler.update()
 
-    if not conf["model"]["cuda_graph"]:
+    if conf["model"]["compile"] != "step":
         return _per_batch(step, bench, device)
     for i in range(3):
         step(i)

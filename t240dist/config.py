@@ -187,7 +187,7 @@ Data = Annotated[
 ]
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "step")
 
 
 def _compile_setting(value: Any) -> Any:
@@ -207,7 +207,6 @@ class ModelSwitches(Strict):
 
     channels_last: bool
     compile: CompileSetting
-    cuda_graph: bool
 
 
 class SmallCnnModel(ModelSwitches):
@@ -470,16 +469,11 @@ def _check_device(trainer: dict[str, Any]) -> None:
 
 
 def _check_step_graph(raw: dict[str, Any]) -> None:
-    """``model.cuda_graph=true`` replays one captured step: refuse what a fixed replay cannot do."""
-    if not raw["model"]["cuda_graph"]:
+    """``model.compile=step`` replays one captured step: refuse what a fixed replay cannot do."""
+    if raw["model"]["compile"] != "step":
         return
     trainer, module = raw["trainer"], raw["module"]
     conflicts = [
-        (
-            raw["model"]["compile"] is not False,
-            "model.compile (torch.compile's own graphs)",
-            "model.compile=false",
-        ),
         (
             trainer["precision"] == "16-mixed",
             "16-mixed (GradScaler skips steps)",
@@ -504,9 +498,9 @@ def _check_step_graph(raw: dict[str, Any]) -> None:
     ]
     for conflict, what, fix in conflicts:
         if conflict:
-            raise ConfigError(f"model.cuda_graph=true cannot replay a step with {what} — set {fix}")
+            raise ConfigError(f"model.compile=step cannot replay a step with {what} — set {fix}")
     if trainer["accelerator"] == "cpu" or not torch.cuda.is_available():
-        raise ConfigError("model.cuda_graph=true needs a GPU — set model.cuda_graph=false on the CPU")
+        raise ConfigError("model.compile=step needs a GPU — use model.compile=true or false on the CPU")
 
 
 def _device_count(devices: int | str | list[int]) -> int:

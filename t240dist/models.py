@@ -26,14 +26,15 @@ def build_model(cfg: dict[str, Any], in_channels: int, num_classes: int) -> nn.M
 
 
 def compile_network(net: nn.Module, setting: bool | str) -> bool:
-    """Compile ``net`` in place as ``model.compile`` says: false, true (torch.compile's default mode) or a
-    mode name. Returns whether its steps replay CUDA graphs, so that each training step must be marked.
+    """Compile ``net`` in place as ``model.compile`` says: false, true (torch.compile's default mode), a
+    mode name, or step (default mode: ``ClassifierModule`` captures the whole step itself). Returns
+    whether torch.compile's own CUDA graphs replay its steps, so that each training step must be marked.
 
     In place (``nn.Module.compile``), so state_dict keys stay those of the plain network.
     """
     if setting is False:
         return False
-    mode = "default" if setting is True else str(setting)
+    mode = "default" if setting in (True, "step") else str(setting)
     net.compile(mode=mode)
     return mode in ("reduce-overhead", "max-autotune")
 

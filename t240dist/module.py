@@ -17,7 +17,7 @@ from t240dist.optim import build_optimizer, build_scheduler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossAndLogits = tuple[torch.Tensor, torch.Tensor]
-# Eager steps before the step is captured (model.cuda_graph): lazy set-up (cuBLAS/cuDNN handles and
+# Eager steps before the step is captured (model.compile=step): lazy set-up (cuBLAS/cuDNN handles and
 # workspaces, the optimizer's state) must happen before capture, as PyTorch's CUDA-graph notes require.
 GRAPH_WARMUP_STEPS = 3
 
@@ -48,8 +48,8 @@ class ClassifierModule(pl.LightningModule):
         self.save_hyperparameters(logger=False)  # the run logs the whole config to the HParams tab
         self.net = build_model(model, in_channels, num_classes)
         self.cuda_graphs = compile_network(self.net, model["compile"])
-        self.step_graph: StepGraph | None = None  # model.cuda_graph: captured after GRAPH_WARMUP_STEPS
-        self._graphed = model["cuda_graph"]
+        self.step_graph: StepGraph | None = None  # model.compile=step: captured after GRAPH_WARMUP_STEPS
+        self._graphed = model["compile"] == "step"
         self._eager_steps = 0
         self._replayed = False  # whether this step's gradients came from a replay (no backward, no zero_grad)
         self.channels_last = model["channels_last"]

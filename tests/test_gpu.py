@@ -130,9 +130,9 @@ def test_evaluate_and_predict_run_on_the_gpu_in_bf16(tmp_path: Path, monkeypatch
     assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + 3
 
 
-@pytest.mark.parametrize("fast_path", ["model.cuda_graph=true", "model.compile=reduce-overhead"])
+@pytest.mark.parametrize("fast_path", ["model.compile=step", "model.compile=reduce-overhead"])
 def test_cuda_graph_fast_path_follows_the_eager_loss_curve(tmp_path: Path, fast_path: str) -> None:
-    """The whole step replayed as one CUDA graph (model.cuda_graph), or torch.compile's CUDA graphs of the
+    """The whole step replayed as one CUDA graph (model.compile=step), or torch.compile's CUDA graphs of the
     network (reduce-overhead), trains like eager: same first loss, same descent, same step count."""
     base = [
         "data=synthetic",

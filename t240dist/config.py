@@ -132,20 +132,49 @@ class Augment(Strict):
     hflip: bool
 
 
-class DigitsData(Strict):
+def _on_gpu_setting(value: Any) -> Any:
+    """``data.on_gpu``: auto, true or false (Hydra gives booleans for true and false)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"'{value}' is not an on_gpu setting — use auto, true or false")
+
+
+OnGpu = Annotated[bool | Literal["auto"], BeforeValidator(_on_gpu_setting)]
+
+
+class _InMemoryData(Strict):
+    """Datasets held in memory as uint8 tensors: their batches can be made on the training device."""
+
+    augment: Augment
+    on_gpu: OnGpu
+    on_gpu_max_share: Annotated[float, Field(gt=0, le=1)]
+
+    @field_validator("on_gpu")
+    @classmethod
+    def _crop_on_device(cls, on_gpu: bool | str, info: Any) -> bool | str:
+        augment = info.data.get("augment")
+        if on_gpu is True and augment is not None and augment.crop == "resized":
+            raise ValueError(
+                "true makes batches on the device, which has no random-resized crop — "
+                "set data.augment.crop=pad or none, or data.on_gpu=auto"
+            )
+        return on_gpu
+
+
+class DigitsData(_InMemoryData):
     name: Literal["digits"]
     batch_size: PositiveInt
     num_workers: NonNegativeInt
     split_seed: NonNegativeInt
     val_fraction: Fraction
     test_fraction: Fraction
-    augment: Augment
 
 
 class SyntheticData(Strict):
     name: Literal["synthetic"]
     batch_size: PositiveInt
     num_workers: NonNegativeInt
+    on_gpu: OnGpu
     image_size: Annotated[int, Field(ge=4, le=4096)]
     channels: Annotated[int, Field(ge=1, le=64)]
     num_classes: Annotated[int, Field(ge=2)]
@@ -155,15 +184,24 @@ class SyntheticData(Strict):
     val_size: PositiveInt
     test_size: PositiveInt
 
+    @field_validator("on_gpu")
+    @classmethod
+    def _made_per_index(cls, on_gpu: bool | str) -> bool | str:
+        if on_gpu is True:
+            raise ValueError(
+                "true needs images held in memory, but synthetic ones are made per index — "
+                "set data.on_gpu=false"
+            )
+        return on_gpu
 
-class Cifar10Data(Strict):
+
+class Cifar10Data(_InMemoryData):
     name: Literal["cifar10"]
     root: str
     batch_size: PositiveInt
     num_workers: NonNegativeInt
     split_seed: NonNegativeInt
     val_fraction: Fraction
-    augment: Augment
 
 
 class MnistData(Cifar10Data):
@@ -175,11 +213,22 @@ class ImageFolderData(Strict):
     root: str
     batch_size: PositiveInt
     num_workers: NonNegativeInt
+    on_gpu: OnGpu
     image_size: Annotated[int, Field(ge=8, le=4096)]
     split_seed: NonNegativeInt
     val_fraction: Fraction
     on_corrupt: Literal["error", "skip"]
     augment: Augment
+
+    @field_validator("on_gpu")
+    @classmethod
+    def _decoded_lazily(cls, on_gpu: bool | str) -> bool | str:
+        if on_gpu is True:
+            raise ValueError(
+                "true needs images held in memory, but image folders are decoded lazily from disk — "
+                "set data.on_gpu=false"
+            )
+        return on_gpu
 
 
 Data = Annotated[

@@ -50,6 +50,23 @@ from t240dist.errors import ConfigError
         (["model.compile=step", "module.mixup_alpha=0.2"], "with MixUp/CutMix"),
         (["model.compile=step", "nonfinite=skip"], "— set nonfinite=stop"),
         (["model.compile=step", "trainer.accumulate_grad_batches=2"], "with gradient accumulation"),
+        (["data.on_gpu=fast"], "data.on_gpu: 'fast' is not an on_gpu setting — use auto, true or false"),
+        (["data.on_gpu=1"], "data.on_gpu: '1' is not an on_gpu setting"),
+        (["data=mnist", "data.on_gpu_max_share=0"], "data.on_gpu_max_share must be greater than 0 (got 0)"),
+        (
+            ["data=synthetic", "data.on_gpu=true"],
+            "data.on_gpu: true needs images held in memory, but synthetic ones are made per index — "
+            "set data.on_gpu=false",
+        ),
+        (
+            ["data=imagefolder", "data.root=/data", "data.on_gpu=true"],
+            "but image folders are decoded lazily from disk — set data.on_gpu=false",
+        ),
+        (
+            ["data=cifar10", "data.augment.crop=resized", "data.on_gpu=true"],
+            "data.on_gpu: true makes batches on the device, which has no random-resized crop — "
+            "set data.augment.crop=pad or none, or data.on_gpu=auto",
+        ),
     ],
 )
 def test_bad_value_is_one_config_error_naming_key_and_fix(overrides: list[str], expected: str) -> None:

@@ -2,7 +2,8 @@
 
 ``ImageDataModule`` loads (or checks) its data when it is built, so a missing root fails with a
 ``ConfigError`` before any model exists. Small datasets live in memory as tensors; ImageFolder reads
-lazily from disk.
+lazily from disk. With ``data.on_gpu`` the in-memory splits live on the training device and whole batches
+are made there (``DeviceBatches``) instead of by a DataLoader.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -63,24 +64,56 @@ class ImageDataModule(pl.LightningDataModule):
     so metrics reduced over ranks equal a single-process evaluation. A run resumed mid-epoch goes on at
     the next batch (``resume_at``). ``normalisation`` (a checkpoint's) replaces the train split's statistics,
     so a model is evaluated with the preprocessing it was trained with, whatever data it is given.
+    Where ``batch_device`` says so, the loaders are ``DeviceBatches`` instead of DataLoaders.
     """
 
     def __init__(self, cfg: dict[str, Any], seed: int, normalisation: Normalisation | None = None) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        self._skip = 0
+        self._skip = 0  # batches
+        self._placement: tuple[torch.device, torch.device | None] | None = None  # (trainer's, batches')
         self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, normalisation)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, train=False)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def resume_at(self, batches_done: int) -> None:
+        """Let the next training loader start its first epoch after ``batches_done`` batches (this rank's)."""
+        self._skip = batches_done
+
+    @property
+    def batch_device(self) -> torch.device | None:
+        """Where whole batches are made from the resident uint8 splits (``data.on_gpu``), or None for the
+        DataLoader path: the trainer's root device (the CPU without a trainer), decided once per device.
+        ``auto`` picks a CUDA device when the splits fit in ``data.on_gpu_max_share`` of its free memory."""
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if self._placement is None or self._placement[0] != device:
+            self._placement = (device, self._batch_device_on(device))
+        return self._placement[1]
+
+    def _batch_device_on(self, device: torch.device) -> torch.device | None:
+        setting = self.cfg["on_gpu"]
+        if setting is False or not isinstance(self.train_set, TensorImages):
+            return None
+        if setting is True:
+            return device
+        if device.type != "cuda" or self.cfg["augment"]["crop"] == "resized":
+            return None
+        splits = {id(s): s for s in (self.train_set, self.val_set, self.test_set)}.values()
+        size = sum(s.images.nbytes + s.labels.nbytes for s in splits)
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if size <= self.cfg["on_gpu_max_share"] * free else None
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader | DeviceBatches:
+        device = self.batch_device
+        if device is not None:
+            return self._device_loader(dataset, train, device)
         workers = self.cfg["num_workers"]
         options = {
             "batch_size": self.cfg["batch_size"],
@@ -94,16 +127,31 @@ class ImageDataModule(pl.LightningDataModule):
         options["generator"] = torch.Generator().manual_seed(self.seed)
         # Exact resume: the sampler can start mid-epoch (``resume_at``), and each sample's augmentation
         # is seeded by (seed, epoch, index), whatever process or worker draws it.
-        trainer = self.trainer
-        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else _ONE_RANK
-        order = DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
-        tagged, self._skip = EpochTagged(order, self._skip), 0
+        skip, self._skip = self._skip * self.cfg["batch_size"], 0
+        tagged = EpochTagged(self._train_order(dataset), skip)
         # drop_last: no ragged last training batch (BatchNorm dislikes batches of one)
         return DataLoader(EpochSeeded(dataset, self.seed), sampler=tagged, drop_last=True, **options)
 
-    def resume_at(self, batches_done: int) -> None:
-        """Let the next training loader start its first epoch after ``batches_done`` batches (this rank's)."""
-        self._skip = batches_done * self.cfg["batch_size"]
+    def _device_loader(self, split: TensorImages, train: bool, device: torch.device) -> DeviceBatches:
+        """Batches made on ``device`` from the split's uint8 images, copied there at the first loader."""
+        images, labels = split.on(device)
+        mean, std = (torch.tensor(v, device=device).view(-1, 1, 1) for v in (self.info.mean, self.info.std))
+        batch_size = self.cfg["batch_size"]
+        if not train:
+            shard = self._eval_shard(split) or SequentialSampler(split)
+            return DeviceBatches(images, labels, mean, std, shard, batch_size, drop_last=False, augment=None)
+        augment = self.cfg["augment"]
+        padding = augment["padding"] if augment["crop"] == "pad" else 0
+        random = BatchAugment(self.seed, padding, augment["hflip"]) if padding or augment["hflip"] else None
+        skip, self._skip = self._skip, 0
+        order = self._train_order(split)
+        return DeviceBatches(images, labels, mean, std, order, batch_size, True, random, skip)
+
+    def _train_order(self, dataset: Dataset) -> DistributedSampler:
+        """This rank's shuffled share of the training samples, reshuffled by ``set_epoch``."""
+        trainer = self.trainer
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else _ONE_RANK
+        return DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
 
     def _eval_shard(self, dataset: Dataset) -> Sampler | None:
         trainer = self.trainer
@@ -162,19 +210,113 @@ class EpochSeeded(Dataset):
 
 
 class TensorImages(Dataset):
-    """Images held in memory as one tensor, with an optional per-sample transform."""
+    """Images held in memory as one uint8 tensor, with an optional per-sample transform."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any = None) -> None:
         self.images, self.labels, self.transform = images, labels, transform
+        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 images and the labels on ``device``, copied there once."""
+        if self._resident is None or self._resident[0].device != device:
+            self._resident = (self.images.to(device), self.labels.to(device))
+        return self._resident
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.images[i]
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[i])
+
+
+class DeviceBatches:
+    """A loader of whole batches made where the uint8 images are (``data.on_gpu``), without workers.
+
+    Each batch indexes the images with the sampler's next indices, is cropped and flipped (training:
+    ``augment``, for the whole batch at once) and normalised, all on the images' device. Lightning finds
+    ``sampler`` (as on a DataLoader; it reads ``batch_sampler`` too) and calls its ``set_epoch``; training
+    samplers are ``DistributedSampler``s, whose epoch and rank key the augmentation. ``skip`` batches are
+    left out of the next epoch only: a resumed epoch goes on where it stopped.
+    """
+
+    batch_sampler = None
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        sampler: Sampler,
+        batch_size: int,
+        drop_last: bool,
+        augment: BatchAugment | None,
+        skip: int = 0,
+    ) -> None:
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.augment, self.skip = augment, skip
+
+    def __len__(self) -> int:
+        whole, ragged = divmod(len(self.sampler), self.batch_size)
+        return whole + (ragged > 0 and not self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # a generator: the order is drawn at the first batch, after Lightning has set the epoch
+        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.images.device, non_blocking=True)
+        start, self.skip = self.skip, 0
+        for position in range(start, len(self)):
+            index = order[position * self.batch_size : (position + 1) * self.batch_size]
+            images = self.images[index]
+            if self.augment is not None:
+                images = self.augment(images, self.sampler.epoch, self.sampler.rank, position)
+            # as v2.ToDtype(scale=True) and v2.Normalize compute it on the DataLoader path
+            yield images.to(torch.float32).mul_(1 / 255).sub_(self.mean).div_(self.std), self.labels[index]
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """``data.augment`` for a whole uint8 batch on its device: a random crop after zero ``padding``
+    (0: none) and a random horizontal flip, drawn per batch on the CPU from (seed, epoch, rank, position).
+
+    The draws depend on nothing else (not on the global RNG, not on a resume) and reach the device in one
+    small non-blocking copy per batch.
+    """
+
+    seed: int
+    padding: int
+    hflip: bool
+
+    def __call__(self, images: torch.Tensor, epoch: int, rank: int, position: int) -> torch.Tensor:
+        gen = _generator(self.seed, epoch, rank, position)
+        n = len(images)
+        shifts = torch.randint(2 * self.padding + 1, (2, n), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        draws = torch.cat([shifts, flips[None]]).to(images.device, non_blocking=True)
+        return crop_and_flip(images, self.padding, draws[:2], draws[2].bool())
+
+
+def crop_and_flip(
+    images: torch.Tensor, padding: int, shifts: torch.Tensor, flips: torch.Tensor
+) -> torch.Tensor:
+    """Each image (N, C, H, W) zero-padded by ``padding``, cropped back to H x W at offsets ``shifts``
+    ((2, N): rows, columns, each in [0, 2 * padding]) and mirrored where ``flips`` (N,) is set, in one
+    gather for the whole batch."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    rows = shifts[0, :, None] + torch.arange(h, device=device)
+    columns = torch.arange(w, device=device)
+    columns = shifts[1, :, None] + torch.where(flips[:, None], w - 1 - columns, columns)
+    return padded[
+        torch.arange(n, device=device)[:, None, None, None],
+        torch.arange(c, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        columns[:, None, None, :],
+    ]
 
 
 class SyntheticImages(Dataset):

@@ -1,4 +1,5 @@
-"""Datasets: splits are disjoint and reproducible, synthetic images are a function of the seed."""
+"""Datasets: splits are disjoint and reproducible, synthetic images are a function of the seed; batches made
+where the images are held (data.on_gpu, here on the CPU) match the DataLoader's and resume exactly."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compose
 from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
+from torch.utils.data import DataLoader
 
 from t240dist.config import validate
-from t240dist.data import ImageDataModule, load_rgb
+from t240dist.data import BatchAugment, DeviceBatches, ImageDataModule, load_rgb
 from t240dist.errors import ConfigError
 
 
@@ -150,3 +153,73 @@ def test_a_crafted_cifar_batch_is_refused_and_its_payload_never_runs(tmp_path: P
     with pytest.raises(ConfigError, match=r"data_batch_3 is not a CIFAR-10 python batch .* — replace it"):
         _data("data=cifar10", f"data.root={tmp_path}")
     assert not marker.exists()
+
+
+def _cifar_on_device(root: Path, *overrides: str) -> ImageDataModule:
+    write_cifar(root)
+    return _data("data=cifar10", f"data.root={root}", "data.batch_size=8", "data.on_gpu=true", *overrides)
+
+
+def test_device_batches_are_the_dataloaders_when_nothing_is_random(tmp_path: Path) -> None:
+    plain = ("data.augment.crop=none", "data.augment.hflip=false")
+    device = _cifar_on_device(tmp_path, *plain)
+    host = _data("data=cifar10", f"data.root={tmp_path}", "data.batch_size=8", *plain)  # auto, on the CPU
+    for make in ("train_dataloader", "test_dataloader"):
+        a, b = getattr(host, make)(), getattr(device, make)()
+        assert isinstance(a, DataLoader) and isinstance(b, DeviceBatches) and len(a) == len(b)
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):  # the same samples, normalised the same way
+            assert xb.dtype == torch.float32 and torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert (len(b), len(b.sampler)) == (3, 20)  # a ragged last test batch; training drops it
+    assert len(device.train_dataloader()) == 90 // 8
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_device_crop_and_flip_only_shift_and_mirror_each_image(tmp_path: Path, padding: int) -> None:
+    data = _cifar_on_device(tmp_path, "data.batch_size=16", f"data.augment.padding={padding}")
+    loader = data.train_dataloader()
+    x, y = next(iter(loader))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    index = list(loader.sampler)[:16]
+    assert torch.equal(y, data.train_set.labels[index])
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in (data.info.mean, data.info.std))
+    pixels = (x * std + mean).mul_(255).round_()  # back to the uint8 values
+    sources = F.pad(data.train_set.images[index], (padding,) * 4).float()
+    seen = set()
+    for image, source in zip(pixels, sources, strict=True):
+        windows = {
+            (dy, dx): source[:, dy : dy + 32, dx : dx + 32]
+            for dy in range(2 * padding + 1)
+            for dx in range(2 * padding + 1)
+        }
+        views = {(*at, flip): w.flip(-1) if flip else w for at, w in windows.items() for flip in (0, 1)}
+        [found] = [key for key, view in views.items() if torch.equal(view, image)]
+        seen.add(found)
+    assert {flip for _, _, flip in seen} == {0, 1}  # some mirrored, some not
+    offsets = {(dy, dx) for dy, dx, _ in seen}
+    assert len(offsets) > 1 if padding else offsets == {(0, 0)}
+
+
+def test_device_augmentation_is_fixed_by_seed_epoch_and_batch_and_resumes_mid_epoch(tmp_path: Path) -> None:
+    data, again = _cifar_on_device(tmp_path), _cifar_on_device(tmp_path)
+
+    def epoch(data: ImageDataModule, number: int) -> list[torch.Tensor]:
+        loader = data.train_dataloader()
+        loader.sampler.set_epoch(number)  # as Lightning does
+        return [x for x, _ in loader]
+
+    rng = torch.get_rng_state()
+    first = epoch(data, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, epoch(again, 1), strict=True))
+    assert not torch.equal(first[0], epoch(data, 2)[0])
+    again.resume_at(4)
+    resumed = epoch(again, 1)
+    assert len(resumed) == len(first) - 4 and all(
+        torch.equal(a, b) for a, b in zip(first[4:], resumed, strict=True)
+    )
+    assert len(epoch(again, 1)) == len(first)  # only the first epoch after resume_at is shortened
+    assert torch.equal(rng, torch.get_rng_state())  # the global RNG is left alone
+
+    images = data.train_set.images[:8]  # the same images: each part of the key changes the crops and flips
+    keys = [(0, 1, 0, 3), (0, 1, 0, 3), (1, 1, 0, 3), (0, 2, 0, 3), (0, 1, 1, 3), (0, 1, 0, 4)]
+    made = [BatchAugment(seed, padding=4, hflip=True)(images, *key) for seed, *key in keys]
+    assert torch.equal(made[0], made[1]) and not any(torch.equal(made[0], other) for other in made[2:])

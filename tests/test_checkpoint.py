@@ -193,15 +193,21 @@ def uninterrupted(cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 @pytest.mark.parametrize(
     ("workers", "extra", "steps"),
-    [(0, [], 36), (2, [], 36), (0, ["trainer=ddp", "trainer.accelerator=cpu"], 18)],
-    ids=["workers0", "workers2", "ddp2"],
+    [
+        (0, [], 36),
+        (2, [], 36),
+        (0, ["trainer=ddp", "trainer.accelerator=cpu"], 18),
+        (0, ["data.on_gpu=true"], 36),
+    ],
+    ids=["workers0", "workers2", "ddp2", "on_gpu"],
 )
 def test_resume_after_kill_matches_uninterrupted_run(
     tmp_path: Path, key: None, cifar: Path, uninterrupted: dict, workers: int, extra: list[str], steps: int
 ) -> None:
     """Shuffling, dropout, MixUp and random crops/flips on; SIGKILL (every rank) mid-epoch; resume=auto.
 
-    Augmentation is seeded per sample, so 2 worker processes reproduce the single-process run too.
+    Augmentation is seeded per sample, so 2 worker processes reproduce the single-process run too; with
+    data.on_gpu (here in host memory) it is seeded per batch.
     """
     whole = (
         _finish(_cifar_run(cifar, tmp_path / "whole", workers, *extra), tmp_path / "whole")

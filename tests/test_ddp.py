@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TINY, compose, run_cli
@@ -115,8 +116,16 @@ def test_every_training_sample_is_seen_once_per_epoch_across_ranks(tmp_path: Pat
     assert epochs[0] != epochs[1]  # reshuffled every epoch
 
 
-def test_two_rank_test_metrics_equal_a_one_process_evaluation() -> None:
-    conf = validate(compose([*TINY, "data.test_size=31", "data.batch_size=4"]))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*TINY, "data.test_size=31"],
+        ["data=digits", "data.test_fraction=0.0173", "data.on_gpu=true", "model.width=8"],  # 31 images
+    ],
+    ids=["dataloader", "on_gpu"],
+)
+def test_two_rank_test_metrics_equal_a_one_process_evaluation(overrides: list[str]) -> None:
+    conf = validate(compose([*overrides, "data.batch_size=4"]))
     data = ImageDataModule(conf["data"], conf["seed"])
     module = ClassifierModule.from_config(conf, data.info)
     one = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)

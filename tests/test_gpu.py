@@ -12,10 +12,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TINY, compose, scalars
+from datasets_on_disk import write_cifar
 from PIL import Image
 
 from t240dist.checkpoint import KEY_ENV
 from t240dist.config import compose_config
+from t240dist.data import DeviceBatches
 from t240dist.inference import evaluate, predict
 from t240dist.run import train
 
@@ -44,19 +46,48 @@ class StrictSync(pl.Callback):
             torch.cuda.set_sync_debug_mode("default")
 
 
-def test_training_steps_never_synchronise_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _add_callbacks(monkeypatch: pytest.MonkeyPatch, *extra: pl.Callback) -> None:
+    """Every Trainer the run builds gets ``extra`` callbacks too."""
     original = pl.Trainer
 
-    def strict_trainer(*args: object, callbacks: list, **kwargs: object) -> pl.Trainer:
-        return original(*args, callbacks=[*callbacks, StrictSync()], **kwargs)
+    def trainer_with_extra(*args: object, callbacks: list, **kwargs: object) -> pl.Trainer:
+        return original(*args, callbacks=[*callbacks, *extra], **kwargs)
 
-    monkeypatch.setattr(pl, "Trainer", strict_trainer)
+    monkeypatch.setattr(pl, "Trainer", trainer_with_extra)
+
+
+def test_training_steps_never_synchronise_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _add_callbacks(monkeypatch, StrictSync())
     overrides = [*TINY, "trainer.log_every_n_steps=50", "trainer.enable_progress_bar=true"]
     overrides += ["module.mixup_alpha=0.2", "model.channels_last=true", "trainer.precision=bf16-mixed"]
     try:
         assert train(compose(overrides), run_dir=tmp_path)["global_step"] == 8
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class TrainLoader(pl.Callback):
+    """Keeps the training loader the run got."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.loader = trainer.train_dataloader
+
+
+def test_on_gpu_auto_makes_batches_on_the_gpu_without_a_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.on_gpu=auto holds a small CIFAR copy on the GPU; crops, flips and steps never wait for it."""
+    write_cifar(tmp_path, per_batch=64)  # 288 training images: 9 batches of 32 an epoch
+    kept = TrainLoader()
+    _add_callbacks(monkeypatch, StrictSync(), kept)
+    overrides = ["data=cifar10", f"data.root={tmp_path}", "data.batch_size=32", "model.width=8"]
+    overrides += ["trainer.max_epochs=2", "trainer.log_every_n_steps=50", "trainer.precision=bf16-mixed"]
+    try:
+        summary = train(compose(overrides), run_dir=tmp_path / "run")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert isinstance(kept.loader, DeviceBatches) and kept.loader.images.device.type == "cuda"
+    assert summary["global_step"] == 18 and summary["test_loss"] == summary["test_loss"]
 
 
 def test_real_nvml_sees_the_training_gpu(tmp_path: Path) -> None:

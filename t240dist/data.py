@@ -142,10 +142,11 @@ class ImageDataModule(pl.LightningDataModule):
             return DeviceBatches(images, labels, mean, std, shard, batch_size, drop_last=False, augment=None)
         augment = self.cfg["augment"]
         padding = augment["padding"] if augment["crop"] == "pad" else 0
-        random = BatchAugment(self.seed, padding, augment["hflip"]) if padding or augment["hflip"] else None
+        hflip = augment["hflip"]
+        crop_flip = BatchAugment(self.seed, padding, hflip) if padding or hflip else None
         skip, self._skip = self._skip, 0
-        order = self._train_order(split)
-        return DeviceBatches(images, labels, mean, std, order, batch_size, True, random, skip)
+        order = self._train_order(split)  # drop_last: no ragged last training batch, as on the DataLoader
+        return DeviceBatches(images, labels, mean, std, order, batch_size, True, crop_flip, skip)
 
     def _train_order(self, dataset: Dataset) -> DistributedSampler:
         """This rank's shuffled share of the training samples, reshuffled by ``set_epoch``."""

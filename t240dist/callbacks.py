@@ -43,6 +43,9 @@ class ProgressBar(TQDMProgressBar):
 class TrainSpeed(pl.Callback):
     """Logs ``perf/images_per_s`` and ``train/lr`` at logging steps; totals training time for the summary.
 
+    ``images_per_s`` leaves out the first step, which carries the one-off costs (compilation, autotuning,
+    the first batch of the workers) reported as ``first_step_s``: a compiled run's rate is its steady rate.
+
     Written here because Lightning's ThroughputMonitor synchronises the GPU after every batch and
     LearningRateMonitor splits the lr into one tag per parameter group. The window rate needs no sync of
     its own: Lightning reads the logged metrics back on the same steps. Validation time is excluded.
@@ -52,13 +55,15 @@ class TrainSpeed(pl.Callback):
         self.images = 0
         self.train_s = 0.0
         self.first_step_s: float | None = None  # from the start of fit's training to the first step's end
+        self._after_first = (0, 0.0)  # (images, train_s) at the first step's end
         self._train_start = 0.0
         self._clock: float | None = None
         self._window = (0, 0.0)  # (images, time) when the current logging window opened
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.train_s if self.train_s > 0 else 0.0
+        images, seconds = self.images - self._after_first[0], self.train_s - self._after_first[1]
+        return images / seconds if seconds > 0 else 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._train_start = time.perf_counter()
@@ -82,7 +87,10 @@ class TrainSpeed(pl.Callback):
     ) -> None:
         self.images += len(batch[1]) * trainer.world_size
         if self.first_step_s is None:
+            self._stop(pl_module)  # one sync, once: the first step's work is done
             self.first_step_s = time.perf_counter() - self._train_start
+            self._after_first = (self.images, self.train_s)
+            self._clock = time.perf_counter()  # the logged window goes on: the curve shows what happened
         # The same cadence and step counter Lightning uses for self.log (and its LearningRateMonitor).
         if trainer.logger is None or self._clock is None or not trainer._logger_connector.should_update_logs:
             return

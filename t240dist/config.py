@@ -480,7 +480,7 @@ def _one_line(error: dict[str, Any], raw: dict[str, Any]) -> str:
     loc = list(error["loc"])
     if loc and loc[0] in _UNIONS and len(loc) > 1:
         del loc[1]  # the union's tag (e.g. 'torch.optim.SGD') is not part of the user's key
-    key = ".".join(str(p) for p in loc)
+    key = ".".join(str(p) for p in loc if not _type_tag(p))
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
         return f"{key} is not a config key — {_FIXES[kind]}"
@@ -491,6 +491,14 @@ def _one_line(error: dict[str, Any], raw: dict[str, Any]) -> str:
     fix = _FIXES.get(kind) or _range_fix(error)
     what = msg.replace("Input should be", "must be").replace("Field required", "is missing")
     return f"{key} {what}{shown} — {fix}"
+
+
+def _type_tag(part: Any) -> bool:
+    """Whether ``part`` of an error's location names a member of a type union (e.g. ``constrained-float``
+    of ``float | int``) rather than a config key."""
+    return isinstance(part, str) and (
+        part.startswith("constrained-") or part in ("int", "float", "str", "bool")
+    )
 
 
 def _range_fix(error: dict[str, Any]) -> str:

@@ -91,7 +91,8 @@ class ImageDataModule(pl.LightningDataModule):
     def batch_device(self) -> torch.device | None:
         """Where whole batches are made from the resident uint8 splits (``data.on_gpu``), or None for the
         DataLoader path: the trainer's root device (the CPU without a trainer), decided once per device.
-        ``auto`` picks a CUDA device when the splits fit in ``data.on_gpu_max_share`` of its free memory."""
+        ``auto`` picks a CUDA device when the splits fit in ``data.on_gpu_max_share`` of its memory (its
+        total, not what is free now: every rank of a job on like GPUs decides alike)."""
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         if self._placement is None or self._placement[0] != device:
             self._placement = (device, self._batch_device_on(device))
@@ -107,8 +108,8 @@ class ImageDataModule(pl.LightningDataModule):
             return None
         splits = {id(s): s for s in (self.train_set, self.val_set, self.test_set)}.values()
         size = sum(s.images.nbytes + s.labels.nbytes for s in splits)
-        free, _ = torch.cuda.mem_get_info(device)
-        return device if size <= self.cfg["on_gpu_max_share"] * free else None
+        total = torch.cuda.get_device_properties(device).total_memory
+        return device if size <= self.cfg["on_gpu_max_share"] * total else None
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader | DeviceBatches:
         device = self.batch_device

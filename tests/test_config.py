@@ -40,6 +40,7 @@ from t240dist.errors import ConfigError
         (["data=imagefolder"], "data.root is not set"),
         (["nonfinite=bogus"], "nonfinite must be 'stop' or 'skip' (got 'bogus')"),
         (["model.compile=fast"], "model.compile: 'fast' is not a compile setting — use false, true, reduce"),
+        (["trainer.limit_val_batches=0"], "trainer.limit_val_batches must be greater than 0 (got 0)"),
         (["monitor.interval_s=0"], "monitor.interval_s must be greater than or equal to 0.01 (got 0)"),
         (
             ["model.compile=step"],

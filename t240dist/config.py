@@ -73,6 +73,28 @@ def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def with_later_keys(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config (a checkpoint's) completed with the keys it lacks because t240dist added them
+    later, at their defaults in conf/: from the file of the stored group option (``data/cifar10.yaml``
+    for ``data.name=cifar10``) and from config.yaml. Stored values are never changed."""
+    for group, node in stored.items():
+        option = CONF_DIR / group / f"{node.get('name')}.yaml" if isinstance(node, dict) else None
+        if option is not None and option.is_file():
+            _fill(node, OmegaConf.to_container(OmegaConf.load(option)))
+    top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
+    _fill(stored, {k: v for k, v in top.items() if k not in ("defaults", "hydra")})
+    return stored
+
+
+def _fill(into: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Add the keys of ``defaults`` that ``into`` lacks, recursively."""
+    for key, value in defaults.items():
+        if key not in into:
+            into[key] = value
+        elif isinstance(into[key], dict) and isinstance(value, dict):
+            _fill(into[key], value)
+
+
 def check(schema: type[BaseModel], raw: dict[str, Any]) -> None:
     """Validate ``raw`` against ``schema``; the first problem becomes a one-line ``ConfigError``."""
     try:

@@ -36,6 +36,7 @@ from t240dist.config import (
     check,
     plain,
     validate_run,
+    with_later_keys,
 )
 from t240dist.data import DataInfo, ImageDataModule, Normalisation, file_transform, load_rgb
 from t240dist.errors import ConfigError, UserError
@@ -250,7 +251,7 @@ def restore(cfg: DictConfig, overrides: list[str], options: type[EvaluateOptions
             f"{path} holds no run config (saved by an older t240dist, or not by t240dist) — "
             "retrain with this version to evaluate, predict or export it"
         )
-    stored = copy.deepcopy(hp["config"])
+    stored = with_later_keys(copy.deepcopy(hp["config"]))
     stored["resume"] = "never"
     stored["trainer"].update(devices=1, num_nodes=1, strategy="auto")  # a DDP run is scored on one device
     for key in _run_keys(overrides, options):

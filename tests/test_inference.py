@@ -194,3 +194,18 @@ def test_export_writes_an_onnx_model_that_onnx_runtime_runs_like_pytorch(run: di
     with torch.inference_mode():
         expected = module.eval()(images).numpy()
     assert logits.shape == (5, 10) and np.abs(logits - expected).max() <= 1e-4
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_evaluates_with_its_default(
+    run: dict, tmp_path: Path
+) -> None:
+    """A checkpoint whose stored config lacks keys added since (data.on_gpu, model.compile) is scored as
+    before: the missing keys take their conf/ defaults, the stored ones stay."""
+    older = _stored(run)
+    config = older["hyper_parameters"]["config"]
+    del config["data"]["on_gpu"], config["model"]["compile"]
+    path = tmp_path / "older.ckpt"
+    torch.save(older, path)
+    overrides = [f"ckpt={path}", "checkpoint.trust_unsigned=true"]
+    summary = evaluate(compose_config(overrides, "evaluate"), overrides, tmp_path / "eval")
+    assert summary["test_acc"] == run["test_acc"]

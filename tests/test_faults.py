@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY, process_tree, wait_for_checkpoint
 
 from t240dist.checkpoint import KEY_ENV
-from t240dist.errors import EXIT_RANK_DIED
+from t240dist.errors import EXIT_PREEMPTED, EXIT_RANK_DIED
 
 DDP = [*TINY, "data.train_size=512", "trainer=ddp", "trainer.accelerator=cpu", "checkpoint.every_n_steps=1"]
 
@@ -63,6 +63,35 @@ def test_a_killed_rank_stops_the_other_within_a_minute_with_one_line(
     )
     if victim == 1:
         assert rank0.returncode == EXIT_RANK_DIED
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_sigterm_to_one_rank_stops_both_after_one_save(
+    tmp_path: Path, reap: list[subprocess.Popen], victim: int
+) -> None:
+    """The ranks agree on a signal that only one of them got (Lightning's own per-step SIGTERM broadcast
+    is off under t240dist's DDP): both stop after the same step, one checkpoint is saved, exit code 75."""
+    run_dir = tmp_path / "run"
+    args = [*DDP, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}"]
+    rank0 = subprocess.Popen(
+        [sys.executable, "-m", "train", *args],
+        cwd=tmp_path,
+        env={**os.environ, KEY_ENV: "test-key"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    reap.append(rank0)
+    wait_for_checkpoint(run_dir / "checkpoints" / "recovery-*.ckpt", min_step=1)
+    [rank1] = [pid for pid, env in process_tree(rank0.pid).items() if env.get("LOCAL_RANK") == "1"]
+    os.kill({0: rank0.pid, 1: rank1}[victim], signal.SIGTERM)
+
+    stderr = rank0.communicate(timeout=60)[1]
+    assert rank0.returncode == EXIT_PREEMPTED and _gone(rank1, within_s=5)
+    assert "Traceback" not in stderr and "RankDied" not in stderr
+    [saved] = (run_dir / "checkpoints").glob("preempted-step*.ckpt")
+    assert stderr.strip().splitlines()[-1].startswith(f"Preempted: saved {saved} at step ")
 
 
 def test_torchrun_restarts_after_a_killed_worker_and_resumes_from_the_last_checkpoint(

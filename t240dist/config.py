@@ -18,6 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -164,6 +165,17 @@ def _on_gpu_setting(value: Any) -> Any:
 OnGpu = Annotated[bool | Literal["auto"], BeforeValidator(_on_gpu_setting)]
 
 
+def _not_held(why: str) -> Any:
+    """``data.on_gpu`` of a dataset not held in memory: ``true`` is refused, saying ``why``."""
+
+    def refuse_true(on_gpu: bool | str) -> bool | str:
+        if on_gpu is True:
+            raise ValueError(f"true needs images held in memory, but {why} — set data.on_gpu=false")
+        return on_gpu
+
+    return Annotated[OnGpu, AfterValidator(refuse_true)]
+
+
 class _InMemoryData(Strict):
     """Datasets held in memory as uint8 tensors: their batches can be made on the training device."""
 
@@ -196,7 +208,7 @@ class SyntheticData(Strict):
     name: Literal["synthetic"]
     batch_size: PositiveInt
     num_workers: NonNegativeInt
-    on_gpu: OnGpu
+    on_gpu: _not_held("synthetic ones are made per index")
     image_size: Annotated[int, Field(ge=4, le=4096)]
     channels: Annotated[int, Field(ge=1, le=64)]
     num_classes: Annotated[int, Field(ge=2)]
@@ -205,16 +217,6 @@ class SyntheticData(Strict):
     train_size: PositiveInt
     val_size: PositiveInt
     test_size: PositiveInt
-
-    @field_validator("on_gpu")
-    @classmethod
-    def _made_per_index(cls, on_gpu: bool | str) -> bool | str:
-        if on_gpu is True:
-            raise ValueError(
-                "true needs images held in memory, but synthetic ones are made per index — "
-                "set data.on_gpu=false"
-            )
-        return on_gpu
 
 
 class Cifar10Data(_InMemoryData):
@@ -235,22 +237,12 @@ class ImageFolderData(Strict):
     root: str
     batch_size: PositiveInt
     num_workers: NonNegativeInt
-    on_gpu: OnGpu
+    on_gpu: _not_held("image folders are decoded lazily from disk")
     image_size: Annotated[int, Field(ge=8, le=4096)]
     split_seed: NonNegativeInt
     val_fraction: Fraction
     on_corrupt: Literal["error", "skip"]
     augment: Augment
-
-    @field_validator("on_gpu")
-    @classmethod
-    def _decoded_lazily(cls, on_gpu: bool | str) -> bool | str:
-        if on_gpu is True:
-            raise ValueError(
-                "true needs images held in memory, but image folders are decoded lazily from disk — "
-                "set data.on_gpu=false"
-            )
-        return on_gpu
 
 
 Data = Annotated[

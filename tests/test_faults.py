@@ -33,10 +33,9 @@ def _gone(pid: int, within_s: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize(("victim", "how"), [(1, "was killed by SIGKILL"), (0, "is gone")])
-def test_a_killed_rank_stops_the_other_within_a_minute_with_one_line(
-    tmp_path: Path, reap: list[subprocess.Popen], victim: int, how: str
-) -> None:
+def _two_ranks_training(tmp_path: Path, reap: list[subprocess.Popen]) -> tuple[subprocess.Popen, int, Path]:
+    """A long 2-rank CPU run, once it has saved a step: rank 0's process (rank 1 shares its stderr pipe),
+    rank 1's pid and the run dir."""
     run_dir = tmp_path / "run"
     args = [*DDP, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}"]
     rank0 = subprocess.Popen(
@@ -44,13 +43,21 @@ def test_a_killed_rank_stops_the_other_within_a_minute_with_one_line(
         cwd=tmp_path,
         env={**os.environ, KEY_ENV: "test-key"},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,  # rank 1 writes here too
+        stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     reap.append(rank0)
     wait_for_checkpoint(run_dir / "checkpoints" / "recovery-*.ckpt", min_step=1)
     [rank1] = [pid for pid, env in process_tree(rank0.pid).items() if env.get("LOCAL_RANK") == "1"]
+    return rank0, rank1, run_dir
+
+
+@pytest.mark.parametrize(("victim", "how"), [(1, "was killed by SIGKILL"), (0, "is gone")])
+def test_a_killed_rank_stops_the_other_within_a_minute_with_one_line(
+    tmp_path: Path, reap: list[subprocess.Popen], victim: int, how: str
+) -> None:
+    rank0, rank1, _ = _two_ranks_training(tmp_path, reap)
     pids = {0: rank0.pid, 1: rank1}
     os.kill(pids[victim], signal.SIGKILL)
 
@@ -71,20 +78,7 @@ def test_sigterm_to_rank_1_alone_stops_both_after_one_save(
     """The ranks agree on a signal that only one of them got (Lightning's own per-step SIGTERM broadcast,
     from rank 0 only, is off under t240dist's DDP): both stop after the same step, one checkpoint is
     saved, exit code 75."""
-    run_dir = tmp_path / "run"
-    args = [*DDP, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}"]
-    rank0 = subprocess.Popen(
-        [sys.executable, "-m", "train", *args],
-        cwd=tmp_path,
-        env={**os.environ, KEY_ENV: "test-key"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    reap.append(rank0)
-    wait_for_checkpoint(run_dir / "checkpoints" / "recovery-*.ckpt", min_step=1)
-    [rank1] = [pid for pid, env in process_tree(rank0.pid).items() if env.get("LOCAL_RANK") == "1"]
+    rank0, rank1, run_dir = _two_ranks_training(tmp_path, reap)
     os.kill(rank1, signal.SIGTERM)
 
     stderr = rank0.communicate(timeout=60)[1]

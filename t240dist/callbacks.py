@@ -257,6 +257,14 @@ class Preemption(pl.Callback):
         self._previous = {}
 
 
+NONE_YET = torch.iinfo(torch.int64).max  # NonFiniteGuard's first bad step while there is none
+
+
+def _known(step: int) -> int:
+    """A first bad step as the guard reports it: -1 for none yet."""
+    return -1 if step == NONE_YET else step
+
+
 def _is_submitit_requeue(handler: Any) -> bool:
     """Whether ``handler`` is the one submitit installs in its jobs: checkpoint the call, requeue, exit."""
     submitit = sys.modules.get("submitit.core.job_environment")  # imported in every submitit job
@@ -283,14 +291,14 @@ class NonFiniteGuard(pl.Callback):
         self.mode = mode
         self.skipped = 0
         self._probe: torch.Tensor | None = None  # the step's losses summed: NaN/inf survive any sum
-        self._first_bad: torch.Tensor | None = None  # the first non-finite step, -1 while there is none
+        self._first_bad: torch.Tensor | None = None  # the first non-finite step, NONE_YET while there is none
         self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # pinned copy of it, and its event
         self._good_buffers: list[torch.Tensor] = []  # skip: the buffers as the last good step left them
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._first_bad = torch.full((), -1, dtype=torch.int64, device=pl_module.device)
+        self._first_bad = torch.full((), NONE_YET, dtype=torch.int64, device=pl_module.device)
         if pl_module.device.type == "cuda":
-            self._copy = (torch.full((), -1, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+            self._copy = (torch.full((), NONE_YET, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
         if self.mode == "skip":
             self._good_buffers = [b.detach().clone() for b in pl_module.buffers()]
 
@@ -306,15 +314,18 @@ class NonFiniteGuard(pl.Callback):
         probe, self._probe = self._probe, None
         if probe is None:
             return
+        values = [probe]
         if trainer.precision != "16-mixed":  # GradScaler skips non-finite gradients and lowers its scale
             grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            probe = probe + torch.nn.utils.get_total_norm(grads)
-        finite = torch.isfinite(probe)
+            # one multi-tensor kernel; nn.utils.get_total_norm would also regroup the list by device
+            # and dtype in Python every step, and square-sum the norms
+            values += torch._foreach_norm(grads)
+        finite = torch.isfinite(torch.stack(values)).all()
         if self.mode == "skip":
             self._skip_unless(bool(finite), trainer, pl_module, optimizer)
             return
-        seen = finite | (self._first_bad >= 0)
-        self._first_bad = torch.where(seen, self._first_bad, trainer.global_step)
+        bad_at = torch.where(finite, NONE_YET, trainer.global_step)
+        torch.minimum(self._first_bad, bad_at, out=self._first_bad)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -363,13 +374,13 @@ class NonFiniteGuard(pl.Callback):
         if trainer.world_size > 1:  # ranks must stop together: agree where they already sync to log
             if trainer.global_step % trainer.log_every_n_steps:
                 return -1
-            return int(trainer.strategy.reduce(first_bad.clone(), reduce_op="max"))
+            return _known(int(trainer.strategy.reduce(first_bad.clone(), reduce_op="min")))
         if self._copy is None:
-            return int(first_bad)  # on the CPU this costs nothing
+            return _known(int(first_bad))  # on the CPU this costs nothing
         host, landed = self._copy
         if not landed.query():  # an event never recorded counts as landed
             return -1
         step = int(host)
         host.copy_(first_bad, non_blocking=True)
         landed.record()
-        return step
+        return _known(step)

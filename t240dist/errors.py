@@ -17,7 +17,10 @@ EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkp
 EXIT_RANK_DIED = 1  # another rank of the job died: the job failed; a rerun resumes from the last checkpoint
 
 # Read once at import: run_app sets the variable for Hydra's sake, the user's wish stays here.
-_FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1"
+# run_app sets HYDRA_FULL_ERROR for Hydra's sake and marks that it did: the processes this one starts
+# (the ranks of trainer=ddp) inherit both, and print one line too unless the user asked for tracebacks.
+_SET_BY_US = "T240DIST_SET_HYDRA_FULL_ERROR"
+_FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1" and _SET_BY_US not in os.environ
 
 
 class UserError(Exception):
@@ -50,7 +53,8 @@ def run_app(app: Callable[[], Any]) -> None:
     Hydra prints its own multi-line report and exits 1; with HYDRA_FULL_ERROR set it raises instead,
     which lets ``one_line_errors`` word them like every other user error.
     """
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        os.environ.update({"HYDRA_FULL_ERROR": "1", _SET_BY_US: "1"})
     with one_line_errors():
         app()
 

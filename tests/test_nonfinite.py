@@ -44,6 +44,23 @@ def test_diverging_run_stops_at_the_bad_step_and_writes_no_nan_checkpoint(
         assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
 
 
+def test_two_ranks_stop_together_at_the_same_bad_step_with_one_line_each(tmp_path: Path) -> None:
+    """Under DDP the ranks agree on the first bad step (at logging steps) and both stop: no traceback."""
+    args = [
+        *TINY,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "optim.lr=1e6",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "RankDied" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("NonFiniteError: ")]
+    assert len(lines) == 2 and lines[0] == lines[1]  # rank 0's and rank 1's: the same step
+    assert re.fullmatch(r"NonFiniteError: .+ NaN/inf at step \d+ — .+", lines[0])
+
+
 def _fit_with_a_nan_image(run_dir: Path, mode: str) -> tuple[ClassifierModule, object]:
     """A real Trainer of ``python -m train`` on data whose batch ``POISONED_BATCH`` holds a NaN pixel."""
     conf = validate(compose([*TINY, "trainer.max_epochs=1", f"nonfinite={mode}"]))

@@ -94,7 +94,7 @@ SINGLE = "hand-written, one device"  # under DDP: the loop that the scaling colu
 
 def _fast_path(setting: bool | str, conf: dict[str, Any], device: torch.device) -> bool:
     """Whether to time the loops with ``model.compile=step`` too: ``bench.fast_path`` true, or auto (on one
-    GPU, unless the run or ``bench.compile_modes`` already has it)."""
+    GPU, unless the run already uses it)."""
     if setting == "auto":
         return device.type == "cuda" and _world() == 1 and conf["model"]["compile"] != "step"
     return bool(setting)
@@ -110,15 +110,15 @@ def _join_ranks(trainer: dict[str, Any]) -> torch.device:
     cuda = torch.cuda.is_available() and trainer["accelerator"] != "cpu"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if _world() > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    elif trainer["strategy"] == "ddp" or trainer["num_nodes"] > 1:
+    if _world() == 1 and (trainer["strategy"] == "ddp" or trainer["num_nodes"] > 1):
         raise ConfigError(
             "the benchmark starts no processes of its own — run it under torchrun: "
             "torchrun --nproc-per-node=N -m train.bench trainer=ddp trainer.devices=N ..."
         )
+    if _world() > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device
 
 

@@ -33,8 +33,9 @@ from t240dist.data import DataInfo, ImageDataModule
 from t240dist.errors import ConfigError
 from t240dist.inference import Predictor
 from t240dist.models import build_model, compile_network
-from t240dist.module import ClassifierModule
+from t240dist.module import GRAPH_WARMUP_STEPS, ClassifierModule
 from t240dist.optim import build_optimizer
+from t240dist.report import device_name
 from t240dist.run import build_trainer
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -192,7 +193,7 @@ def _hand_written(
 
     if conf["model"]["compile"] != "step":
         return _per_batch(step, bench, device)
-    for i in range(3):
+    for i in range(GRAPH_WARMUP_STEPS):
         step(i)
     static_x, static_y = (t.clone() for t in batches[0])
     optimizer.zero_grad(set_to_none=True)
@@ -362,7 +363,7 @@ def _measure(
     world = _world()
     return {
         **task,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_name(device),
         "model": conf["model"]["name"],
         "batch_size": batch_size,  # per device
         "world_size": world,

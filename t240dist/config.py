@@ -258,7 +258,9 @@ def _compile_setting(value: Any) -> Any:
     if isinstance(value, bool) or value in COMPILE_MODES:
         return value
     raise ValueError(
-        f"'{value}' is not a compile setting — use false, true, " + " or ".join(COMPILE_MODES[1:])
+        f"'{value}' is not a compile setting — use false, true, "
+        + ", ".join(COMPILE_MODES[1:-1])
+        + f" or {COMPILE_MODES[-1]}"
     )
 
 

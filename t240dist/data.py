@@ -599,8 +599,8 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
     if not split:
         val_idx, train_idx = _val_split(len(sets[0]), cfg)
         sets = [Subset(sets[0], train_idx.tolist()), Subset(copy.copy(sets[0]), val_idx.tolist())]
-    mean, std = normalisation or _file_stats(sets[0], size, cfg["split_seed"])
     resize = round(size / EVAL_CROP)
+    mean, std = normalisation or _file_stats(sets[0], size, resize, cfg["split_seed"])
     train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize)
     _set_transform(sets[0], train_tf)
     for ds in sets[1:]:
@@ -611,18 +611,11 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
     return sets[0], sets[1], sets[2] if len(sets) > 2 else sets[1], info
 
 
-def _file_stats(train: Dataset, size: int, seed: int) -> tuple[list[float], list[float]]:
+def _file_stats(train: Dataset, size: int, resize: int, seed: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of a seeded sample of training images, resized like the eval split."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE]
     base = _base(train)
-    fit = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(size, antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
+    fit = v2.Compose([*_fit_file(size, resize), v2.ToDtype(torch.float32, scale=True)])
     indices = train.indices if isinstance(train, Subset) else range(len(train))
     return _channel_stats(torch.stack([fit(base.loader(base.samples[indices[int(i)]][0])) for i in order]))
 

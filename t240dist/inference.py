@@ -73,7 +73,7 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
         "confusion_matrix": matrix.tolist(),  # rows: true class, columns: predicted, in per_class_acc's order
         "data": conf["data"]["name"],
         "precision": conf["trainer"]["precision"],
-        "device": _device_name(inference_device(conf["trainer"])),
+        "device": report.device_name(trainer.strategy.root_device),
         "wall_s": time.perf_counter() - started,
     }
     report.write_summary(summary, out_dir, name="eval")
@@ -130,7 +130,7 @@ def predict(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, A
         "top_k": predictor.top_k,
         "batch_size": conf["data"]["batch_size"],
         "precision": conf["trainer"]["precision"],
-        "device": _device_name(predictor.device),
+        "device": report.device_name(predictor.device),
     }
     report.write_summary(summary, out_dir, name="predict")
     return summary
@@ -148,9 +148,9 @@ def export(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, An
         raise ConfigError(f"format=onnx needs {err.name} — pip install 't240dist[export]'") from None
     data = ImageDataModule(conf["data"], conf["seed"], restored.normalisation)
     restored.check_data(data.info)
-    images = next(iter(data.test_dataloader()))[0][: options["check_images"]]
-    conf["model"]["compile"] = False  # torch.export traces the plain network
-    net = restored.module().net
+    test = data.test_set
+    images = torch.stack([test[i][0] for i in range(min(options["check_images"], len(test)))])
+    net = restored.module(compile=False).net  # torch.export traces the plain network
     # torch.onnx's default exporter (torch.export-based, needs onnxscript); the TorchScript one is deprecated
     program = torch.onnx.export(
         net,
@@ -206,13 +206,11 @@ class Restored:
         """The training data's normalisation: evaluation uses it instead of new statistics."""
         return self.hp["preprocess"]["mean"], self.hp["preprocess"]["std"]
 
-    def module(self) -> ClassifierModule:
-        """The network with the checkpoint's weights, in eval mode, built as the (overridden) config says."""
-        conf, hp = self.conf, self.hp
-        groups = (conf[key] for key in ("model", "optim", "sched", "module"))
-        module = ClassifierModule(
-            *groups, hp["num_classes"], hp["in_channels"], hp["class_names"], conf, hp["preprocess"]
-        )
+    def module(self, **model: Any) -> ClassifierModule:
+        """The network with the checkpoint's weights, in eval mode, built as the (overridden) config says;
+        ``model`` overrides model switches for this use only (export: ``compile=False``)."""
+        conf = {**self.conf, "model": {**self.conf["model"], **model}}
+        module = ClassifierModule.from_hparams(self.hp, conf)
         try:
             module.load_state_dict(self.state_dict)
         except RuntimeError as err:
@@ -427,7 +425,3 @@ def _decoded_and_failed(
 
 def _few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -20,6 +20,7 @@ LossAndLogits = tuple[torch.Tensor, torch.Tensor]
 # Eager steps before the step is captured (model.compile=step): lazy set-up (cuBLAS/cuDNN handles and
 # workspaces, the optimizer's state) must happen before capture, as PyTorch's CUDA-graph notes require.
 GRAPH_WARMUP_STEPS = 3
+CONFIG_GROUPS = ("model", "optim", "sched", "module")  # the run config's groups the module is built from
 
 
 class ClassifierModule(pl.LightningModule):
@@ -71,8 +72,14 @@ class ClassifierModule(pl.LightningModule):
     @classmethod
     def from_config(cls, conf: dict[str, Any], info: DataInfo) -> ClassifierModule:
         """The module for a validated run config and the data it trains on."""
-        groups = (conf[k] for k in ("model", "optim", "sched", "module"))
+        groups = (conf[k] for k in CONFIG_GROUPS)
         return cls(*groups, info.num_classes, info.channels, info.class_names, conf, info.preprocess)
+
+    @classmethod
+    def from_hparams(cls, hparams: dict[str, Any], conf: dict[str, Any]) -> ClassifierModule:
+        """The module that a checkpoint's hyperparameters describe, with the groups of ``conf`` (its stored
+        run config, perhaps overridden) in place of the stored ones."""
+        return cls(**{**hparams, **{k: conf[k] for k in CONFIG_GROUPS}, "config": conf})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -197,13 +204,12 @@ class StepGraph:
 
     def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Whether a batch can be replayed: the captured shapes and dtypes."""
-        same = (x.shape, x.dtype, y.shape, y.dtype) == (
+        return (x.shape, x.dtype, y.shape, y.dtype) == (
             self.x.shape,
             self.x.dtype,
             self.y.shape,
             self.y.dtype,
         )
-        return same
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> LossAndLogits:
         """Run the step on this batch: the loss and logits (overwritten by the next replay)."""

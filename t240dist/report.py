@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -21,6 +22,11 @@ from t240dist.data import DataInfo
 
 HPARAM_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss", "train/loss")
 SHOWN_ITEMS = 10  # longer lists and dicts of a summary are written to its file, not printed
+
+
+def device_name(device: torch.device) -> str:
+    """A device as people name it in reports: the GPU's model, or cpu."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 @rank_zero_only

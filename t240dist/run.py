@@ -82,7 +82,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
         tested = trainer.test(module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module))
-        ranks = gather_ranks(conf, _device_name(trainer))
+        ranks = gather_ranks(conf, report.device_name(trainer.strategy.root_device))
 
     summary = {
         "test_acc": tested[0]["test/acc"],
@@ -241,9 +241,3 @@ def _process_age_s() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
-
-
-def _device_name(trainer: pl.Trainer) -> str:
-    """This rank's device, as people name it."""
-    root = trainer.strategy.root_device
-    return torch.cuda.get_device_name(root) if root.type == "cuda" else "cpu"

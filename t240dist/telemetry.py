@@ -1,10 +1,12 @@
 """GPU telemetry from NVML: every GPU of the job, sampled in the background, on the training step axis.
 
 Each rank samples the GPUs it computes on in a thread of its own (NVML's ctypes calls release the GIL;
-nothing is queried on the step path). At logging points the ranks send their window aggregates to rank
-0 over a CPU (gloo) group, so the GPU streams are never touched; rank 0 writes per-GPU series, the
-spread across GPUs and energy per image to TensorBoard at the trainer's global step, and warns about
-stragglers and throttling. Metrics a GPU does not support are dropped one by one at start, and said so.
+nothing is queried on the step path). About every ``slow_interval_s``, at a step that rank 0 picks from
+the step rate so that every window holds a read of the slow counters, the ranks send their window
+aggregates to rank 0 over a CPU (gloo) group, so the GPU streams are never touched; rank 0 writes
+per-GPU series, the spread across GPUs and energy per image to TensorBoard at the trainer's global
+step, and warns about stragglers and throttling. Metrics a GPU does not support are dropped one by one
+at start, and said so.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class GpuMonitor(pl.Callback):
         steps_per_s = (step - step0) / max(now - t0, 1e-9)
         mine = {
             "rank": trainer.global_rank,
-            "next_step": step + max(1, math.ceil(self.cfg["interval_s"] * steps_per_s)),
+            "next_step": step + max(1, math.ceil(self.cfg["slow_interval_s"] * steps_per_s)),
             "window": self.sampler.drain() if self.sampler else {},
         }
         ranks: list[Any] = [mine]
@@ -139,14 +141,14 @@ class GpuMonitor(pl.Callback):
         self._next_step = ranks[0]["next_step"]  # rank 0's proposal, so every rank agrees
         self._window_start = (step, self._images, now)
         if trainer.is_global_zero and trainer.logger is not None:
-            metrics = self._metrics(ranks, self._images - images0)
+            metrics = self._metrics(ranks, (self._images - images0) / max(now - t0, 1e-9))
             axis = trainer.fit_loop.epoch_loop._batches_that_stepped - last
             if metrics and axis != self._written_at:
                 trainer.logger.log_metrics(metrics, step=axis)
                 self._written_at = axis
         self.totals.host_s += time.perf_counter() - now  # what the training thread paid for telemetry
 
-    def _metrics(self, ranks: list[dict[str, Any]], images: int) -> dict[str, float]:
+    def _metrics(self, ranks: list[dict[str, Any]], images_per_s: float) -> dict[str, float]:
         """Per-GPU series, the spread across GPUs, energy per image; warnings and totals on the way."""
         gpus: dict[str, tuple[str, dict[str, Any]]] = {}
         for payload in sorted(ranks, key=lambda r: r["rank"]):
@@ -165,10 +167,12 @@ class GpuMonitor(pl.Callback):
                 metrics[f"gpus/{name}/min"] = min(values.values())
                 metrics[f"gpus/{name}/max"] = max(values.values())
         self._find_stragglers(gpus, metrics)
-        energy = sum(w["energy_delta_j"] for _, w in gpus.values())
-        if energy and images:
-            metrics["perf/energy_per_image_j"] = energy / images
-        self.totals.add(gpus.values(), energy)
+        # J per image = the job's power (each energy counter over its own read times, which need not line
+        # up with the window's edges) ÷ the window's images per second
+        watts = [w["energy_w"] for _, w in gpus.values()]
+        if watts and None not in watts and images_per_s > 0:
+            metrics["perf/energy_per_image_j"] = sum(watts) / images_per_s
+        self.totals.add(gpus.values(), sum(w["energy_delta_j"] for _, w in gpus.values()))
         return metrics
 
     def _find_stragglers(
@@ -222,6 +226,9 @@ class GpuMonitor(pl.Callback):
             self.sampler.stop()
             self.totals.thread_cpu_s = self.sampler.thread_cpu_s
             self.sampler = None
+        if self._group is not None:  # one gloo group a fit: a process that fits again (bench) makes another
+            dist.destroy_process_group(self._group)
+            self._group = None
 
 
 @dataclass
@@ -250,8 +257,8 @@ class Totals:
             "energy_per_image_j": energy / images if energy and images else None,
             "gpu_util_mean": _mean([_mean(u) for u in self.util.values()]) if self.util else None,
             "gpu_mem_peak_gib": self.mem_peak_gib,
-            "telemetry_host_s": self.host_s if energy else None,
-            "telemetry_thread_cpu_s": self.thread_cpu_s if energy else None,
+            "telemetry_host_s": self.host_s if self.thread_cpu_s else None,  # None: nothing was sampled
+            "telemetry_thread_cpu_s": self.thread_cpu_s or None,
         }
 
 
@@ -405,9 +412,8 @@ class NvmlSampler:
 
     def drain(self) -> dict[str, dict[str, Any]]:
         """Each GPU's window since the previous drain: means, peaks, counter rates; then a new window."""
-        now = time.monotonic()
         with self._lock:
-            return {gpu.uuid: gpu.drain(now) for gpu in self.gpus}
+            return {gpu.uuid: gpu.drain() for gpu in self.gpus}
 
     def _probe(self, gpu: _Gpu) -> None:
         mig = getattr(self.nvml, "nvmlDeviceIsMigDeviceHandle", None)
@@ -426,7 +432,7 @@ class NvmlSampler:
             gpu.missing["gpm"] = "MIG instance" if is_mig else gpm
         else:
             gpu.readers["gpm"] = (gpm.read, True)
-        gpu.reset_window(time.monotonic())
+        gpu.reset_window()
 
     def _run(self) -> None:
         last_slow = time.monotonic()
@@ -437,26 +443,28 @@ class NvmlSampler:
             for gpu in self.gpus:
                 if gpu.lost:
                     continue
-                readings = self._read(gpu, slow)
-                with self._lock:
+                readings, failed = self._read(gpu, slow)
+                with self._lock:  # drain reads the readers and takes the news: change them under the lock
                     gpu.record(readings, now)
+                    gpu.fail(failed)
             self.thread_cpu_s = time.thread_time()
 
-    def _read(self, gpu: _Gpu, slow: bool) -> dict[str, float]:
+    def _read(self, gpu: _Gpu, slow: bool) -> tuple[dict[str, float], dict[str, str | None]]:
+        """One round of this GPU's readers (slow ones too if ``slow``): the readings, and the readers that
+        failed with the reason (None: the GPU is lost)."""
         readings: dict[str, float] = {}
+        failed: dict[str, str | None] = {}
         for name, (reader, is_slow) in list(gpu.readers.items()):
             if is_slow and not slow:
                 continue
             try:
                 readings.update(reader(self.nvml, gpu.handle))
             except self.nvml.NVMLError as err:
-                if getattr(err, "value", None) == self.nvml.NVML_ERROR_GPU_IS_LOST:
-                    gpu.lost = True
-                    gpu.news.append("lost (NVML: GPU is lost) — it is no longer monitored")
+                lost = getattr(err, "value", None) == self.nvml.NVML_ERROR_GPU_IS_LOST
+                failed[name] = None if lost else _why(err)
+                if lost:
                     break
-                del gpu.readers[name]
-                gpu.news.append(f"metric {name} failed ({_why(err)}) — dropped, the others go on")
-        return readings
+        return readings, failed
 
 
 @dataclass
@@ -489,13 +497,23 @@ class _Gpu:
             self.counts[name] = self.counts.get(name, 0) + 1
             self.peaks[name] = max(value, self.peaks.get(name, value))
 
-    def reset_window(self, now: float) -> None:
+    def fail(self, failed: dict[str, str | None]) -> None:
+        """Drop the readers that failed (all of them, once the GPU is lost), with news of it."""
+        for name, why in failed.items():
+            if why is None:
+                self.lost = True
+                self.news.append("lost (NVML: GPU is lost) — it is no longer monitored")
+            else:
+                del self.readers[name]
+                self.news.append(f"metric {name} failed ({why}) — dropped, the others go on")
+
+    def reset_window(self) -> None:
         self.sums, self.counts, self.peaks = {}, {}, {}
         self.window_start = dict(self.counters)
 
-    def drain(self, now: float) -> dict[str, Any]:
+    def drain(self) -> dict[str, Any]:
         values = {name: self.sums[name] / self.counts[name] for name in self.sums}
-        energy_delta = 0.0
+        energy_delta, energy_w = 0.0, None
         for name, (t1, v1) in self.counters.items():
             t0, v0 = self.window_start.get(name, (t1, v1))
             dt = max(t1 - t0, 1e-9)
@@ -503,7 +521,8 @@ class _Gpu:
                 values["energy_j"] = (v1 - self.first[name]) / 1e3
                 energy_delta = (v1 - v0) / 1e3
                 if t1 > t0:
-                    values.setdefault("power_w", energy_delta / dt)
+                    energy_w = energy_delta / dt
+                    values.setdefault("power_w", energy_w)
             elif name.endswith("violation_ns") and t1 > t0:
                 values[f"throttle_{name.removesuffix('_violation_ns')}_pct"] = 100 * (v1 - v0) / 1e9 / dt
             elif name.startswith("pcie") and t1 > t0:
@@ -514,12 +533,13 @@ class _Gpu:
             "values": values,
             "peaks": dict(self.peaks),
             "energy_delta_j": energy_delta,
+            "energy_w": energy_w,  # the energy counter's rate over its reads in the window; None: no new read
             "news": self.news,
             "available": None if self.reported else sorted(self.readers),
             "missing": self.missing,
         }
         self.reported, self.news = True, []
-        self.reset_window(now)
+        self.reset_window()
         return window
 
 

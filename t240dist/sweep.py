@@ -7,7 +7,6 @@ job's config (``sweep.trial``); this module needs optuna only in a job that is a
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from t240dist.errors import Pruned
+from t240dist.report import read_summary
 
 SUMMARY_FILE = "sweep_summary.csv"
 COLUMNS = ("trial", "state", "objective", "test_acc", "val_acc", "overrides", "run_dir", "error")
@@ -159,8 +159,7 @@ class SweepSummary(Callback):
 def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:
     """One trial of a basic sweep, from its run dir: its overrides and, if it finished, its run summary."""
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    summary_path = run_dir / "run_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(run_dir)
     return {
         "trial": int(run_dir.name) if run_dir.name.isdigit() else run_dir.name,
         "state": "complete" if summary else "fail",
@@ -175,8 +174,7 @@ def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:
 
 def run_metrics(run_dir: str | None) -> dict[str, Any]:
     """``test_acc`` and ``val_acc`` of a trial's run summary, None where the trial wrote none."""
-    path = Path(run_dir or "") / "run_summary.json"
-    summary = json.loads(path.read_text()) if run_dir and path.is_file() else {}
+    summary = read_summary(Path(run_dir)) if run_dir else {}
     return {"test_acc": summary.get("test_acc"), "val_acc": summary.get("val_acc")}
 
 
@@ -187,7 +185,9 @@ def write_sweep_summary(rows: list[dict[str, Any]], sweep_dir: Path, direction: 
     def rank(row: dict[str, Any]) -> tuple[int, float, Any]:
         value = row["objective"]
         known = value is not None and math.isfinite(value)
-        return _STATE_ORDER.get(row["state"], 2), sign * value if known else math.inf, str(row["trial"])
+        trial = row["trial"]  # a number, or a basic sweep's run dir name that is not one
+        order = (0, trial, "") if isinstance(trial, int) else (1, 0, str(trial))
+        return _STATE_ORDER.get(row["state"], 2), sign * value if known else math.inf, order
 
     rows = sorted(rows, key=rank)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -200,8 +200,7 @@ def write_sweep_summary(rows: list[dict[str, Any]], sweep_dir: Path, direction: 
         table.add_column(column, overflow="fold")
     for row in rows:
         # Text, not markup: error lines quote paths such as "[/path/file.cc:561]"
-        cells = (
-            f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "") for v in row.values()
-        )
+        values = (row.get(column) for column in COLUMNS)
+        cells = (f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "") for v in values)
         table.add_row(*map(Text, cells))
     Console().print(table)

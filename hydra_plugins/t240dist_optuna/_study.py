@@ -9,6 +9,7 @@ killed sweep stop getting heartbeats; the next run fails them and runs them agai
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -59,15 +60,25 @@ def run_study(
     job_idx = 0
     try:
         with sweep.sharing(study):
-            while (left := settings.n_trials - len(counted_trials(study))) > 0:
+            while True:
+                # before each batch, as study.optimize does: trials that a killed sweep (or another
+                # sweeper on the study) left running are failed and queued to run again
+                optuna.storages.fail_stale_trials(study)
+                left = settings.n_trials - len(counted_trials(study))
+                if left <= 0:
+                    break
                 trials = [study.ask(space) for _ in range(min(settings.n_jobs, left))]
                 overrides = [_overrides(trial, fixed, slot) for slot, trial in enumerate(trials)]
                 with _heartbeats(storage, trials):
                     returns = launcher.launch(overrides, initial_job_idx=job_idx)
                 job_idx += len(returns)
+                # every job of the batch is told, a preempted one too, before the sweep stops for it
                 exhausted = [
                     _tell(study, trial, job, objective) for trial, job in zip(trials, returns, strict=True)
                 ]
+                preempted = [job._return_value for job in returns if isinstance(job._return_value, Preempted)]
+                if preempted:
+                    raise preempted[0]
                 _check_failures(study, settings)
                 if any(exhausted):
                     log.info("the sampler has tried its whole search space")
@@ -130,7 +141,7 @@ def _storage(settings: OptunaSweeperConf, launcher: Launcher) -> RDBStorage | No
 
 
 def open_study(settings: OptunaSweeperConf, storage: RDBStorage | None) -> optuna.Study:
-    """Create the study, or load it from its storage; fail the trials a killed sweep left running."""
+    """Create the study, or load it from its storage, to the sweep's direction."""
     study = optuna.create_study(
         storage=storage,
         sampler=settings.sampler,
@@ -145,7 +156,6 @@ def open_study(settings: OptunaSweeperConf, storage: RDBStorage | None) -> optun
             f"study '{study.study_name}' in {settings.storage} is to {stored}, not {settings.direction} — "
             f"use sweep.direction={stored}, or another hydra.sweeper.study_name"
         )
-    optuna.storages.fail_stale_trials(study)
     return study
 
 
@@ -194,7 +204,8 @@ def _heartbeats(storage: RDBStorage | None, trials: list[Trial]) -> Iterator[Non
 
 
 def _tell(study: optuna.Study, trial: Trial, job: JobReturn, objective: str) -> bool:
-    """Record a job's outcome: its objective, pruned, or failed with its error line.
+    """Record a job's outcome: its objective, pruned, or failed with its error line (a preempted trial
+    fails and is queued to run again when the sweep resumes).
 
     True if the sampler has nothing left to try.
     """
@@ -205,8 +216,9 @@ def _tell(study: optuna.Study, trial: Trial, job: JobReturn, objective: str) -> 
         return _record(study, trial, state=TrialState.PRUNED)
     if isinstance(outcome, Preempted):  # the sweep was asked to stop: run this trial again when resumed
         _record(study, trial, error=_error_line(outcome))
-        RERUN_INTERRUPTED(study, study.get_trials(deepcopy=False)[trial.number])
-        raise outcome
+        # a copy: the callback appends to the trial's retry history, which must not change the study's own
+        RERUN_INTERRUPTED(study, copy.deepcopy(study.get_trials(deepcopy=False)[trial.number]))
+        return False
     if job.status == JobStatus.FAILED:  # its traceback: hydra.verbose=hydra_plugins.t240dist_optuna._study
         log.debug(f"trial {trial.number} raised", exc_info=outcome)
         return _record(study, trial, error=_error_line(outcome))
@@ -270,5 +282,6 @@ def _row(trial: FrozenTrial) -> dict[str, Any]:
         **sweep.run_metrics(run_dir),
         "overrides": trial.user_attrs.get("overrides", ""),
         "run_dir": run_dir or "",
-        "error": trial.user_attrs.get("error", "interrupted" if trial.state == TrialState.FAIL else ""),
+        # a rerun inherits the user attributes of the trial it reruns: an error is shown for failures only
+        "error": trial.user_attrs.get("error", "interrupted") if trial.state == TrialState.FAIL else "",
     }

@@ -28,11 +28,13 @@ from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import torch.distributed as dist
+import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from pytorch_lightning.utilities import rank_zero_only
 
 from t240dist.errors import EXIT_PREEMPTED, EXIT_RANK_DIED, ConfigError
 
@@ -52,8 +54,13 @@ def launched_rank() -> tuple[DictConfig, Path] | None:
 
 
 @contextmanager
-def one_job(config_path: Path) -> Iterator[None]:
-    """Hand ``config_path`` to the ranks that rank 0 starts; afterwards leave the process as it was."""
+def one_job(conf: dict[str, Any], run_dir: Path) -> Iterator[None]:
+    """Save the resolved run config as ``config.yaml`` in the run dir (rank 0) and hand it to the ranks that
+    rank 0 starts; afterwards leave the process as it was."""
+    config_path = run_dir / "config.yaml"
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(yaml.safe_dump(conf, sort_keys=False))
     saved = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
     os.environ[RUN_CONFIG_ENV] = str(config_path.resolve())
     try:

@@ -31,14 +31,12 @@ def device_name(device: torch.device) -> str:
 
 @rank_zero_only
 def show_config(conf: dict[str, Any], run_dir: Path) -> None:
-    """Print the composed config as a tree of groups and save it, resolved, as ``config.yaml``."""
+    """Print the composed config as a tree of groups (``one_job`` saves it as ``config.yaml``)."""
     tree = Tree(f"[bold]config[/bold]  →  {run_dir}")
     for group, value in conf.items():
         body = yaml.safe_dump(value, sort_keys=False) if isinstance(value, dict) else str(value)
         tree.add(f"[bold]{group}[/bold]").add(Syntax(body.strip(), "yaml", theme="ansi_dark"))
     Console().print(tree)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False))
 
 
 @rank_zero_only
@@ -63,6 +61,7 @@ def show_resume(path: Path | None) -> None:
 @rank_zero_only
 def write_data_notes(info: DataInfo, run_dir: Path) -> None:
     """Write ``classes.txt`` (the name of each label index) and, if any, ``skipped_files.txt``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "classes.txt").write_text("".join(f"{name}\n" for name in info.class_names))
     if info.skipped:
         (run_dir / "skipped_files.txt").write_text("".join(f"{line}\n" for line in info.skipped))

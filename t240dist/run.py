@@ -77,7 +77,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     report.show_batch(batch)
     report.write_data_notes(info, run_dir)
     report.log_hparams(trainer.logger, conf)
-    with one_job(run_dir / "config.yaml"):
+    with one_job(conf, run_dir):
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best

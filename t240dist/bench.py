@@ -34,7 +34,7 @@ from t240dist.errors import ConfigError
 from t240dist.inference import Predictor
 from t240dist.models import build_model, compile_network
 from t240dist.module import GRAPH_WARMUP_STEPS, ClassifierModule
-from t240dist.optim import build_optimizer
+from t240dist.optim import build_optimizer, build_scheduler
 from t240dist.report import device_name
 from t240dist.run import build_trainer
 
@@ -85,12 +85,15 @@ def _train_loops(
                 _hand_written, variant, info, batches, bench, device, ddp
             )
         loops[f"t240dist{suffix}"] = partial(_t240dist, variant, info, batches, bench, run_dir)
+    if bench["plain_lightning"]:  # what Lightning's own loop costs, without t240dist's parts
+        loops[PLAIN] = partial(_plain_lightning, conf, info, batches, bench)
     if ddp:  # the scaling baseline: rank 0 alone, while the other ranks wait
         loops[SINGLE] = partial(_rank0_alone, _hand_written, conf, info, batches, bench, device, False)
     return loops
 
 
 SINGLE = "hand-written, one device"  # under DDP: the loop that the scaling column divides by
+PLAIN = "plain Lightning"  # a bare LightningModule in a bare Trainer: Lightning's loop alone
 
 
 def _fast_path(setting: bool | str, conf: dict[str, Any], device: torch.device) -> bool:
@@ -103,6 +106,8 @@ def _fast_path(setting: bool | str, conf: dict[str, Any], device: torch.device) 
 
 def _hand_twin(loop: str) -> str:
     """The hand-written loop that ``loop`` is compared with: the one with the same model settings."""
+    if loop == PLAIN:
+        return "hand-written"
     return loop.replace(" monitor=off", "").replace("t240dist", "hand-written")
 
 
@@ -166,6 +171,9 @@ def _hand_written(
         else net
     )
     optimizer = build_optimizer(net, conf["optim"])
+    # the run's schedule, stepped every step as t240dist steps it (the capture's warm-up steps included)
+    total = bench["warmup_steps"] + bench["steps"] + GRAPH_WARMUP_STEPS
+    scheduler = build_scheduler(optimizer, conf["sched"], total)
     smoothing = conf["module"]["label_smoothing"]
     channels_last = conf["model"]["channels_last"]
     precision = conf["trainer"]["precision"]
@@ -190,6 +198,8 @@ def _hand_written(
         scaler.scale(loss_of(x, y)).backward()
         scaler.step(optimizer)
         scaler.update()
+        if scheduler is not None:
+            scheduler.step()
 
     if conf["model"]["compile"] != "step":
         return _per_batch(step, bench, device)
@@ -207,6 +217,8 @@ def _hand_written(
         static_y.copy_(y)
         graph.replay()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
 
     return _per_batch(replay, bench, device)
 
@@ -246,21 +258,68 @@ def _t240dist(
     conf: dict[str, Any], info: DataInfo, batches: Batches, bench: dict[str, Any], run_dir: Path
 ) -> float:
     """t240dist's path: ClassifierModule in the Trainer of ``python -m train``, logging and checkpoints on."""
-    total = bench["warmup_steps"] + bench["steps"]
     module = ClassifierModule.from_config(conf, info)
     trainer_conf = {
         **conf,
         "trainer": {
             **conf["trainer"],
-            "max_steps": total,
+            "max_steps": bench["warmup_steps"] + bench["steps"],
             "limit_val_batches": 0,
             "enable_progress_bar": False,
         },
     }
     timer = _StepTimer(bench["warmup_steps"], bench["steps"])
     trainer, _, _ = build_trainer(trainer_conf, run_dir / "t240dist", extra=[timer])
+    return _timed_fit(trainer, timer, module, batches, bench)
+
+
+def _plain_lightning(conf: dict[str, Any], info: DataInfo, batches: Batches, bench: dict[str, Any]) -> float:
+    """The hand-written step as a bare LightningModule, in a Trainer with no logger, checkpoints, progress
+    bar or callbacks other than the timer: what Lightning's loop costs before t240dist adds anything."""
+    timer = _StepTimer(bench["warmup_steps"], bench["steps"])
+    keys = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+    trainer = pl.Trainer(
+        **{k: conf["trainer"][k] for k in keys},
+        max_steps=bench["warmup_steps"] + bench["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[timer],
+    )
+    return _timed_fit(trainer, timer, _PlainModule(conf, info), batches, bench)
+
+
+def _timed_fit(
+    trainer: pl.Trainer, timer: _StepTimer, module: pl.LightningModule, batches: Batches, bench: dict[str, Any]
+) -> float:
+    """Fit ``module`` on the pre-made batches for the warm-up and timed steps; seconds per timed step."""
+    total = bench["warmup_steps"] + bench["steps"]
     trainer.fit(module, train_dataloaders=DataLoader(_Cycle(batches, total), batch_size=None))
     return (timer.end - timer.start) / bench["steps"]
+
+
+class _PlainModule(pl.LightningModule):
+    """The network, its loss, optimizer and schedule, as a LightningModule is written by hand."""
+
+    def __init__(self, conf: dict[str, Any], info: DataInfo) -> None:
+        super().__init__()
+        self.conf = conf
+        self.net = build_model(conf["model"], info.channels, info.num_classes)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.conf["model"]["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.cross_entropy(self.net(x), y, label_smoothing=self.conf["module"]["label_smoothing"])
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.net, self.conf["optim"])
+        scheduler = build_scheduler(optimizer, self.conf["sched"], int(self.trainer.estimated_stepping_batches))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _sync(device: torch.device) -> None:

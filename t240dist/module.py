@@ -130,6 +130,12 @@ class ClassifierModule(pl.LightningModule):
         if not self._replayed:
             super().backward(loss, *args, **kwargs)
 
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning frees the gradients before validating; a captured step's gradients must stay where
+        # its replays write them, or the optimizer would find none and stop updating after validation
+        if self.step_graph is None:
+            super().on_validation_model_zero_grad()
+
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_acc, self.val_top5)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, run_cli
 
-from t240dist.bench import SINGLE, run_bench, run_predict_bench
+from t240dist.bench import PLAIN, SINGLE, run_bench, run_predict_bench
 from t240dist.config import compose_config
 from t240dist.errors import ConfigError
 
@@ -26,9 +26,9 @@ def test_bench_times_both_loops_and_writes_bench_json(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(result))
     assert result["device"] == "cpu" and result["model"] == "small_cnn" and result["batch_size"] == 32
     loops = result["loops"]
-    assert (
-        set(loops) == {"hand-written", "t240dist"} and loops["hand-written"]["ratio_to_hand_written"] == 1.0
-    )
+    assert set(loops) == {"hand-written", "t240dist", PLAIN}
+    assert loops["hand-written"]["ratio_to_hand_written"] == 1.0
+    assert loops[PLAIN]["ratio_to_same_hand_written"] == loops[PLAIN]["ratio_to_hand_written"]
     for row in loops.values():
         assert len(row["repeats_ms"]) == 2 and all(ms > 0 for ms in row["repeats_ms"])
         assert row["images_per_s"] == pytest.approx(32e3 / row["ms_per_step"])
@@ -76,9 +76,9 @@ def test_bench_under_torchrun_times_ddp_loops_and_their_scaling(tmp_path: Path) 
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["world_size"] == 2 and result["batch_size"] == 32
     loops = result["loops"]
-    assert set(loops) == {"hand-written", "t240dist", SINGLE}
+    assert set(loops) == {"hand-written", "t240dist", PLAIN, SINGLE}
     single = loops[SINGLE]["images_per_s"]
-    for name in ("hand-written", "t240dist"):
+    for name in ("hand-written", "t240dist", PLAIN):
         assert loops[name]["images_per_s"] == pytest.approx(2 * 32e3 / loops[name]["ms_per_step"])
         assert loops[name]["scaling"] == pytest.approx(loops[name]["images_per_s"] / (2 * single))
     assert loops[SINGLE]["images_per_s"] == pytest.approx(32e3 / loops[SINGLE]["ms_per_step"])

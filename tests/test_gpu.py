@@ -167,12 +167,12 @@ def test_cuda_graph_fast_path_follows_the_eager_loss_curve(tmp_path: Path, fast_
     network (reduce-overhead), trains like eager: same first loss, same descent, same step count."""
     base = [
         "data=synthetic",
-        "data.train_size=8192",
+        "data.train_size=4096",
         "data.batch_size=256",
         "model=resnet18_cifar",
         "model.channels_last=true",
         "trainer.precision=bf16-mixed",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=4",  # validation every 16 steps: the captured step must keep learning after it
         "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",

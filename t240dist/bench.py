@@ -34,7 +34,7 @@ from t240dist.errors import ConfigError
 from t240dist.inference import Predictor
 from t240dist.models import build_model, compile_network
 from t240dist.module import GRAPH_WARMUP_STEPS, ClassifierModule
-from t240dist.optim import build_optimizer, build_scheduler
+from t240dist.optim import build_optimizer, build_scheduler, configure_optimizers
 from t240dist.report import device_name
 from t240dist.run import build_trainer
 
@@ -292,7 +292,11 @@ def _plain_lightning(conf: dict[str, Any], info: DataInfo, batches: Batches, ben
 
 
 def _timed_fit(
-    trainer: pl.Trainer, timer: _StepTimer, module: pl.LightningModule, batches: Batches, bench: dict[str, Any]
+    trainer: pl.Trainer,
+    timer: _StepTimer,
+    module: pl.LightningModule,
+    batches: Batches,
+    bench: dict[str, Any],
 ) -> float:
     """Fit ``module`` on the pre-made batches for the warm-up and timed steps; seconds per timed step."""
     total = bench["warmup_steps"] + bench["steps"]
@@ -315,11 +319,7 @@ class _PlainModule(pl.LightningModule):
         return F.cross_entropy(self.net(x), y, label_smoothing=self.conf["module"]["label_smoothing"])
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.net, self.conf["optim"])
-        scheduler = build_scheduler(optimizer, self.conf["sched"], int(self.trainer.estimated_stepping_batches))
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self, self.net, self.conf["optim"], self.conf["sched"])
 
 
 def _sync(device: torch.device) -> None:

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from t240dist.data import DataInfo
 from t240dist.models import build_model, compile_network
-from t240dist.optim import build_optimizer, build_scheduler
+from t240dist.optim import configure_optimizers
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossAndLogits = tuple[torch.Tensor, torch.Tensor]
@@ -157,13 +157,7 @@ class ClassifierModule(pl.LightningModule):
         return logits
 
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.net, self.hparams["optim"])
-        scheduler = build_scheduler(
-            optimizer, self.hparams["sched"], int(self.trainer.estimated_stepping_batches)
-        )
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self, self.net, self.hparams["optim"], self.hparams["sched"])
 
 
 def _accuracy(num_classes: int, top_k: int) -> MulticlassAccuracy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytorch_lightning as pl
 from hydra.utils import instantiate
 from torch import nn
 from torch.optim import Optimizer
@@ -49,3 +50,15 @@ def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int)
         return cosine
     ramp = LinearLR(optimizer, start_factor=cfg["warmup_start_factor"], total_iters=warmup)
     return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def configure_optimizers(
+    module: pl.LightningModule, net: nn.Module, optim: dict[str, Any], sched: dict[str, Any]
+) -> Any:
+    """What ``configure_optimizers`` of a module training ``net`` returns: the optimizer, and the schedule
+    over the Trainer's optimizer steps, stepped every step."""
+    optimizer = build_optimizer(net, optim)
+    scheduler = build_scheduler(optimizer, sched, int(module.trainer.estimated_stepping_batches))
+    if scheduler is None:
+        return optimizer
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -292,11 +292,14 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = 0
         self._probe: torch.Tensor | None = None  # the step's losses summed: NaN/inf survive any sum
         self._first_bad: torch.Tensor | None = None  # the first non-finite step, NONE_YET while there is none
+        self._found = self._one = torch.zeros(())  # the check's flag and its (unit) scale, on the device
         self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # pinned copy of it, and its event
         self._good_buffers: list[torch.Tensor] = []  # skip: the buffers as the last good step left them
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._first_bad = torch.full((), NONE_YET, dtype=torch.int64, device=pl_module.device)
+        self._found = torch.zeros((), device=pl_module.device)  # set by a step's NaN/inf, cleared each step
+        self._one = torch.ones((), device=pl_module.device)
         if pl_module.device.type == "cuda":
             self._copy = (torch.full((), NONE_YET, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
         if self.mode == "skip":
@@ -314,17 +317,18 @@ class NonFiniteGuard(pl.Callback):
         probe, self._probe = self._probe, None
         if probe is None:
             return
-        values = [probe]
+        checked = [probe]
         if trainer.precision != "16-mixed":  # GradScaler skips non-finite gradients and lowers its scale
-            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            # one multi-tensor kernel; nn.utils.get_total_norm would also regroup the list by device
-            # and dtype in Python every step, and square-sum the norms
-            values += torch._foreach_norm(grads)
-        finite = torch.isfinite(torch.stack(values)).all()
+            checked += [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # GradScaler's own multi-tensor check: one kernel sets `found` if any element is NaN/inf (and
+        # multiplies by 1.0, a no-op). A norm per tensor (torch._foreach_norm) made 62 outputs for
+        # ResNet-18 and cost ~0.16 ms of host time per step on the H100's host, which a small step pays.
+        found = self._found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._one)
         if self.mode == "skip":
-            self._skip_unless(bool(finite), trainer, pl_module, optimizer)
+            self._skip_unless(not found.item(), trainer, pl_module, optimizer)
             return
-        bad_at = torch.where(finite, NONE_YET, trainer.global_step)
+        bad_at = torch.where(found.bool(), trainer.global_step, NONE_YET)
         torch.minimum(self._first_bad, bad_at, out=self._first_bad)
 
     def on_train_batch_end(

@@ -120,6 +120,20 @@ class ClassifierModule(pl.LightningModule):
         self._eager_steps += 1
         return self._loss(x, y)
 
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: torch.optim.Optimizer | pl.core.optimizer.LightningOptimizer,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Lightning zeroes the gradients after the next forward pass, which then holds its activations and
+        # the last step's gradients at once (+0.09 GiB of peak memory on ResNet-50/b256). Freed here, as a
+        # hand-written loop's zero_grad before its forward frees them; a captured step keeps its own.
+        if self.step_graph is None:
+            optimizer.zero_grad(set_to_none=True)
+
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
         if self._replayed:
             return  # the replay has just written this step's gradients

@@ -132,6 +132,30 @@ def test_training_step_reads_nothing_back_from_the_device(
     assert _run_with_spy(tmp_path / "control", tiny, monkeypatch).reads == ["item"] * 2
 
 
+class GradientWatch(pl.Callback):
+    """Records, for each batch, whether gradients are held when its forward pass starts."""
+
+    def __init__(self) -> None:
+        self.held_at_forward: list[bool] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *args: object) -> None:
+        self.held_at_forward.append(any(p.grad is not None for p in module.parameters()))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_after_each_optimizer_step(
+    tmp_path: Path, tiny: list[str], accumulate: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not held through the next forward pass (peak memory), but kept between accumulated micro-batches."""
+    watch, original = GradientWatch(), pl.Trainer
+    monkeypatch.setattr(
+        pl, "Trainer", lambda *a, callbacks, **k: original(*a, callbacks=[*callbacks, watch], **k)
+    )
+    summary = train(compose([*tiny, f"trainer.accumulate_grad_batches={accumulate}"]), run_dir=tmp_path)
+    assert summary["global_step"] * accumulate == len(watch.held_at_forward) > 4
+    assert watch.held_at_forward == [i % accumulate != 0 for i in range(len(watch.held_at_forward))]
+
+
 @pytest.mark.parametrize(
     "switch",
     [

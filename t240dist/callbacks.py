@@ -276,15 +276,18 @@ def _is_submitit_requeue(handler: Any) -> bool:
 class NonFiniteGuard(pl.Callback):
     """Keeps NaN and inf out of the weights and the checkpoints (Lightning checks no loss by default).
 
-    Each optimizer step's loss and gradients are checked on the device. ``nonfinite=stop`` keeps the
-    first bad step in a device register and stops with one line naming it. The register is read without
-    stalling the GPU: with one process after every step (through a non-blocking copy, read once it has
-    landed), with several at logging steps, where the ranks agree so that they stop together. ``skip``
-    must decide before the update, so it reads the flag every step (one sync), drops the step's
-    gradients (the optimizer then leaves the weights and its own state as they were) and puts back the
-    buffers that the forward pass changed (BatchNorm statistics), kept from the last good step. Every
-    save checks what it writes first (weights and buffers): a non-finite model is never written as
-    ``last`` or top-k.
+    ``nonfinite=stop`` checks each step's loss on the device, keeps the first bad step in a device
+    register and stops with one line naming it. A non-finite gradient under a finite loss is caught one
+    step later: the update carries it into the weights and so into the next loss (and into any save,
+    which is refused). Checking every gradient too would read all of them every step (100 MB for
+    ResNet-50) and launch more kernels, for that one step of precision. The register is read without stalling
+    the GPU: with one process after every step (through a non-blocking copy, read once it has landed),
+    with several at logging steps, where the ranks agree so that they stop together. ``skip`` must
+    decide before the update, so it checks the loss and every gradient and reads the flag every step
+    (one sync), drops the step's gradients (the optimizer then leaves the weights and its own state as
+    they were) and puts back the buffers that the forward pass changed (BatchNorm statistics), kept
+    from the last good step. Every save checks what it writes first (weights and buffers): a non-finite
+    model is never written as ``last`` or top-k.
     """
 
     def __init__(self, mode: str) -> None:
@@ -317,19 +320,22 @@ class NonFiniteGuard(pl.Callback):
         probe, self._probe = self._probe, None
         if probe is None:
             return
+        if self.mode == "skip":
+            self._skip_unless(self._finite(probe, trainer, optimizer), trainer, pl_module, optimizer)
+            return
+        bad_at = torch.where(torch.isfinite(probe), NONE_YET, trainer.global_step)
+        torch.minimum(self._first_bad, bad_at, out=self._first_bad)
+
+    def _finite(self, probe: torch.Tensor, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether the loss and every gradient are finite (one sync)."""
         checked = [probe]
         if trainer.precision != "16-mixed":  # GradScaler skips non-finite gradients and lowers its scale
             checked += [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         # GradScaler's own multi-tensor check: one kernel sets `found` if any element is NaN/inf (and
-        # multiplies by 1.0, a no-op). A norm per tensor (torch._foreach_norm) made 62 outputs for
-        # ResNet-18 and cost ~0.16 ms of host time per step on the H100's host, which a small step pays.
+        # multiplies by 1.0, a no-op), where a norm per tensor would make one output per tensor
         found = self._found.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._one)
-        if self.mode == "skip":
-            self._skip_unless(not found.item(), trainer, pl_module, optimizer)
-            return
-        bad_at = torch.where(found.bool(), trainer.global_step, NONE_YET)
-        torch.minimum(self._first_bad, bad_at, out=self._first_bad)
+        return not found.item()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -338,7 +344,7 @@ class NonFiniteGuard(pl.Callback):
             step = self._observed_bad_step(trainer)
             if step >= 0:
                 raise NonFiniteError(
-                    f"the loss or gradients became NaN/inf at step {step} — lower optim.lr, set trainer."
+                    f"the loss became NaN/inf at step {step} — lower optim.lr, set trainer."
                     "gradient_clip_val, or train on with nonfinite=skip; earlier checkpoints are intact"
                 )
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import TINY, compose, run_cli
 from torch.utils.data import DataLoader, TensorDataset
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from t240dist.callbacks import NonFiniteGuard
 from t240dist.checkpoint import KEY_ENV, load_checkpoint
 from t240dist.config import validate
-from t240dist.data import DataInfo
+from t240dist.data import DataInfo, ImageDataModule
 from t240dist.errors import NonFiniteError
 from t240dist.module import ClassifierModule
 from t240dist.run import build_trainer
@@ -50,7 +51,7 @@ def test_two_ranks_stop_together_at_the_same_bad_step_with_one_line_each(tmp_pat
         *TINY,
         "trainer=ddp",
         "trainer.accelerator=cpu",
-        "optim.lr=1e6",
+        "optim.lr=1e30",  # the loss itself turns NaN (1e6 only overflows BatchNorm statistics)
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     done = run_cli(args, tmp_path)
@@ -58,7 +59,7 @@ def test_two_ranks_stop_together_at_the_same_bad_step_with_one_line_each(tmp_pat
     assert "Traceback" not in done.stderr and "RankDied" not in done.stderr
     # rank 0's and rank 1's line, at the same step (the two processes share stderr: a line's end may land
     # after the other's text, so the messages are found, not the lines)
-    steps = re.findall(r"NonFiniteError: the loss or gradients became NaN/inf at step (\d+) — ", done.stderr)
+    steps = re.findall(r"NonFiniteError: the loss became NaN/inf at step (\d+) — ", done.stderr)
     assert len(steps) == 2 and steps[0] == steps[1], done.stderr[-2000:]
 
 
@@ -101,6 +102,33 @@ def test_skip_drops_only_the_bad_update_and_trains_on(tmp_path: Path) -> None:
 def test_stop_names_the_poisoned_step(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match=f"became NaN/inf at step {POISONED_BATCH} — "):
         _fit_with_a_nan_image(tmp_path, "stop")
+
+
+class NanGradientAt(pl.Callback):
+    """Poisons one gradient after the backward pass of step ``step``; the loss stays finite."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.global_step == self.step:
+            next(module.parameters()).grad.view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nan_gradient_under_a_finite_loss(tmp_path: Path, mode: str) -> None:
+    """skip drops that very update; stop catches it at the next step's loss, which the update poisoned."""
+    conf = validate(compose([*TINY, "trainer.max_epochs=1", f"nonfinite={mode}"]))
+    data = ImageDataModule(conf["data"], conf["seed"])
+    module = ClassifierModule.from_config(conf, data.info)
+    trainer, _, _ = build_trainer(conf, tmp_path, extra=[NanGradientAt(1)])
+    if mode == "stop":
+        with pytest.raises(NonFiniteError, match="the loss became NaN/inf at step 2 — "):
+            trainer.fit(module, datamodule=data)
+        return
+    trainer.fit(module, datamodule=data)
+    guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert guard.skipped == 1 and all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_a_model_with_nan_weights_is_never_saved(tmp_path: Path) -> None:

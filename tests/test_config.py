@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,7 @@ def test_trainer_variants_inherit_the_defaults(trainer: str) -> None:
 
 
 def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path) -> None:
-    for args, expected in [
+    cases = [
         (["optim.lr=-1"], "ConfigError: optim.lr must be greater than 0"),
         (["optim.foo=1"], "ConfigError: optim.foo is not a config key"),
         (["model=nosuch"], "ConfigError: In 'config': Could not find 'model/nosuch' — Available options"),
@@ -111,13 +112,19 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
             ["data=cifar10", "data.root=/nonexistent"],
             "ConfigError: data.root '/nonexistent' has no data_batch_1",
         ),
-    ]:
-        done = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2, done.stderr
-        assert lines == [lines[-1]] and lines[-1].startswith(expected), done.stderr
-        assert "Traceback" not in done.stdout + done.stderr
-        assert not (tmp_path / "run" / "checkpoints").exists()  # no work was done
+    ]
+    with ThreadPoolExecutor(len(cases)) as pool:  # four interpreters start at once, not one after another
+        runs = pool.map(
+            lambda i: run_cli([*cases[i][0], f"hydra.run.dir={tmp_path / str(i)}"], cwd=tmp_path),
+            range(len(cases)),
+        )
+        for i, done in enumerate(runs):
+            expected = cases[i][1]
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2, done.stderr
+            assert lines == [lines[-1]] and lines[-1].startswith(expected), done.stderr
+            assert "Traceback" not in done.stdout + done.stderr
+            assert not (tmp_path / str(i) / "checkpoints").exists()  # no work was done
 
 
 def test_hydra_full_error_gives_the_traceback(tmp_path: Path) -> None:

@@ -280,9 +280,9 @@ class NonFiniteGuard(pl.Callback):
     register and stops with one line naming it. A non-finite gradient under a finite loss is caught one
     step later: the update carries it into the weights and so into the next loss (and into any save,
     which is refused). Checking every gradient too would read all of them every step (100 MB for
-    ResNet-50) and launch more kernels, for that one step of precision. The register is read without stalling
-    the GPU: with one process after every step (through a non-blocking copy, read once it has landed),
-    with several at logging steps, where the ranks agree so that they stop together. ``skip`` must
+    ResNet-50) and launch more kernels, for that one step of precision. The register is read without
+    stalling the GPU: with one process after every step (through a non-blocking copy, read once it has
+    landed), with several at logging steps, where the ranks agree so that they stop together. ``skip`` must
     decide before the update, so it checks the loss and every gradient and reads the flag every step
     (one sync), drops the step's gradients (the optimizer then leaves the weights and its own state as
     they were) and puts back the buffers that the forward pass changed (BatchNorm statistics), kept
@@ -295,17 +295,19 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = 0
         self._probe: torch.Tensor | None = None  # the step's losses summed: NaN/inf survive any sum
         self._first_bad: torch.Tensor | None = None  # the first non-finite step, NONE_YET while there is none
-        self._found = self._one = torch.zeros(())  # the check's flag and its (unit) scale, on the device
+        self._found = self._one = torch.zeros(
+            ()
+        )  # skip: the check's flag and its (unit) scale, on the device
         self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # pinned copy of it, and its event
         self._good_buffers: list[torch.Tensor] = []  # skip: the buffers as the last good step left them
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._first_bad = torch.full((), NONE_YET, dtype=torch.int64, device=pl_module.device)
-        self._found = torch.zeros((), device=pl_module.device)  # set by a step's NaN/inf, cleared each step
-        self._one = torch.ones((), device=pl_module.device)
         if pl_module.device.type == "cuda":
             self._copy = (torch.full((), NONE_YET, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
         if self.mode == "skip":
+            self._found = torch.zeros((), device=pl_module.device)
+            self._one = torch.ones((), device=pl_module.device)
             self._good_buffers = [b.detach().clone() for b in pl_module.buffers()]
 
     def on_before_backward(

@@ -240,6 +240,9 @@ class Preemption(pl.Callback):
                 return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:  # stop right here: a graceful stop would run epoch-end hooks and save as if the epoch ended
+            # Lightning logs a step's metrics after these hooks; the run resumes past this step, so its
+            # point is written now or never
+            trainer._logger_connector.update_train_step_metrics()
             path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
             trainer.save_checkpoint(path)
             for signum in self.received:

@@ -135,10 +135,11 @@ class ClassifierModule(pl.LightningModule):
             optimizer.zero_grad(set_to_none=True)
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
-        if self._replayed:
-            return  # the replay has just written this step's gradients
-        # once captured, the gradients must stay in the memory the graph writes: zeroed, not freed
-        optimizer.zero_grad(set_to_none=self.step_graph is None)
+        # optimizer_step has freed the last step's gradients already (tests/test_train checks that none
+        # are held when a step starts). Once captured, they stay in the memory the graph writes: a replay
+        # has just written them, and an eager step (a batch of another shape) zeroes them in place.
+        if self.step_graph is not None and not self._replayed:
+            optimizer.zero_grad(set_to_none=False)
 
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if not self._replayed:

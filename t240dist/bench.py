@@ -174,8 +174,6 @@ def _hand_written(
     # the run's schedule, stepped every step as t240dist steps it (the capture's warm-up steps included)
     total = bench["warmup_steps"] + bench["steps"] + GRAPH_WARMUP_STEPS
     scheduler = build_scheduler(optimizer, conf["sched"], total)
-    smoothing = conf["module"]["label_smoothing"]
-    channels_last = conf["model"]["channels_last"]
     precision = conf["trainer"]["precision"]
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16 if precision.startswith("bf16") else torch.float16)
@@ -185,10 +183,8 @@ def _hand_written(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
-            return F.cross_entropy(model(x), y, label_smoothing=smoothing)
+            return _loss(model, conf, x, y)
 
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
@@ -221,6 +217,13 @@ def _hand_written(
             scheduler.step()
 
     return _per_batch(replay, bench, device)
+
+
+def _loss(net: torch.nn.Module, conf: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A hand-written step's loss: the batch in the configured memory format, label-smoothed cross-entropy."""
+    if conf["model"]["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return F.cross_entropy(net(x), y, label_smoothing=conf["module"]["label_smoothing"])
 
 
 class _Cycle(IterableDataset):
@@ -313,10 +316,7 @@ class _PlainModule(pl.LightningModule):
         self.net = build_model(conf["model"], info.channels, info.num_classes)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        if self.conf["model"]["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return F.cross_entropy(self.net(x), y, label_smoothing=self.conf["module"]["label_smoothing"])
+        return _loss(self.net, self.conf, *batch)
 
     def configure_optimizers(self) -> Any:
         return configure_optimizers(self, self.net, self.conf["optim"], self.conf["sched"])

@@ -21,6 +21,7 @@ LossAndLogits = tuple[torch.Tensor, torch.Tensor]
 # workspaces, the optimizer's state) must happen before capture, as PyTorch's CUDA-graph notes require.
 GRAPH_WARMUP_STEPS = 3
 CONFIG_GROUPS = ("model", "optim", "sched", "module")  # the run config's groups the module is built from
+TRAIN_CURVES = ("train/loss", "train/acc")  # what training_step hands over on logging steps, in this order
 
 
 class ClassifierModule(pl.LightningModule):
@@ -90,16 +91,15 @@ class ClassifierModule(pl.LightningModule):
         if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | dict[str, torch.Tensor]:
         x, y = batch
         loss, logits = self._replay_or_forward(x, y) if self._graphed else self._loss(x, y)
-        # Logged on the steps Lightning writes, and only then: each self.log costs ~1 ms of host time
-        # (a Metric object even more), which a launch-bound step pays in full. Not prog_bar=True either:
-        # Lightning turns progress-bar values into floats after every batch (a sync); t240dist's
-        # ProgressBar reads the loss when it refreshes, on these same steps.
-        if self.trainer._logger_connector.should_update_logs:
+        # On the steps Lightning logs (an optimizer step's last micro-batch), the loss and accuracy go to
+        # TrainLog as one tensor, which writes them once they have reached the host, without waiting
+        trainer = self.trainer
+        if trainer._logger_connector.should_update_logs and not trainer.fit_loop._should_accumulate():
             accuracy = (logits.detach().argmax(dim=-1) == y).float().mean()
-            self.log_dict({"train/loss": loss, "train/acc": accuracy}, batch_size=len(y))
+            return {"loss": loss, "curves": torch.stack([loss.detach().float(), accuracy])}
         return loss
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> LossAndLogits:

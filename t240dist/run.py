@@ -31,7 +31,7 @@ from t240dist.callbacks import (
     NonFiniteGuard,
     Preemption,
     ProgressBar,
-    TrainSpeed,
+    TrainLog,
 )
 from t240dist.checkpoint import SignedCheckpointIO, load_checkpoint, resume_checkpoint
 from t240dist.config import validate
@@ -124,9 +124,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
 def build_trainer(
     conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None
-) -> tuple[pl.Trainer, TrainSpeed, ModelCheckpoint]:
+) -> tuple[pl.Trainer, TrainLog, ModelCheckpoint]:
     """The Trainer of every run (training and benchmark alike), with its logger and callbacks."""
-    speed = TrainSpeed()
+    speed = TrainLog()
     ckpt = dict(conf["checkpoint"])
     every_n_steps, trust_unsigned = ckpt.pop("every_n_steps"), ckpt.pop("trust_unsigned")
     directory = run_dir / "checkpoints"
@@ -155,7 +155,7 @@ def build_trainer(
     if trainer_cfg["strategy"] == "ddp":
         trainer_cfg["strategy"] = WatchedDDP(timeout=timeout)
     if trainer_cfg["enable_progress_bar"]:
-        callbacks.append(ProgressBar(refresh_rate=trainer_cfg["log_every_n_steps"]))
+        callbacks.append(ProgressBar(trainer_cfg["log_every_n_steps"], speed))
     logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
     trainer = pl.Trainer(
         **trainer_cfg,

@@ -314,14 +314,6 @@ class Preemption(pl.Callback):
         self._previous = {}
 
 
-NONE_YET = torch.iinfo(torch.int64).max  # NonFiniteGuard's first bad step while there is none
-
-
-def _known(step: int) -> int:
-    """A first bad step as the guard reports it: -1 for none yet."""
-    return -1 if step == NONE_YET else step
-
-
 def _is_submitit_requeue(handler: Any) -> bool:
     """Whether ``handler`` is the one submitit installs in its jobs: checkpoint the call, requeue, exit."""
     submitit = sys.modules.get("submitit.core.job_environment")  # imported in every submitit job
@@ -333,31 +325,31 @@ def _is_submitit_requeue(handler: Any) -> bool:
 class NonFiniteGuard(pl.Callback):
     """Keeps NaN and inf out of the weights and the checkpoints (Lightning checks no loss by default).
 
-    Each optimizer step's loss and gradients are checked on the device, by one kernel. ``nonfinite=stop``
-    keeps the first bad step in a device register and stops with one line naming it. The register is
-    read without stalling the GPU: with one process after every step (through a non-blocking copy, read
-    once it has landed), with several at logging steps, where the ranks agree so that they stop together.
-    ``skip`` must decide before the update, so it reads the flag every step (one sync), drops the step's
-    gradients (the optimizer then leaves the weights and its own state as they were) and puts back the
-    buffers that the forward pass changed (BatchNorm statistics), kept from the last good step. Every
-    save checks what it writes first (weights and buffers): a non-finite model is never written as
-    ``last`` or top-k.
+    Each optimizer step's loss and gradients are checked on the device by one kernel. ``nonfinite=stop``
+    has it flag the step in a ring of ``log_every_n_steps`` slots, one per step of the logging window; no
+    other work is queued per step. At each logging step the ring is copied to pinned memory (after a max
+    all-reduce across ranks, so that every rank sees the same flags) and cleared; the copy is read at the
+    next logging step, by when it has long reached the host, and the run stops with one line naming the
+    first bad step, every rank at the same step. ``skip`` must decide before the update, so it reads the
+    step's flag at once (one sync), drops the step's gradients (the optimizer then leaves the weights and
+    its own state as they were) and puts back the buffers that the forward pass changed (BatchNorm
+    statistics), kept from the last good step. Every save reads the flags first (a wait) and checks what
+    it writes (weights and buffers): a non-finite model is never written as ``last`` or top-k.
     """
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.skipped = 0
         self._probe: torch.Tensor | None = None  # the step's losses summed: NaN/inf survive any sum
-        self._first_bad: torch.Tensor | None = None  # the first non-finite step, NONE_YET while there is none
+        self._flags: torch.Tensor | None = None  # stop: 1 in the slot of each bad step of the window
         self._unit: torch.Tensor | None = None  # the check's scale: 1, on the device
-        self._copy: tuple[torch.Tensor, torch.cuda.Event] | None = None  # pinned copy of it, and its event
+        self._staged: tuple[torch.Tensor, torch.cuda.Event | None, int] | None = None  # copy, event, 1st step
+        self._staged_at = -1  # the step of the last logging step's copy
         self._good_buffers: list[torch.Tensor] = []  # skip: the buffers as the last good step left them
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._first_bad = torch.full((), NONE_YET, dtype=torch.int64, device=pl_module.device)
+        self._flags = torch.zeros(trainer.log_every_n_steps, device=pl_module.device)
         self._unit = torch.ones((), device=pl_module.device)
-        if pl_module.device.type == "cuda":
-            self._copy = (torch.full((), NONE_YET, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
         if self.mode == "skip":
             self._good_buffers = [b.detach().clone() for b in pl_module.buffers()]
 
@@ -379,28 +371,32 @@ class NonFiniteGuard(pl.Callback):
         # GradScaler's own multi-tensor check: one kernel sets `found` if any element is NaN/inf (and
         # multiplies by 1, a no-op). A norm per tensor (torch._foreach_norm) made one output per tensor
         # and cost 0.16 ms of host time a step on the H100's host (ResNet-18, cProfile).
-        found = torch.zeros((), device=probe.device)
+        skip = self.mode == "skip"
+        found = (
+            torch.zeros((), device=probe.device)
+            if skip
+            else self._flags[trainer.global_step % len(self._flags)]
+        )
         torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._unit)
-        if self.mode == "skip":
+        if skip:
             self._skip_unless(not found.item(), trainer, pl_module, optimizer)
-            return
-        bad_at = torch.where(found.bool(), trainer.global_step, NONE_YET)
-        torch.minimum(self._first_bad, bad_at, out=self._first_bad)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.mode == "stop":
-            step = self._observed_bad_step(trainer)
-            if step >= 0:
-                raise NonFiniteError(
-                    f"the loss or gradients became NaN/inf at step {step} — lower optim.lr, set trainer."
-                    "gradient_clip_val, or train on with nonfinite=skip; earlier checkpoints are intact"
-                )
+        step = trainer.global_step  # once per window: micro-batches of one step share it
+        if self.mode == "stop" and step % len(self._flags) == 0 and step != self._staged_at:
+            self._read()  # the copy staged one window ago
+            self._stage(trainer)
+            self._staged_at = step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_now(trainer)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        self._check_now(trainer)  # the first bad step, named, rather than the save that found NaN weights
         tensors = [t for t in checkpoint["state_dict"].values() if t.is_floating_point()]
         if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
             raise NonFiniteError(
@@ -408,6 +404,46 @@ class NonFiniteGuard(pl.Callback):
                 f"{trainer.global_step}, so no checkpoint was written — lower optim.lr or set "
                 "trainer.gradient_clip_val; earlier checkpoints are intact"
             )
+
+    def _stage(self, trainer: pl.Trainer) -> None:
+        """Copy the flags of the steps since the last copy towards the host, and clear them."""
+        flags = self._flags
+        if flags is None:
+            return
+        if trainer.world_size > 1:
+            flags = trainer.strategy.reduce(flags.clone(), reduce_op="max")
+        step = trainer.global_step
+        first = step - 1 - (step - 1) % len(flags)  # the window's first step: its slot is 0
+        if not flags.is_cuda:
+            self._staged = (flags.clone(), None, first)
+        else:
+            host = torch.empty(flags.shape, pin_memory=True).copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._staged = (host, event, first)
+        self._flags.zero_()
+
+    def _read(self) -> None:
+        """Stop if the staged copy flags a step (waiting for the copy if it has not landed yet)."""
+        if self._staged is None:
+            return
+        host, event, first = self._staged
+        self._staged = None
+        if event is not None:
+            event.synchronize()
+        bad = [first + slot for slot, flag in enumerate(host.tolist()) if flag]
+        if bad:
+            raise NonFiniteError(
+                f"the loss or gradients became NaN/inf at step {bad[0]} — lower optim.lr, set trainer."
+                "gradient_clip_val, or train on with nonfinite=skip; earlier checkpoints are intact"
+            )
+
+    def _check_now(self, trainer: pl.Trainer) -> None:
+        """Read every flag so far (a wait): stop if any step was bad."""
+        if self.mode == "stop" and self._flags is not None:
+            self._read()
+            self._stage(trainer)
+            self._read()
 
     def _skip_unless(
         self,
@@ -425,22 +461,3 @@ class NonFiniteGuard(pl.Callback):
         torch._foreach_copy_(buffers, self._good_buffers)
         self.skipped += 1
         log.warning("step %d: non-finite loss or gradients, update skipped", trainer.global_step)
-
-    def _observed_bad_step(self, trainer: pl.Trainer) -> int:
-        """The first bad step as far as the host knows it now, or -1; never waits for the GPU alone."""
-        first_bad = self._first_bad
-        if first_bad is None:
-            return -1
-        if trainer.world_size > 1:  # ranks must stop together: agree where they already sync to log
-            if trainer.global_step % trainer.log_every_n_steps:
-                return -1
-            return _known(int(trainer.strategy.reduce(first_bad.clone(), reduce_op="min")))
-        if self._copy is None:
-            return _known(int(first_bad))  # on the CPU this costs nothing
-        host, landed = self._copy
-        if not landed.query():  # an event never recorded counts as landed
-            return -1
-        step = int(host)
-        host.copy_(first_bad, non_blocking=True)
-        landed.record()
-        return _known(step)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
@@ -249,3 +250,41 @@ class RankWatch:
 
 
 _STOPPING = threading.Lock()
+
+
+class Agreed:
+    """Small flags that every rank reads alike at the same step, without stalling the GPU.
+
+    ``exchange`` max-reduces a device tensor across the ranks (an all-reduce queued behind the step's
+    work: no barrier, no wait), copies the result to pinned memory behind it, and returns what the
+    previous exchange staged, by then long landed. Ranks exchange at the same steps, so each reads the
+    same values at the same step and they act together. Lightning's ``strategy.reduce`` puts a barrier
+    before its all-reduce, which waits for the GPU on every rank.
+    """
+
+    def __init__(self) -> None:
+        self._staged: tuple[torch.Tensor, torch.cuda.Event | None, Any] | None = None
+
+    def exchange(self, flags: torch.Tensor, tag: Any, ranks: bool) -> tuple[list[float], Any] | None:
+        """Stage ``flags`` (max-reduced in place across ``ranks``) and ``tag``; return the previous ones."""
+        previous = self.collect()
+        if ranks:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, pin_memory=True).copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._staged = (host, event, tag)
+        else:
+            self._staged = (flags.clone(), None, tag)
+        return previous
+
+    def collect(self) -> tuple[list[float], Any] | None:
+        """What the last exchange staged (waiting for it if it has not landed yet), once; None if nothing."""
+        if self._staged is None:
+            return None
+        host, event, tag = self._staged
+        self._staged = None
+        if event is not None:
+            event.synchronize()
+        return host.tolist(), tag

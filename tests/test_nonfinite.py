@@ -59,7 +59,8 @@ def test_two_ranks_stop_together_at_the_same_bad_step_with_one_line_each(tmp_pat
     assert "Traceback" not in done.stderr and "RankDied" not in done.stderr
     # rank 0's and rank 1's line, at the same step (the two processes share stderr: a line's end may land
     # after the other's text, so the messages are found, not the lines)
-    steps = re.findall(r"NonFiniteError: the loss or gradients became NaN/inf at step (\d+) — ", done.stderr)
+    # (the loss of a step, or the weights that the last step made)
+    steps = re.findall(r"NonFiniteError: the (loss|weights)[^—]+ at step (\d+)[ ,—]", done.stderr)
     assert len(steps) == 2 and steps[0] == steps[1], done.stderr[-2000:]
 
 
@@ -115,18 +116,33 @@ class NanGradientAt(pl.Callback):
             next(module.parameters()).grad.view(-1)[0] = float("nan")
 
 
-@pytest.mark.parametrize("mode", ["stop", "skip"])
-def test_a_nan_gradient_under_a_finite_loss(tmp_path: Path, mode: str) -> None:
-    """Both modes see the gradient itself: skip drops that very update, stop names that very step."""
-    conf = validate(compose([*TINY, "trainer.max_epochs=1", f"nonfinite={mode}"]))
+def _fit_with_a_nan_gradient_at(run_dir: Path, step: int, mode: str) -> tuple[ClassifierModule, pl.Trainer]:
+    conf = validate(compose([*TINY, "trainer.max_epochs=1", f"nonfinite={mode}"]))  # 4 steps
     data = ImageDataModule(conf["data"], conf["seed"])
     module = ClassifierModule.from_config(conf, data.info)
-    trainer, _, _ = build_trainer(conf, tmp_path, extra=[NanGradientAt(1)])
-    if mode == "stop":
-        with pytest.raises(NonFiniteError, match="the loss or gradients became NaN/inf at step 1 — "):
-            trainer.fit(module, datamodule=data)
-        return
+    trainer, _, _ = build_trainer(conf, run_dir, extra=[NanGradientAt(step)])
     trainer.fit(module, datamodule=data)
+    return module, trainer
+
+
+@pytest.mark.parametrize(
+    ("step", "error"),
+    [
+        (1, "the loss became NaN/inf at step 2 — "),  # the weights it made give the next step a NaN loss
+        (3, r"the weights or buffers \(e.g. BatchNorm statistics\) are NaN/inf at step 4, so no checkpoint"),
+    ],
+    ids=["mid-run", "last step"],
+)
+def test_stop_catches_a_nan_gradient_under_a_finite_loss(tmp_path: Path, step: int, error: str) -> None:
+    """stop reads no gradient: a NaN one shows in the next step's loss, or after the last step in the
+    weights, which the epoch's save checks before it writes anything."""
+    with pytest.raises(NonFiniteError, match=error):
+        _fit_with_a_nan_gradient_at(tmp_path, step, "stop")
+    assert not list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+def test_skip_drops_the_update_of_a_nan_gradient_under_a_finite_loss(tmp_path: Path) -> None:
+    module, trainer = _fit_with_a_nan_gradient_at(tmp_path, 1, "skip")
     guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
     assert guard.skipped == 1 and all(torch.isfinite(p).all() for p in module.parameters())
 

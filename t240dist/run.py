@@ -63,7 +63,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     info = data.info
     data_ready = time.perf_counter()
     pruning = sweep.pruning(conf["sweep"])
-    trainer, speed, checkpoint = build_trainer(conf, run_dir, [pruning] if pruning else None)
+    trainer, curves, checkpoint = build_trainer(conf, run_dir, [pruning] if pruning else None)
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
     startup = {
@@ -91,9 +91,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "val_acc": val.get("val/acc"),
         "val_loss": val.get("val/loss"),
         "wall_s": time.perf_counter() - started,
-        "train_s": speed.train_s,
-        "train_images_per_s": speed.images_per_s,
-        "startup_s": {**startup, "first_step": speed.first_step_s},  # first_step: compile, autotune, workers
+        "train_s": curves.train_s,
+        "train_images_per_s": curves.images_per_s,
+        "startup_s": {**startup, "first_step": curves.first_step_s},  # first_step: compile, autotune, workers
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
@@ -126,14 +126,14 @@ def build_trainer(
     conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None
 ) -> tuple[pl.Trainer, TrainLog, ModelCheckpoint]:
     """The Trainer of every run (training and benchmark alike), with its logger and callbacks."""
-    speed = TrainLog()
+    curves = TrainLog()
     ckpt = dict(conf["checkpoint"])
     every_n_steps, trust_unsigned = ckpt.pop("every_n_steps"), ckpt.pop("trust_unsigned")
     directory = run_dir / "checkpoints"
     names = {"dirpath": directory, "auto_insert_metric_name": False}
     checkpoint = ModelCheckpoint(filename="epoch{epoch:03d}-step{step:06d}", **names, **ckpt)
     callbacks: list[pl.Callback] = [
-        speed,
+        curves,
         checkpoint,
         ContinueLog(),
         ExactResume(),
@@ -155,7 +155,7 @@ def build_trainer(
     if trainer_cfg["strategy"] == "ddp":
         trainer_cfg["strategy"] = WatchedDDP(timeout=timeout)
     if trainer_cfg["enable_progress_bar"]:
-        callbacks.append(ProgressBar(trainer_cfg["log_every_n_steps"], speed))
+        callbacks.append(ProgressBar(trainer_cfg["log_every_n_steps"], curves))
     logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
     trainer = pl.Trainer(
         **trainer_cfg,
@@ -166,7 +166,7 @@ def build_trainer(
         plugins=[SignedCheckpointIO(trust_unsigned), *cluster_plugins()],
         profiler=NoProfiler(),
     )
-    return trainer, speed, checkpoint
+    return trainer, curves, checkpoint
 
 
 class NoProfiler(PassThroughProfiler):

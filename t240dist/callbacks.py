@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist.data import ImageDataModule
-from t240dist.distributed import Agreed
+from t240dist.distributed import Agreed, host_copy
 from t240dist.errors import NonFiniteError, Preempted
 from t240dist.module import TRAIN_CURVES
 
@@ -127,11 +127,8 @@ class TrainLog(pl.Callback):
         # A logging step's curves (ClassifierModule.training_step); rank 0 alone writes, as Lightning does
         if self._window is None or not isinstance(outputs, dict) or "curves" not in outputs:
             return
-        curves = outputs["curves"]
-        stamp: Stamp = time.perf_counter()
-        if curves.is_cuda:
-            curves = torch.empty(curves.shape, pin_memory=True).copy_(curves, non_blocking=True)
-            stamp = _event(pl_module.device)
+        curves, event = host_copy(outputs["curves"])
+        stamp: Stamp = time.perf_counter() if event is None else event
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._pending.append((step, curves, stamp, lr, self.images))

@@ -252,6 +252,18 @@ class RankWatch:
 _STOPPING = threading.Lock()
 
 
+def host_copy(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``tensor`` on the host without waiting for the device: a CUDA tensor is copied to pinned memory
+    behind the work queued so far, and the returned (timing) event passes once the copy has landed; a
+    host tensor is cloned at once, with no event."""
+    if not tensor.is_cuda:
+        return tensor.clone(), None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return host, event
+
+
 class Agreed:
     """Small flags that every rank reads alike at the same step, without stalling the GPU.
 
@@ -270,13 +282,8 @@ class Agreed:
         previous = self.collect()
         if ranks:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags.is_cuda:
-            host = torch.empty(flags.shape, pin_memory=True).copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._staged = (host, event, tag)
-        else:
-            self._staged = (flags.clone(), None, tag)
+        host, event = host_copy(flags)
+        self._staged = (host, event, tag)
         return previous
 
     def collect(self) -> tuple[list[float], Any] | None:

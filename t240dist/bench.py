@@ -7,6 +7,7 @@ Both consume the same pre-made batches already on the device, so the ratio measu
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -443,6 +444,9 @@ def _interleaved(
     peak: dict[str, float] = {}
     for _ in range(repeats):
         for name, loop in loops.items():
+            # The last loop's Trainer and module sit in reference cycles, their weights and optimizer state
+            # still on the GPU until the cycle collector runs: collected here, each peak is its own loop's
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             times[name].append(loop())

@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist.data import ImageDataModule
-from t240dist.distributed import Agreed, host_copy
+from t240dist.distributed import Agreed, host_copy, timing_event
 from t240dist.errors import NonFiniteError, Preempted
 from t240dist.module import TRAIN_CURVES
 
@@ -122,17 +122,15 @@ class TrainLog(pl.Callback):
             self.first_step_s = time.perf_counter() - self._train_start
             self._after_first = (self.images, self.train_s)
             self._clock = time.perf_counter()  # the logged window goes on: the curve shows what happened
+        # A logging step's curves (ClassifierModule.training_step); rank 0 alone writes, as Lightning does
+        if self._window is not None and isinstance(outputs, dict) and "curves" in outputs:
+            curves, event = host_copy(outputs["curves"])
+            stamp: Stamp = time.perf_counter() if event is None else event
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            self._pending.append((step, curves, stamp, lr, self.images))
         if self._pending:
             self._write(trainer, wait=False)
-        # A logging step's curves (ClassifierModule.training_step); rank 0 alone writes, as Lightning does
-        if self._window is None or not isinstance(outputs, dict) or "curves" not in outputs:
-            return
-        curves, event = host_copy(outputs["curves"])
-        stamp: Stamp = time.perf_counter() if event is None else event
-        lr = trainer.optimizers[0].param_groups[0]["lr"]
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        self._pending.append((step, curves, stamp, lr, self.images))
-        self._write(trainer, wait=False)
 
     def _write(self, trainer: pl.Trainer, wait: bool) -> None:
         """Write the pending points whose values have reached the host (all of them if ``wait``), in order."""
@@ -154,7 +152,7 @@ class TrainLog(pl.Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clock = time.perf_counter()
         if trainer.is_global_zero and trainer.logger is not None:
-            stamp = _event(pl_module.device) if pl_module.device.type == "cuda" else self._clock
+            stamp = timing_event() if pl_module.device.type == "cuda" else self._clock
             self._window = (self.images, stamp)
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,13 +163,6 @@ class TrainLog(pl.Callback):
         self.train_s += time.perf_counter() - self._clock
         self._clock = None
         self._write(trainer, wait=True)
-
-
-def _event(device: torch.device) -> torch.cuda.Event:
-    """A timing event recorded on ``device``'s current stream, behind the work queued so far."""
-    event = torch.cuda.Event(enable_timing=True)
-    event.record(torch.cuda.current_stream(device))
-    return event
 
 
 def _seconds(start: Stamp, end: Stamp) -> float:
@@ -367,16 +358,15 @@ class NonFiniteGuard(pl.Callback):
         self._probe: torch.Tensor | None = None  # the step's losses summed: NaN/inf survive any sum
         self._flags: torch.Tensor | None = None  # stop: 1 in the slot of each bad step of the window
         self._unit: torch.Tensor | None = None  # the check's scale: 1, on the device
-        self._agreed = (
-            Agreed()
-        )  # stop: the flags on their way to the host, tagged with the window's first step
+        self._agreed = Agreed()  # stop: the flags on their way to the host, with the window's first step
         self._exchanged_at = -1  # the step of the last logging step's exchange
         self._good_buffers: list[torch.Tensor] = []  # skip: the buffers as the last good step left them
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._flags = torch.zeros(trainer.log_every_n_steps, device=pl_module.device)
         self._unit = torch.ones((), device=pl_module.device)
-        if self.mode == "skip":
+        if self.mode == "stop":
+            self._flags = torch.zeros(trainer.log_every_n_steps, device=pl_module.device)
+        else:
             self._good_buffers = [b.detach().clone() for b in pl_module.buffers()]
 
     def on_before_backward(
@@ -391,7 +381,7 @@ class NonFiniteGuard(pl.Callback):
         probe, self._probe = self._probe, None
         if probe is None:
             return
-        if self.mode == "stop":
+        if self._flags is not None:  # stop
             slot = self._flags[trainer.global_step % len(self._flags)]
             torch._amp_foreach_non_finite_check_and_unscale_([probe], slot, self._unit)
             return
@@ -409,7 +399,7 @@ class NonFiniteGuard(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step  # once per window: micro-batches of one step share it
-        if self.mode == "stop" and step % len(self._flags) == 0 and step != self._exchanged_at:
+        if self._flags is not None and step % len(self._flags) == 0 and step != self._exchanged_at:
             self._exchange(trainer)  # reads the flags staged one window ago
             self._exchanged_at = step
 
@@ -446,7 +436,7 @@ class NonFiniteGuard(pl.Callback):
 
     def _check_now(self, trainer: pl.Trainer) -> None:
         """Read every flag so far (a wait): stop if any step was bad."""
-        if self.mode == "stop" and self._flags is not None:
+        if self._flags is not None:
             self._exchange(trainer)
             self._stop_if_bad(self._agreed.collect())
 

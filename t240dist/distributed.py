@@ -8,6 +8,7 @@ which finds that variable and trains exactly that config in that run dir, withou
 Rank 0 and the ranks it started watch each other (``RankWatch``): when one dies, the others stop with
 one line instead of a traceback or a hang. Processes started by torchrun or SLURM never see the variable;
 there torchrun's agent, or a failed or timed-out collective under SLURM, stops a job that lost a process.
+While they train, the ranks agree on small flags without waiting for the GPU (``Agreed``).
 """
 
 from __future__ import annotations
@@ -259,9 +260,14 @@ def host_copy(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | No
     if not tensor.is_cuda:
         return tensor.clone(), None
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+    return host, timing_event()
+
+
+def timing_event() -> torch.cuda.Event:
+    """A timing event recorded on the current CUDA stream, behind the work queued so far."""
     event = torch.cuda.Event(enable_timing=True)
     event.record()
-    return host, event
+    return event
 
 
 class Agreed:

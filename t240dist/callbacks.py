@@ -20,9 +20,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist.data import ImageDataModule
-from t240dist.distributed import Agreed, host_copy, timing_event
+from t240dist.distributed import Agreed
 from t240dist.errors import NonFiniteError, Preempted
 from t240dist.module import TRAIN_CURVES
+from t240dist.readback import host_copy, timing_event
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ which finds that variable and trains exactly that config in that run dir, withou
 Rank 0 and the ranks it started watch each other (``RankWatch``): when one dies, the others stop with
 one line instead of a traceback or a hang. Processes started by torchrun or SLURM never see the variable;
 there torchrun's agent, or a failed or timed-out collective under SLURM, stops a job that lost a process.
-While they train, the ranks agree on small flags without waiting for the GPU (``Agreed``).
+While they train, the ranks agree on small flags without waiting for the GPU (``Agreed``, read back
+through ``t240dist.readback``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pytorch_lightning.strategies.launchers.subprocess_script import _Subprocess
 from pytorch_lightning.utilities import rank_zero_only
 
 from t240dist.errors import EXIT_PREEMPTED, EXIT_RANK_DIED, ConfigError
+from t240dist.readback import host_copy
 
 RUN_CONFIG_ENV = "T240DIST_RUN_CONFIG"
 RANK0_PID_ENV = "T240DIST_RANK0_PID"  # set for the ranks that rank 0 starts: their parent, to watch
@@ -251,23 +253,6 @@ class RankWatch:
 
 
 _STOPPING = threading.Lock()
-
-
-def host_copy(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """``tensor`` on the host without waiting for the device: a CUDA tensor is copied to pinned memory
-    behind the work queued so far, and the returned (timing) event passes once the copy has landed; a
-    host tensor is cloned at once, with no event."""
-    if not tensor.is_cuda:
-        return tensor.clone(), None
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
-    return host, timing_event()
-
-
-def timing_event() -> torch.cuda.Event:
-    """A timing event recorded on the current CUDA stream, behind the work queued so far."""
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
 
 
 class Agreed:

@@ -320,7 +320,9 @@ class _PlainModule(pl.LightningModule):
         return _loss(self.net, self.conf, *batch)
 
     def configure_optimizers(self) -> Any:
-        return configure_optimizers(self, self.net, self.conf["optim"], self.conf["sched"])
+        return configure_optimizers(
+            self.net, self.conf["optim"], self.conf["sched"], self.trainer.estimated_stepping_batches
+        )
 
 
 def _sync(device: torch.device) -> None:

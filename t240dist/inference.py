@@ -69,7 +69,7 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
         "test_top5": tested.get("test/top5"),
         "test_loss": tested["test/loss"],
         "images": int(matrix.sum()),
-        "per_class_acc": dict(zip(names, class_accuracy(matrix), strict=True)),
+        "per_class_acc": dict(zip(names, confusion.class_acc, strict=True)),
         "confusion_matrix": matrix.tolist(),  # rows: true class, columns: predicted, in per_class_acc's order
         "data": conf["data"]["name"],
         "precision": conf["trainer"]["precision"],
@@ -300,6 +300,7 @@ class ConfusionMatrix(pl.Callback):
         self.names, self.png = class_names, png
         self.metric = MulticlassConfusionMatrix(len(class_names), validate_args=False)
         self.matrix = torch.zeros(0)
+        self.class_acc: list[float | None] = []
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.metric = self.metric.to(pl_module.device)
@@ -317,12 +318,13 @@ class ConfusionMatrix(pl.Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.matrix = self.metric.compute().cpu()
+        self.class_acc = class_accuracy(self.matrix)
         figure = self._figure()
         self.png.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(self.png, dpi=100)
         writer = trainer.logger.experiment
         writer.add_figure("test/confusion_matrix", figure, trainer.global_step)
-        for name, acc in zip(self.names, class_accuracy(self.matrix), strict=True):
+        for name, acc in zip(self.names, self.class_acc, strict=True):
             if acc is not None:
                 writer.add_scalar(f"test/class_acc/{name}", acc, trainer.global_step)
 

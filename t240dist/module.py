@@ -172,7 +172,9 @@ class ClassifierModule(pl.LightningModule):
         return logits
 
     def configure_optimizers(self) -> Any:
-        return configure_optimizers(self, self.net, self.hparams["optim"], self.hparams["sched"])
+        return configure_optimizers(
+            self.net, self.hparams["optim"], self.hparams["sched"], self.trainer.estimated_stepping_batches
+        )
 
 
 def _accuracy(num_classes: int, top_k: int) -> MulticlassAccuracy:

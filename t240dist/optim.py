@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytorch_lightning as pl
 from hydra.utils import instantiate
 from torch import nn
 from torch.optim import Optimizer
@@ -53,12 +52,12 @@ def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int)
 
 
 def configure_optimizers(
-    module: pl.LightningModule, net: nn.Module, optim: dict[str, Any], sched: dict[str, Any]
+    net: nn.Module, optim: dict[str, Any], sched: dict[str, Any], total_steps: float
 ) -> Any:
     """What ``configure_optimizers`` of a module training ``net`` returns: the optimizer, and the schedule
-    over the Trainer's optimizer steps, stepped every step."""
+    over the run's ``total_steps`` optimizer steps (the Trainer's estimate), stepped every step."""
     optimizer = build_optimizer(net, optim)
-    scheduler = build_scheduler(optimizer, sched, int(module.trainer.estimated_stepping_batches))
+    scheduler = build_scheduler(optimizer, sched, int(total_steps))
     if scheduler is None:
         return optimizer
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

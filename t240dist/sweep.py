@@ -50,15 +50,18 @@ def trial_result(summary: dict[str, Any]) -> float:
     return summary["objective"]
 
 
-def pruning(sweep: dict[str, Any]) -> OptunaPruning | None:
+def pruning(sweep: dict[str, Any], run_dir: Path) -> OptunaPruning | None:
     """The pruning callback of a job that is an Optuna trial; None for any other run."""
     if sweep["trial"] is None:
         return None
-    return OptunaPruning(sweep["trial"], "val/" + sweep["objective"].split("/")[1])
+    return OptunaPruning(sweep["trial"], "val/" + sweep["objective"].split("/")[1], run_dir)
 
 
 class OptunaPruning(pl.Callback):
     """Reports the validation metric to the Optuna trial after each epoch; stops training when it is pruned.
+
+    It also records the trial's run dir (user attribute ``run_dir``) as training starts, before any
+    checkpoint: if the sweep is killed or preempted, the trial's rerun continues in that run dir.
 
     Hand-written: optuna-integration's PyTorchLightningPruningCallback is built on the ``lightning`` package
     (t240dist's Trainer is ``pytorch_lightning``'s) and, under DDP, has every rank open the storage. Here only
@@ -66,14 +69,15 @@ class OptunaPruning(pl.Callback):
     (every rank leaves ``fit`` normally, the best checkpoint is still tested), so nothing crashes.
     """
 
-    def __init__(self, trial: dict[str, Any], metric: str) -> None:
-        self.ref, self.metric = trial, metric
+    def __init__(self, trial: dict[str, Any], metric: str, run_dir: Path) -> None:
+        self.ref, self.metric, self.run_dir = trial, metric, run_dir
         self.pruned_at: int | None = None
         self._trial: Any = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             self._trial = _open_trial(self.ref)
+            self._trial.set_user_attr("run_dir", str(self.run_dir.absolute()))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import TINY, run_cli, scalars
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -198,8 +199,12 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
     )  # run again as they were
     assert trials[3].user_attrs["error"].startswith("Preempted: saved")
     sweeps = _sweep_dirs(tmp_path)
-    assert len(sweeps) == 3 and len(list(sweeps[2].glob("*/run_summary.json"))) == 1  # only trial 4 ran last
     assert trials[0].user_attrs["run_dir"] == str(sweeps[0] / "0")  # trial 0 ran once, in the first sweep
+    # trial 4 continued the preempted trial 3 in its run dir, from the checkpoint it saved on SIGTERM
+    assert trials[4].user_attrs["run_dir"] == trials[3].user_attrs["run_dir"] == str(sweeps[1] / "1")
+    rerun = _run_summary(sweeps[1] / "1")
+    assert Path(rerun["resumed_from"]).parent == sweeps[1] / "1" / "checkpoints"
+    assert rerun["epochs"] == 12 and not list(sweeps[2].glob("*/run_summary.json"))  # no new run dir
     rows = _rows(sweeps[2])  # the summary covers the whole study
     assert [r["state"] for r in rows] == ["complete"] * 3 + ["fail"] * 2
     assert {r["error"] for r in rows[3:]} == {"interrupted", trials[3].user_attrs["error"]}
@@ -245,6 +250,17 @@ def test_search_space_takes_params_and_command_line_sweeps_which_win() -> None:
     assert space["optim.lr"] == FloatDistribution(0.001, 0.5, log=True)
     assert space["model.width"] == CategoricalDistribution([8, 16])
     assert space["module.label_smoothing"] == FloatDistribution(0.0, 0.2)
+
+
+@pytest.mark.parametrize("run_dir", ["/runs/a b,c=d/0", "/runs/it's/1", "/runs/x\\'y/2", "/runs/end\\"])
+def test_a_rerun_is_placed_in_the_interrupted_trials_run_dir_whatever_its_name(run_dir: str) -> None:
+    study = optuna.create_study()
+    trial = study.ask({"optim.lr": FloatDistribution(0.01, 0.1)})
+    assert not any(o.startswith("hydra.") for o in _study._overrides(trial, {}, slot=0))  # a first run
+    trial.set_user_attr("run_dir", run_dir)  # as the trial records it, and its rerun inherits it
+    parsed = OverridesParser.create().parse_overrides(_study._overrides(trial, {}, slot=0))
+    place = {o.key_or_group: o.value() for o in parsed if o.key_or_group.startswith("hydra.")}
+    assert Path(place["hydra.sweep.dir"]) / place["hydra.sweep.subdir"] == Path(run_dir)
 
 
 def _settings(**changes: object) -> OptunaSweeperConf:

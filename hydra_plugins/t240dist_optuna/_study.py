@@ -4,7 +4,8 @@ A study in a storage survives: rerunning the same command loads it and runs unti
 finished trials (complete, pruned or failed), so finished trials are not rerun. A trial whose job raised,
 or whose objective is NaN or infinite, is told FAIL with its error line (user attribute ``error``) and the
 sweep goes on until more than ``max_failure_rate`` of ``n_trials`` have failed. Trials left running by a
-killed sweep stop getting heartbeats; the next run fails them and runs them again with the same parameters.
+killed sweep stop getting heartbeats; the next run fails them and runs them again with the same parameters,
+in their run dirs, from their last checkpoints.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -167,12 +169,26 @@ def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def _overrides(trial: Trial, fixed: dict[str, str], slot: int) -> list[str]:
-    """The job's overrides: the sampled parameters, the fixed ones, and the trial's identity for pruning."""
+    """The job's overrides: the sampled parameters, the fixed ones, and the trial's identity for pruning.
+
+    A rerun of an interrupted trial (which inherits its user attributes) runs in that trial's run dir,
+    so ``resume=auto`` continues it from its last checkpoint and its curves go on in the same place.
+    """
     params = [f"{name}={value}" for name, value in trial.params.items()]
     trial.set_user_attr("overrides", " ".join(params))
     # A storage knows a trial by an id that optuna keeps in a private attribute; Trial(study, id) is public.
     identity = f"sweep.trial={{number:{trial.number},id:{trial._trial_id},slot:{slot}}}"
-    return [*params, *fixed.values(), identity]
+    interrupted = trial.user_attrs.get("run_dir")
+    if interrupted is None:
+        return [*params, *fixed.values(), identity]
+    run_dir = Path(interrupted)
+    place = [f"hydra.sweep.dir={_quoted(str(run_dir.parent))}", f"hydra.sweep.subdir={_quoted(run_dir.name)}"]
+    return [*params, *fixed.values(), identity, *place]
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a quoted value of a Hydra override: quotes escaped, and the backslashes before them."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text) + "'"
 
 
 @contextmanager

@@ -176,6 +176,9 @@ def test_cuda_graph_fast_path_follows_the_eager_loss_curve(tmp_path: Path, fast_
         "data.batch_size=256",
         "model=resnet18_cifar",
         "model.channels_last=true",
+        # a learning rate without a loss spike: at 0.1 the early loss jumps to ~13, which amplifies the bf16
+        # differences of compiled and eager kernels (early means 12 % apart on an H200, both deterministic)
+        "optim.lr=0.02",
         "trainer.precision=bf16-mixed",
         "trainer.max_epochs=4",  # validation every 16 steps: the captured step must keep learning after it
         "trainer.limit_val_batches=2",
@@ -188,5 +191,5 @@ def test_cuda_graph_fast_path_follows_the_eager_loss_curve(tmp_path: Path, fast_
     assert len(curves[0]) == len(curves[1]) == eager["global_step"] == fast["global_step"] == 64
     first, early = [c[0] for c in curves], [sum(c[:16]) / 16 for c in curves]
     assert abs(first[0] - first[1]) < 0.01 * first[0]  # the same weights and batch: bf16 differences only
-    assert abs(early[0] - early[1]) < 0.05 * early[0]  # the descent, before both reach ~1e-4 (synthetic)
+    assert abs(early[0] - early[1]) < 0.02 * early[0]  # the descent (0.6 % apart on an H200)
     assert max(c[-1] for c in curves) < 0.01 * min(first)  # and both learn the task

@@ -62,8 +62,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     data = ImageDataModule(conf["data"], conf["seed"])
     info = data.info
     data_ready = time.perf_counter()
-    pruning = sweep.pruning(conf["sweep"], run_dir)
-    trainer, curves, checkpoint = build_trainer(conf, run_dir, [pruning] if pruning else None)
+    trial = sweep.optuna_trial(conf["sweep"], run_dir)
+    trainer, curves, checkpoint = build_trainer(conf, run_dir, [trial] if trial else None)
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
     startup = {
@@ -113,7 +113,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
         "best_checkpoint": checkpoint.best_model_path or None,
         "resumed_from": str(resume) if resume else None,
         "run_dir": str(run_dir),
-        "pruned_at_epoch": pruning.pruned_at if pruning else None,
+        "pruned_at_epoch": trial.pruned_at if trial else None,
         "ranks": ranks,
         "versions": {"torch": torch.__version__, "lightning": pl.__version__},
     }

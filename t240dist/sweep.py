@@ -50,18 +50,17 @@ def trial_result(summary: dict[str, Any]) -> float:
     return summary["objective"]
 
 
-def pruning(sweep: dict[str, Any], run_dir: Path) -> OptunaPruning | None:
-    """The pruning callback of a job that is an Optuna trial; None for any other run."""
+def optuna_trial(sweep: dict[str, Any], run_dir: Path) -> OptunaTrial | None:
+    """The callback of a job that is an Optuna trial; None for any other run."""
     if sweep["trial"] is None:
         return None
-    return OptunaPruning(sweep["trial"], "val/" + sweep["objective"].split("/")[1], run_dir)
+    return OptunaTrial(sweep["trial"], "val/" + sweep["objective"].split("/")[1], run_dir)
 
 
-class OptunaPruning(pl.Callback):
-    """Reports the validation metric to the Optuna trial after each epoch; stops training when it is pruned.
-
-    It also records the trial's run dir (user attribute ``run_dir``) as training starts, before any
-    checkpoint: if the sweep is killed or preempted, the trial's rerun continues in that run dir.
+class OptunaTrial(pl.Callback):
+    """A job's side of its Optuna trial: records the trial's run dir (user attribute ``run_dir``) as training
+    starts, before any checkpoint, so that a rerun after a killed or preempted sweep continues there; reports
+    the validation metric after each epoch, and stops training when the trial is pruned.
 
     Hand-written: optuna-integration's PyTorchLightningPruningCallback is built on the ``lightning`` package
     (t240dist's Trainer is ``pytorch_lightning``'s) and, under DDP, has every rank open the storage. Here only

@@ -252,14 +252,17 @@ def test_search_space_takes_params_and_command_line_sweeps_which_win() -> None:
     assert space["module.label_smoothing"] == FloatDistribution(0.0, 0.2)
 
 
-@pytest.mark.parametrize("run_dir", ["/runs/a b,c=d/0", "/runs/it's/1", "/runs/x\\'y/2", "/runs/end\\"])
+@pytest.mark.parametrize(
+    "run_dir", ["/runs/a b,c=d/0", "/runs/it's/1", "/runs/x\\'y/2", "/runs/end\\", "/runs/${x}/3"]
+)
 def test_a_rerun_is_placed_in_the_interrupted_trials_run_dir_whatever_its_name(run_dir: str) -> None:
     study = optuna.create_study()
     trial = study.ask({"optim.lr": FloatDistribution(0.01, 0.1)})
     assert not any(o.startswith("hydra.") for o in _study._overrides(trial, {}, slot=0))  # a first run
     trial.set_user_attr("run_dir", run_dir)  # as the trial records it, and its rerun inherits it
     parsed = OverridesParser.create().parse_overrides(_study._overrides(trial, {}, slot=0))
-    place = {o.key_or_group: o.value() for o in parsed if o.key_or_group.startswith("hydra.")}
+    hydra = {o.key_or_group: o.value() for o in parsed if o.key_or_group.startswith("hydra.")}
+    place = OmegaConf.create(hydra)  # resolved by OmegaConf, as the job's config is
     assert Path(place["hydra.sweep.dir"]) / place["hydra.sweep.subdir"] == Path(run_dir)
 
 

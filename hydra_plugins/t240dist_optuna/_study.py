@@ -187,7 +187,9 @@ def _overrides(trial: Trial, fixed: dict[str, str], slot: int) -> list[str]:
 
 
 def _quoted(text: str) -> str:
-    """``text`` as a quoted value of a Hydra override: quotes escaped, and the backslashes before them."""
+    """``text`` as a quoted value of a Hydra override: quotes escaped, and the backslashes before them;
+    ``${`` escaped, so that OmegaConf does not read it as an interpolation."""
+    text = text.replace("${", "\\${")
     return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text) + "'"
 
 

@@ -67,10 +67,15 @@ def one_line_errors() -> Iterator[None]:
     except UserError as err:
         _fail(f"{type(err).__name__}: {err}", err)
     except Preempted as err:
-        print(f"Preempted: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_PREEMPTED)
+        exit_preempted(err)
     except (HydraException, OmegaConfBaseException) as err:
         _fail(f"ConfigError: {_hydra_line(err)}", err)
+
+
+def exit_preempted(err: Preempted) -> NoReturn:
+    """End a preempted process: its line on stderr, exit 75 (rerun or requeue to resume)."""
+    print(f"Preempted: {err}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 def _fail(line: str, err: BaseException) -> NoReturn:

@@ -17,7 +17,9 @@ from typing import Any
 import pytorch_lightning as pl
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.utilities import rank_zero_only
@@ -25,10 +27,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from t240dist.errors import Pruned
+from t240dist.errors import Preempted, Pruned, exit_preempted, one_line_errors
 from t240dist.report import read_summary
 
 SUMMARY_FILE = "sweep_summary.csv"
+ERROR_FILE = "run_error.txt"  # a failed grid trial's error line, in its run dir
 COLUMNS = ("trial", "state", "objective", "test_acc", "val_acc", "overrides", "run_dir", "error")
 _STATE_ORDER = {"complete": 0, "pruned": 1}  # then fail, running, waiting (Optuna's trial states)
 
@@ -41,6 +44,33 @@ def objective(summary: dict[str, Any], sweep: dict[str, Any]) -> float:
     """The run's value of ``sweep.objective`` (``val/acc`` reads the summary's ``val_acc``); NaN if none."""
     value = summary[sweep["objective"].replace("/", "_")]
     return math.nan if value is None else float(value)
+
+
+@contextmanager
+def job_errors(trial: DictConfig | None) -> Iterator[None]:
+    """How an error ends a ``python -m train`` job.
+
+    A single run prints one line and exits. A job of a sweep passes its error to the sweeper, which records
+    the trial as failed and goes on: the Optuna sweeper tells the study; Hydra's basic sweeper runs its
+    other jobs and then raises the first error (one line, exit 2), ``SweepSummary`` keeping each one.
+    Preemption is the exception: it stops a grid sweep at once, as it stops an Optuna one.
+    """
+    if trial is not None:  # an Optuna trial: its sweeper handles preemption too
+        yield
+    elif HydraConfig.get().mode != RunMode.MULTIRUN:
+        with one_line_errors():
+            yield
+    else:
+        try:
+            yield
+        except Preempted as err:
+            exit_preempted(err)
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``: what a sweep's summary keeps of a trial's exception."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def trial_result(summary: dict[str, Any]) -> float:
@@ -145,24 +175,43 @@ def take_own_share(trial: DictConfig | None) -> None:
 
 
 class SweepSummary(Callback):
-    """After a multirun of Hydra's basic sweeper: ``sweep_summary.csv`` in the sweep dir, a table, best first.
-
-    Read from each trial's run dir. The Optuna sweeper writes its own summary, over the whole study.
+    """``sweep_summary.csv`` in the sweep dir of Hydra's basic sweeper, best first: rewritten after every job
+    (a failed one leaves its error line in its run dir), so it is whole even when a failed trial ends the
+    multirun with an error; printed as a table at the end. The Optuna sweeper writes its own.
     """
 
     @rank_zero_only
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not config.hydra.sweeper._target_.endswith(".BasicSweeper"):
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not _basic_sweep(config):
             return
-        sweep_dir = Path(config.hydra.sweep.dir).absolute()
-        rows = [_row_of_run_dir(path.parent.parent) for path in sweep_dir.glob("**/.hydra/overrides.yaml")]
-        write_sweep_summary(rows, sweep_dir, config.sweep.direction)
+        if job_return.status == JobStatus.FAILED:
+            run_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
+            # the exception itself (JobReturn.return_value would raise it)
+            (run_dir / ERROR_FILE).write_text(error_line(job_return._return_value) + "\n")
+        _write_basic_summary(config, show=False)
+
+    @rank_zero_only
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _basic_sweep(config):
+            _write_basic_summary(config, show=True)
+
+
+def _basic_sweep(config: DictConfig) -> bool:
+    return config.hydra.mode == RunMode.MULTIRUN and config.hydra.sweeper._target_.endswith(".BasicSweeper")
+
+
+def _write_basic_summary(config: DictConfig, show: bool) -> None:
+    sweep_dir = Path(config.hydra.sweep.dir).absolute()
+    rows = [_row_of_run_dir(path.parent.parent) for path in sweep_dir.glob("**/.hydra/overrides.yaml")]
+    write_sweep_summary(rows, sweep_dir, config.sweep.direction, show)
 
 
 def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:
-    """One trial of a basic sweep, from its run dir: its overrides and, if it finished, its run summary."""
+    """One trial of a basic sweep, from its run dir: its overrides and its run summary, or its error line
+    ("interrupted" when it left neither)."""
     overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
     summary = read_summary(run_dir)
+    error = run_dir / ERROR_FILE
     return {
         "trial": int(run_dir.name) if run_dir.name.isdigit() else run_dir.name,
         "state": "complete" if summary else "fail",
@@ -171,7 +220,7 @@ def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:
         "val_acc": summary.get("val_acc"),
         "overrides": " ".join(overrides),
         "run_dir": str(run_dir),
-        "error": "",
+        "error": "" if summary else error.read_text().strip() if error.exists() else "interrupted",
     }
 
 
@@ -181,8 +230,11 @@ def run_metrics(run_dir: str | None) -> dict[str, Any]:
     return {"test_acc": summary.get("test_acc"), "val_acc": summary.get("val_acc")}
 
 
-def write_sweep_summary(rows: list[dict[str, Any]], sweep_dir: Path, direction: str) -> None:
-    """Write ``sweep_summary.csv`` (completed trials best first, then pruned, then the rest) and print it."""
+def write_sweep_summary(
+    rows: list[dict[str, Any]], sweep_dir: Path, direction: str, show: bool = True
+) -> None:
+    """Write ``sweep_summary.csv`` (completed trials best first, then pruned, then the rest); print it if
+    ``show``."""
     sign = -1.0 if direction == "maximize" else 1.0
 
     def rank(row: dict[str, Any]) -> tuple[int, float, Any]:
@@ -198,6 +250,8 @@ def write_sweep_summary(rows: list[dict[str, Any]], sweep_dir: Path, direction: 
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    if not show:
+        return
     table = Table(title=f"sweep summary ({direction}) → {sweep_dir / SUMMARY_FILE}")
     for column in COLUMNS:
         table.add_column(column, overflow="fold")

@@ -239,6 +239,21 @@ def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_par
     assert not (tmp_path / "outputs").exists()  # ranks > 0 made no run dirs of their own
 
 
+def test_a_failed_grid_trial_is_summarised_with_its_error_and_the_others_still_run(tmp_path: Path) -> None:
+    done = run_cli(["-m", *TINY, "optim.lr=1e30,0.1"], cwd=tmp_path, **CHECKOUT)
+    diverged = "NonFiniteError: the loss became NaN/inf at step 1"
+    assert done.returncode == 2  # the first error, once every trial has run
+    assert done.stderr.strip().splitlines()[-1].startswith(diverged)
+    [sweep_dir] = _sweep_dirs(tmp_path)
+    rows = _rows(sweep_dir)
+    assert [(r["state"], r["overrides"].split()[-1]) for r in rows] == [
+        ("complete", "optim.lr=0.1"),
+        ("fail", "optim.lr=1e+30"),
+    ]
+    assert rows[1]["error"].startswith(diverged)
+    assert _run_summary(rows[0]["run_dir"])["lr"] == 0.1
+
+
 def test_search_space_takes_params_and_command_line_sweeps_which_win() -> None:
     params = {"optim.lr": "tag(log, interval(0.001, 0.5))", "data.batch_size": "choice(32, 64)", "seed": 3}
     space, fixed = _study.search_space(params, ["data.batch_size=range(16,65,16)", "optim.lr=0.1", "+x=1"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import hydra
 from omegaconf import DictConfig
 
@@ -18,11 +16,11 @@ from t240dist.run import train
 def main(cfg: DictConfig) -> float:
     """Run one job; return its ``sweep.objective``, the value a sweeper optimises.
 
-    The error of an Optuna trial propagates to the sweeper, which records it and goes on; any other job's
-    error stops the process with one line.
+    A sweep's job hands its error to the sweeper, which records it and goes on; a single run's error stops
+    the process with one line (``sweep.job_errors``).
     """
     sweep.take_own_share(cfg.sweep.trial)
-    with nullcontext() if cfg.sweep.trial else one_line_errors():
+    with sweep.job_errors(cfg.sweep.trial):
         return sweep.trial_result(train(cfg))
 
 

@@ -233,13 +233,13 @@ def _tell(study: optuna.Study, trial: Trial, job: JobReturn, objective: str) -> 
     if isinstance(outcome, Pruned):
         return _record(study, trial, state=TrialState.PRUNED)
     if isinstance(outcome, Preempted):  # the sweep was asked to stop: run this trial again when resumed
-        _record(study, trial, error=_error_line(outcome))
+        _record(study, trial, error=sweep.error_line(outcome))
         # a copy: the callback appends to the trial's retry history, which must not change the study's own
         RERUN_INTERRUPTED(study, copy.deepcopy(study.get_trials(deepcopy=False)[trial.number]))
         return False
     if job.status == JobStatus.FAILED:  # its traceback: hydra.verbose=hydra_plugins.t240dist_optuna._study
         log.debug(f"trial {trial.number} raised", exc_info=outcome)
-        return _record(study, trial, error=_error_line(outcome))
+        return _record(study, trial, error=sweep.error_line(outcome))
     if not math.isfinite(outcome):
         return _record(study, trial, error=f"the objective {objective} is {outcome}")
     return _record(study, trial, value=outcome)
@@ -270,12 +270,6 @@ def _record(
             raise
         return True
     return False
-
-
-def _error_line(err: BaseException) -> str:
-    """``Type: first line of the message``: what the summary and the study keep of a trial's exception."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _check_failures(study: optuna.Study, settings: OptunaSweeperConf) -> None:

@@ -294,7 +294,7 @@ class Preemption(pl.Callback):
     ) -> None:
         stop = bool(self.received)
         if trainer.world_size > 1:  # a signal seen by any rank, acted on by all one logging window later
-            if trainer.global_step % trainer.log_every_n_steps:
+            if not self._agreed.due(trainer.global_step, trainer.log_every_n_steps):
                 return
             flag = torch.full((1,), float(stop), device=pl_module.device)
             seen = self._agreed.exchange(flag, None, ranks=True)
@@ -360,7 +360,6 @@ class NonFiniteGuard(pl.Callback):
         self._flags: torch.Tensor | None = None  # stop: 1 in the slot of each bad step of the window
         self._unit: torch.Tensor | None = None  # the check's scale: 1, on the device
         self._agreed = Agreed()  # stop: the flags on their way to the host, with the window's first step
-        self._exchanged_at = -1  # the step of the last logging step's exchange
         self._good_buffers: list[torch.Tensor] = []  # skip: the buffers as the last good step left them
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -399,10 +398,8 @@ class NonFiniteGuard(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step  # once per window: micro-batches of one step share it
-        if self._flags is not None and step % len(self._flags) == 0 and step != self._exchanged_at:
+        if self._flags is not None and self._agreed.due(trainer.global_step, len(self._flags)):
             self._exchange(trainer)  # reads the flags staged one window ago
-            self._exchanged_at = step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_now(trainer)
@@ -416,7 +413,7 @@ class NonFiniteGuard(pl.Callback):
 
     def _exchange(self, trainer: pl.Trainer) -> None:
         """Stage the flags of the steps since the last exchange (ranks agree on them) and clear them; stop if
-        the previous exchange's flag a step."""
+        the previous exchange's flags mark a bad step."""
         step = trainer.global_step
         first = step - 1 - (step - 1) % len(self._flags)  # the window's first step: its slot is 0
         self._stop_if_bad(self._agreed.exchange(self._flags, first, ranks=trainer.world_size > 1))

@@ -259,14 +259,25 @@ class Agreed:
     """Small flags that every rank reads alike at the same step, without stalling the GPU.
 
     ``exchange`` max-reduces a device tensor across the ranks (an all-reduce queued behind the step's
-    work: no barrier, no wait), copies the result to pinned memory behind it, and returns what the
-    previous exchange staged, by then long landed. Ranks exchange at the same steps, so each reads the
-    same values at the same step and they act together. Lightning's ``strategy.reduce`` puts a barrier
-    before its all-reduce, which waits for the GPU on every rank.
+    work: no barrier), copies the result to pinned memory behind it, and returns what the previous
+    exchange staged. Reading that means waiting for work at least one exchange old, never for the step
+    just queued, so the GPU never runs dry; at ``log_every_n_steps`` 10 that work has long finished. Ranks
+    exchange at the same steps (``due``), so each reads the same values at the same step and they act
+    together. Lightning's ``strategy.reduce`` puts a barrier before its all-reduce, which waits for the
+    GPU on every rank.
     """
 
     def __init__(self) -> None:
         self._staged: tuple[torch.Tensor, torch.cuda.Event | None, Any] | None = None
+        self._due_at = -1  # the step of the last exchange that ``due`` allowed
+
+    def due(self, step: int, every: int) -> bool:
+        """Whether to exchange at this batch's end: once at each step that is a multiple of ``every`` (the
+        micro-batches that follow an optimizer step share its number)."""
+        if step % every or step == self._due_at:
+            return False
+        self._due_at = step
+        return True
 
     def exchange(self, flags: torch.Tensor, tag: Any, ranks: bool) -> tuple[list[float], Any] | None:
         """Stage ``flags`` (max-reduced in place across ``ranks``) and ``tag``; return the previous ones."""

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
+from t240dist.distributed import Agreed
 from t240dist.module import ClassifierModule
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1"]
@@ -151,3 +152,12 @@ def test_two_torchrun_agents_on_loopback_complete_one_run(tmp_path: Path) -> Non
     assert summary["run_dir"] == str(tmp_path / "outputs" / "torchrun" / "pytest-job")
     assert summary["world_size"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
     assert len({r["config_sha256"] for r in summary["ranks"]}) == 1
+
+
+def test_ranks_exchange_once_at_each_logging_step_whatever_the_micro_batches() -> None:
+    """With 2 micro-batches a step, batch ends see global steps 0, 1, 1, 2, 2, ...: the micro-batch after an
+    optimizer step shares its number, and must not exchange again (a wait, and a stop between micro-batches).
+    """
+    agreed = Agreed()
+    seen = [agreed.due(step, every=2) for step in (0, 1, 1, 2, 2, 3, 3, 4, 4)]
+    assert seen == [True, False, False, True, False, False, False, True, False]

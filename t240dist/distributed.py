@@ -58,6 +58,19 @@ def launched_rank() -> tuple[DictConfig, Path] | None:
 
 
 @contextmanager
+def ends_process_group() -> Iterator[None]:
+    """Destroy the default process group on the way out, if there is one. Lightning destroys only NCCL
+    groups at exit; a gloo group left to interpreter teardown now and then aborts a finished process
+    ('terminate called without an active exception', pytorch/pytorch#190489), and its launcher reports a
+    failed job."""
+    try:
+        yield
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextmanager
 def one_job(conf: dict[str, Any], run_dir: Path) -> Iterator[None]:
     """Save the resolved run config as ``config.yaml`` in the run dir (rank 0) and hand it to the ranks that
     rank 0 starts; afterwards leave the process as it was."""
@@ -68,10 +81,9 @@ def one_job(conf: dict[str, Any], run_dir: Path) -> Iterator[None]:
     saved = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
     os.environ[RUN_CONFIG_ENV] = str(config_path.resolve())
     try:
-        yield
+        with ends_process_group():
+            yield
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -93,9 +93,8 @@ class RecordSamples(pl.LightningModule):
 
 
 class EndsItsProcessGroup(pl.Callback):
-    """What ``one_job`` does for a real run, done in each spawned rank: the gloo group is destroyed before the
-    interpreter exits. Lightning destroys only NCCL groups at exit; a gloo group left to interpreter teardown
-    sometimes aborts the rank ('terminate called without an active exception', pytorch/pytorch#190489)."""
+    """What ``ends_process_group`` does for real runs, done in each spawned rank as it exits: a gloo group
+    left to interpreter teardown now and then aborts the rank (SIGABRT), and the test with it."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())

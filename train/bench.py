@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from t240dist.bench import run_bench, run_predict_bench
 from t240dist.config import CONF_DIR, register_resolvers
+from t240dist.distributed import ends_process_group
 from t240dist.errors import ConfigError, one_line_errors, run_app
 
 BENCHES = {"train": run_bench, "predict": run_predict_bench}
@@ -18,7 +19,7 @@ BENCHES = {"train": run_bench, "predict": run_predict_bench}
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> None:
-    with one_line_errors():
+    with one_line_errors(), ends_process_group():  # the ranks torchrun started
         if cfg.bench.task not in BENCHES:
             raise ConfigError(f"bench.task={cfg.bench.task} is not a benchmark — pick train or predict")
         BENCHES[cfg.bench.task](cfg, Path(HydraConfig.get().runtime.output_dir))

@@ -7,18 +7,18 @@ import json
 import socket
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from conftest import TINY, compose, run_cli
 from torch.utils.data import Dataset
 
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
-from t240dist.distributed import Agreed
+from t240dist.distributed import Agreed, ends_process_group
 from t240dist.module import ClassifierModule
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1"]
@@ -93,11 +93,13 @@ class RecordSamples(pl.LightningModule):
 
 
 class EndsItsProcessGroup(pl.Callback):
-    """What ``ends_process_group`` does for real runs, done in each spawned rank as it exits: a gloo group
-    left to interpreter teardown now and then aborts the rank (SIGABRT), and the test with it."""
+    """Each spawned rank leaves through ``ends_process_group``, as real runs do: a gloo group left to
+    interpreter teardown now and then aborts the rank (SIGABRT), and the test with it."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        ending = ExitStack()
+        ending.enter_context(ends_process_group())
+        atexit.register(ending.close)
 
 
 def _spawned_trainer(**kwargs: object) -> pl.Trainer:

@@ -198,12 +198,14 @@ class ContinueLog(pl.Callback):
 
 
 class ExactResume(pl.Callback):
-    """What Lightning leaves out of a resume: RNG states, and the data position inside an epoch.
+    """What Lightning leaves out of a resume: RNG states, and where the next training batch comes from.
 
     Lightning saves no RNG state (dropout and MixUp of a resumed run would differ) and replays a plain
     DataLoader from the start of the epoch. Every rank's RNG states are gathered into the checkpoint and
-    each rank restores its own before the first resumed step; the data module starts the epoch after
-    the batches Lightning counts as done.
+    each rank restores its own before the first resumed step. The position of the next batch, (epoch,
+    batches done), is read from Lightning's loop as it stands at the save: after an epoch's last batch it
+    is the next epoch's start. Callback states are restored before the training loader is made, so the
+    data module makes it at that position (``resume_at``).
     """
 
     def __init__(self) -> None:
@@ -219,21 +221,27 @@ class ExactResume(pl.Callback):
         if dist.is_available() and dist.is_initialized():
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
-        trainer = self._trainer
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if trainer else 0
-        mid_epoch = trainer is not None and done < trainer.num_training_batches
-        return {"ranks": ranks, "batches_done": done if mid_epoch else 0}
+        return {"ranks": ranks, "next_batch": _next_batch(self._trainer) if self._trainer else (0, 0)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["ranks"]
         datamodule = self._trainer.datamodule if self._trainer else None
-        if state_dict["batches_done"] and isinstance(datamodule, ImageDataModule):
-            datamodule.resume_at(state_dict["batches_done"])
+        if isinstance(datamodule, ImageDataModule) and "next_batch" in state_dict:
+            datamodule.resume_at(*state_dict["next_batch"])
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._pending is not None:
             _set_rng_state(self._pending[trainer.global_rank])
             self._pending = None
+
+
+def _next_batch(trainer: pl.Trainer) -> tuple[int, int]:
+    """(epoch, batches of it done) of the next training batch, counted by Lightning's loop: the batches the
+    loop has consumed, not those the loader's workers or Lightning's fetcher have prefetched."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if done >= trainer.num_training_batches:
+        return trainer.current_epoch + 1, 0
+    return trainer.current_epoch, done
 
 
 def _rng_state() -> dict[str, Any]:

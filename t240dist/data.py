@@ -70,7 +70,7 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(self, cfg: dict[str, Any], seed: int, normalisation: Normalisation | None = None) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed
-        self._skip = 0  # batches
+        self._resume: tuple[int, int] = (0, 0)  # (epoch, batches done) where the next training loader starts
         self._placement: tuple[torch.device, torch.device | None] | None = None  # (trainer's, batches')
         self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, normalisation)
 
@@ -83,9 +83,14 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, train=False)
 
-    def resume_at(self, batches_done: int) -> None:
-        """Let the next training loader start its first epoch after ``batches_done`` batches (this rank's)."""
-        self._skip = batches_done
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Let the next training loader start in ``epoch``, after its first ``batches_done`` batches.
+
+        The epoch is set on the sampler when the loader is made, not left to Lightning's ``set_epoch``: on
+        a resume Lightning creates the loader's iterator before it sets the epoch and keeps that iterator,
+        and DataLoader workers draw their first indices as the iterator is created.
+        """
+        self._resume = (epoch, batches_done)
 
     @property
     def batch_device(self) -> torch.device | None:
@@ -122,14 +127,15 @@ class ImageDataModule(pl.LightningDataModule):
             "persistent_workers": workers > 0,
             "pin_memory": torch.cuda.is_available(),
         }
+        # A generator of its own: each iterator a DataLoader makes draws its workers' seed from it, which
+        # must not move the global RNG that dropout and MixUp use (a validation would shift them otherwise)
+        options["generator"] = torch.Generator().manual_seed(self.seed)
         if not train:
             return DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
-        # a generator of its own: starting an epoch must not move the global RNG that dropout uses
-        options["generator"] = torch.Generator().manual_seed(self.seed)
         # Exact resume: the sampler can start mid-epoch (``resume_at``), and each sample's augmentation
         # is seeded by (seed, epoch, index), whatever process or worker draws it.
-        skip, self._skip = self._skip * self.cfg["batch_size"], 0
-        tagged = EpochTagged(self._train_order(dataset), skip)
+        order, skip = self._resumed_order(dataset)
+        tagged = EpochTagged(order, skip * self.cfg["batch_size"])
         # drop_last: no ragged last training batch (BatchNorm dislikes batches of one)
         return DataLoader(EpochSeeded(dataset, self.seed), sampler=tagged, drop_last=True, **options)
 
@@ -145,15 +151,18 @@ class ImageDataModule(pl.LightningDataModule):
         padding = augment["padding"] if augment["crop"] == "pad" else 0
         hflip = augment["hflip"]
         crop_flip = BatchAugment(self.seed, padding, hflip) if padding or hflip else None
-        skip, self._skip = self._skip, 0
-        order = self._train_order(split)  # drop_last: no ragged last training batch, as on the DataLoader
+        order, skip = self._resumed_order(split)  # drop_last: no ragged last batch, as on the DataLoader
         return DeviceBatches(images, labels, mean, std, order, batch_size, True, crop_flip, skip)
 
-    def _train_order(self, dataset: Dataset) -> DistributedSampler:
-        """This rank's shuffled share of the training samples, reshuffled by ``set_epoch``."""
+    def _resumed_order(self, dataset: Dataset) -> tuple[DistributedSampler, int]:
+        """This rank's shuffled share of the training samples, reshuffled by ``set_epoch`` and set to the
+        epoch of ``resume_at``, and the batches of that epoch to leave out (once)."""
         trainer = self.trainer
         ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else _ONE_RANK
-        return DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
+        order = DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
+        (epoch, skip), self._resume = self._resume, (0, 0)
+        order.set_epoch(epoch)
+        return order, skip
 
     def _eval_shard(self, dataset: Dataset) -> Sampler | None:
         trainer = self.trainer
@@ -174,15 +183,15 @@ class EpochTagged(Sampler):
     """
 
     def __init__(self, sampler: DistributedSampler, skip: int) -> None:
-        self.sampler, self.epoch, self.skip = sampler, 0, skip
+        self.sampler, self.epoch, self.skip = sampler, sampler.epoch, skip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices, self.skip = list(self.sampler)[self.skip :], 0
-        return ((i, self.epoch) for i in indices)
+        indices, self.skip, epoch = list(self.sampler)[self.skip :], 0, self.epoch
+        return ((i, epoch) for i in indices)
 
     def __len__(self) -> int:
         return len(self.sampler)

@@ -19,9 +19,10 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
+from t240dist.checkpoint import at_step_boundary
 from t240dist.data import ImageDataModule
 from t240dist.distributed import Agreed
-from t240dist.errors import NonFiniteError, Preempted
+from t240dist.errors import Interrupted, NonFiniteError, Preempted
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event
 
@@ -269,19 +270,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Preemption(pl.Callback):
-    """SIGTERM, SIGUSR1 (SLURM's ``--signal``) or SIGUSR2 (submitit's) set a flag; the run saves at the next
-    step boundary and stops with ``Preempted`` (exit code 75). Nothing is done inside the signal handler.
-    With several ranks, they exchange the flag at logging steps (:class:`Agreed`: no wait) and all stop
-    after the same step, one logging window after a rank saw the signal. In a submitit job, submitit's
-    own handler for its signal, which this one displaced, runs after the save: it requeues the job
-    (submitit owns requeue there) and exits.
+    """SIGTERM, SIGUSR1 (SLURM's ``--signal``), SIGUSR2 (submitit's) or Ctrl-C (SIGINT) set a flag; the run
+    saves at the next step boundary and stops with ``Preempted`` (exit code 75), or ``Interrupted`` (130)
+    for Ctrl-C. Nothing is done inside the signal handler, and a second Ctrl-C stops at once.
+
+    A step boundary (``at_step_boundary``) ends an optimizer step and is not an epoch's last batch: a
+    signal at the last batch is acted on one batch later, after the epoch's validation and saves. With
+    several ranks, they exchange the flag at logging steps (:class:`Agreed`: no wait) and all stop after
+    the same step, one logging window after a rank saw the signal. In a submitit job, submitit's own
+    handler for its signal, which this one displaced, runs after the save: it requeues the job (submitit
+    owns requeue there) and exits.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, run_dir: Path) -> None:
         self.directory = directory
+        self.run_dir = run_dir
         self.received: set[int] = set()
+        self._stop = False  # the ranks agreed to stop, at the next step boundary
         self._previous: dict[int, Any] = {}
         self._agreed = Agreed()
 
@@ -300,24 +307,28 @@ class Preemption(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        stop = bool(self.received)
-        if trainer.world_size > 1:  # a signal seen by any rank, acted on by all one logging window later
-            if not self._agreed.due(trainer.global_step, trainer.log_every_n_steps):
-                return
-            flag = torch.full((1,), float(stop), device=pl_module.device)
+        if trainer.world_size == 1:
+            self._stop = bool(self.received)
+        elif self._agreed.due(trainer.global_step, trainer.log_every_n_steps):
+            # a signal seen by any rank, acted on by all one logging window later
+            flag = torch.full((1,), float(bool(self.received)), device=pl_module.device)
             seen = self._agreed.exchange(flag, None, ranks=True)
-            stop = seen is not None and seen[0][0] > 0
-        if stop:  # stop right here: a graceful stop would run epoch-end hooks and save as if the epoch ended
+            self._stop |= seen is not None and seen[0][0] > 0
+        if self._stop and at_step_boundary(trainer, batch_idx):
+            # stop right here: a graceful stop would run epoch-end hooks and save as if the epoch ended
             path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
             trainer.save_checkpoint(path)
             for signum in self.received:
                 if _is_submitit_requeue(self._previous.get(signum)):
                     self._previous[signum](signum, None)  # requeues and exits on rank 0; returns elsewhere
-            step = trainer.global_step
-            raise Preempted(f"saved {path} at step {step} — rerun the same command to resume")
+            kind = Interrupted if signal.SIGINT in self.received else Preempted
+            fix = f"rerun the same command with hydra.run.dir={self.run_dir} to resume"
+            raise kind(f"saved {path} at step {trainer.global_step} — {fix}")
 
     def _request(self, signum: int, frame: Any) -> None:
         self.received.add(signum)
+        if signum == signal.SIGINT:  # a second Ctrl-C: Python's KeyboardInterrupt, at once
+            signal.signal(signum, self._previous.pop(signum))
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -20,8 +20,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from t240dist.errors import UserError
 
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 KEY_ENV = "T240DIST_CHECKPOINT_KEY"
 _MARK = b"t240dist-signature "
 _END_OF_ZIP = b"PK\x05\x06"  # end-of-central-directory record: 22 bytes, then the comment
+LAST = "last.ckpt"  # the latest state saved: every save also appears under this name
+BEST = "best.ckpt"  # the best checkpoint by checkpoint.monitor
 
 
 class CheckpointError(UserError):
@@ -43,9 +47,13 @@ class SignedCheckpointIO(TorchCheckpointIO):
         self.trust_unsigned = trust_unsigned
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        """Write ``path``; ``last.ckpt`` beside it then names the same file: the newest save is the last."""
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        write_atomically(Path(path), sign(buffer.getvalue(), checkpoint_key()))
+        path = Path(path)
+        write_atomically(path, sign(buffer.getvalue(), checkpoint_key()))
+        if path.name != LAST:
+            alias(path, path.with_name(LAST))
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: Any = None
@@ -53,10 +61,116 @@ class SignedCheckpointIO(TorchCheckpointIO):
         return load_checkpoint(Path(path), self.trust_unsigned, map_location)
 
 
+def checkpoint_callbacks(cfg: dict[str, Any], directory: Path) -> list[pl.Callback]:
+    """The run's savers: the best by ``checkpoint.monitor`` (first), a recovery checkpoint every
+    ``checkpoint.every_n_steps`` and the final state; every save is also ``last.ckpt``."""
+    keep = {k: cfg[k] for k in ("monitor", "mode", "save_top_k")}
+    best = BestCheckpoint(dirpath=directory, filename="epoch{epoch:03d}-step{step:06d}", **keep)
+    return [best, RecoveryCheckpoint(directory, cfg["every_n_steps"]), FinalCheckpoint(directory)]
+
+
+class RunDirCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose bookkeeping follows its run dir when that is moved or copied.
+
+    Lightning reloads only ``best_model_path`` when the saved dirpath differs from the current one, still
+    pointing at the old place: the test would score a file elsewhere (or gone), and the top-k history
+    would be lost. The stored paths are taken as names inside the current checkpoint folder instead.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        here = Path(self.dirpath)
+
+        def moved(path: str | None) -> str | None:
+            return str(here / Path(path).name) if path else path
+
+        state = {**state_dict, "dirpath": self.dirpath}
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = moved(state_dict.get(key))
+        state["best_k_models"] = {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()}
+        super().load_state_dict(state)
+
+
+class BestCheckpoint(RunDirCheckpoint):
+    """Lightning's top-k checkpoints by the monitored metric, with the best one also named ``best.ckpt``.
+
+    ``save_last`` is off: Lightning rewrites ``last`` only when it saves a top-k checkpoint, so ``last``
+    would be an older state whenever the metric did not improve. ``SignedCheckpointIO`` names it instead.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(auto_insert_metric_name=False, save_last=False, **kwargs)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.is_global_zero and self.best_model_path:
+            alias(Path(self.best_model_path), Path(self.dirpath) / BEST)
+
+
+class RecoveryCheckpoint(RunDirCheckpoint):
+    """The latest state every ``every_n_steps`` optimizer steps (0: never), kept once.
+
+    Written only at a step boundary (``at_step_boundary``), the first one at or after each multiple.
+    Always among the callbacks, under one state key, so a resume with another ``every_n_steps`` (or none)
+    finds the state it saved and Lightning does not warn.
+    """
+
+    def __init__(self, directory: Path, every_n_steps: int) -> None:
+        super().__init__(
+            dirpath=directory,
+            filename="recovery-step{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every_n_steps,
+            every_n_epochs=0,
+        )
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._every_n_train_steps and at_step_boundary(trainer, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class FinalCheckpoint(pl.Callback):
+    """Saves the state at the end of training as ``last.ckpt``: a rerun of a finished run resumes there
+    and finds nothing left to train. ``trained`` says whether this fit ran a training batch at all."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LAST
+        self.trained = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.trained = True
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.trained:
+            trainer.save_checkpoint(self.path)
+
+
+def at_step_boundary(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether a mid-epoch save may follow this batch: it ended an optimizer step (not a micro-batch of
+    an accumulation, whose gradients a checkpoint does not hold) and it is not the epoch's last batch
+    (``limit_train_batches`` counted). Lightning resumes a checkpoint saved after the last batch at the
+    next epoch, leaving out that epoch's validation and epoch-end saves, which follow it a moment later."""
+    stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    return stepped and batch_idx + 1 < trainer.num_training_batches
+
+
 def resume_checkpoint(resume: str, directory: Path, trust_unsigned: bool) -> Path | None:
     """What a run continues from: ``resume=PATH``; with ``auto`` the newest valid checkpoint in
-    ``directory`` (damaged or foreign ones are skipped with a warning); None to start fresh."""
+    ``directory`` (damaged or foreign ones are skipped with a warning); None to start fresh.
+
+    ``never`` refuses a run dir that holds checkpoints: the new run's would mix with the old run's.
+    """
     if resume == "never":
+        if any(directory.glob("*.ckpt")):
+            raise CheckpointError(
+                f"resume=never, but {directory} holds an earlier run's checkpoints — give this run a "
+                "hydra.run.dir of its own, or continue that run with resume=auto"
+            )
         return None
     if resume != "auto":
         verify(Path(resume).read_bytes(), Path(resume), trust_unsigned)  # before any work, with one line
@@ -144,6 +258,19 @@ def write_atomically(path: Path, data: bytes) -> None:
                 "and resume; the previous checkpoint is intact"
             ) from None
         raise
+
+
+def alias(path: Path, name: Path) -> None:
+    """Let ``name`` be the file ``path`` is (a hard link, swapped in atomically); a copy where the
+    filesystem has no hard links. A hard link survives the deletion of ``path`` (top-k rotation)."""
+    tmp = name.with_name(f".{name.name}.{os.getpid()}.link")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)
+        os.replace(tmp, name)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        write_atomically(name, path.read_bytes())
 
 
 def checkpoint_key() -> bytes:

@@ -39,7 +39,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.utilities import rank_zero_only
 
-from t240dist.errors import EXIT_PREEMPTED, EXIT_RANK_DIED, ConfigError
+from t240dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RANK_DIED, ConfigError
 from t240dist.readback import host_copy
 
 RUN_CONFIG_ENV = "T240DIST_RUN_CONFIG"
@@ -243,7 +243,7 @@ class RankWatch:
         """Which rank died and how, in words; None while all are alive or ended well."""
         for rank, proc in self.children.items():
             code = proc.poll()
-            if code is not None and code not in (0, EXIT_PREEMPTED):
+            if code is not None and code not in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED):
                 how = (
                     f"exited with code {code}" if code > 0 else f"was killed by {signal.Signals(-code).name}"
                 )

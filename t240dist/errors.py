@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun/requeue to resume
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 EXIT_RANK_DIED = 1  # another rank of the job died: the job failed; a rerun resumes from the last checkpoint
 
 # Read once at import: run_app sets the variable for Hydra's sake, the user's wish stays here.
@@ -41,6 +42,14 @@ class SweepError(UserError):
 
 class Preempted(Exception):
     """The run was asked to stop (SIGTERM/SIGUSR1/SIGUSR2) and saved a checkpoint to resume from."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class Interrupted(Preempted):
+    """The run was stopped by Ctrl-C (SIGINT) and saved a checkpoint to resume from."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class Pruned(Exception):
@@ -73,9 +82,9 @@ def one_line_errors() -> Iterator[None]:
 
 
 def exit_preempted(err: Preempted) -> NoReturn:
-    """End a preempted process: its line on stderr, exit 75 (rerun or requeue to resume)."""
-    print(f"Preempted: {err}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_PREEMPTED)
+    """End a preempted (exit 75: rerun or requeue to resume) or interrupted (exit 130) process."""
+    print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    sys.exit(err.exit_code)
 
 
 def _fail(line: str, err: BaseException) -> NoReturn:

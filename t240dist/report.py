@@ -59,6 +59,16 @@ def show_resume(path: Path | None) -> None:
 
 
 @rank_zero_only
+def show_finished(summary: dict[str, Any], max_epochs: int) -> None:
+    """Say that a rerun found its run finished, and how to train it further."""
+    Console().print(
+        f"this run already finished: {summary['epochs']} epoch(s), step {summary['global_step']}, "
+        f"test_acc {summary['test_acc']:.4f}; nothing trained — to train on, rerun with a higher "
+        f"trainer.max_epochs (now {max_epochs})"
+    )
+
+
+@rank_zero_only
 def write_data_notes(info: DataInfo, run_dir: Path) -> None:
     """Write ``classes.txt`` (the name of each label index) and, if any, ``skipped_files.txt``."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ Importable without Hydra's CLI: tests and sweeps call it with a config from Hydr
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import signal
@@ -20,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.profilers import PassThroughProfiler
 
@@ -33,7 +34,14 @@ from t240dist.callbacks import (
     ProgressBar,
     TrainLog,
 )
-from t240dist.checkpoint import SignedCheckpointIO, load_checkpoint, resume_checkpoint
+from t240dist.checkpoint import (
+    BestCheckpoint,
+    FinalCheckpoint,
+    SignedCheckpointIO,
+    checkpoint_callbacks,
+    load_checkpoint,
+    resume_checkpoint,
+)
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
 from t240dist.distributed import WatchedDDP, cluster_plugins, gather_ranks, one_job
@@ -79,6 +87,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     report.log_hparams(trainer.logger, conf)
     with one_job(conf, run_dir):
         trainer.fit(module, datamodule=data, ckpt_path=resume)
+        finished = _finished_before(resume, trainer, run_dir)
+        if finished is not None:
+            return finished
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
         tested = trainer.test(module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module))
@@ -124,28 +135,20 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
 def build_trainer(
     conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None
-) -> tuple[pl.Trainer, TrainLog, ModelCheckpoint]:
+) -> tuple[pl.Trainer, TrainLog, BestCheckpoint]:
     """The Trainer of every run (training and benchmark alike), with its logger and callbacks."""
     curves = TrainLog()
-    ckpt = dict(conf["checkpoint"])
-    every_n_steps, trust_unsigned = ckpt.pop("every_n_steps"), ckpt.pop("trust_unsigned")
     directory = run_dir / "checkpoints"
-    names = {"dirpath": directory, "auto_insert_metric_name": False}
-    checkpoint = ModelCheckpoint(filename="epoch{epoch:03d}-step{step:06d}", **names, **ckpt)
+    savers = checkpoint_callbacks(conf["checkpoint"], directory)
     callbacks: list[pl.Callback] = [
         curves,
-        checkpoint,
+        *savers,  # the final save comes before EMA's on_train_end puts the averaged weights in the model
         ContinueLog(),
         ExactResume(),
-        Preemption(directory),
+        Preemption(directory, run_dir),
         NonFiniteGuard(conf["nonfinite"]),
     ]
     callbacks += extra or []
-    if every_n_steps:
-        recovery = ModelCheckpoint(
-            filename="recovery-step{step:06d}", every_n_train_steps=every_n_steps, **names
-        )
-        callbacks.append(recovery)
     if conf["monitor"]["name"] == "nvml":
         callbacks.append(GpuMonitor(conf["monitor"]))
     if conf["module"]["ema_decay"] is not None:
@@ -163,10 +166,10 @@ def build_trainer(
         callbacks=callbacks,
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # ImageDataModule shards the data itself
-        plugins=[SignedCheckpointIO(trust_unsigned), *cluster_plugins()],
+        plugins=[SignedCheckpointIO(conf["checkpoint"]["trust_unsigned"]), *cluster_plugins()],
         profiler=NoProfiler(),
     )
-    return trainer, curves, checkpoint
+    return trainer, curves, savers[0]
 
 
 class NoProfiler(PassThroughProfiler):
@@ -217,7 +220,7 @@ def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
-def _best_weights(conf: dict[str, Any], checkpoint: ModelCheckpoint, module: ClassifierModule) -> str | None:
+def _best_weights(conf: dict[str, Any], checkpoint: BestCheckpoint, module: ClassifierModule) -> str | None:
     """What ``trainer.test`` scores: the best checkpoint ("best"), or None to score the module as it is.
 
     With EMA, Lightning's WeightAveraging puts the raw weights back when a checkpoint is loaded after
@@ -230,6 +233,22 @@ def _best_weights(conf: dict[str, Any], checkpoint: ModelCheckpoint, module: Cla
         return "best"
     module.load_state_dict(load_checkpoint(Path(best), conf["checkpoint"]["trust_unsigned"])["state_dict"])
     return None
+
+
+def _finished_before(resume: Path | None, trainer: pl.Trainer, run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished run that was resumed, found nothing left to train and trained nothing.
+
+    Such a rerun tests and writes nothing again: it says so, and how to train on, and returns the run's
+    summary. ``None`` when this fit trained, or when the summary is missing (a run stopped after its final
+    save: it is tested now).
+    """
+    final = _callback(trainer, FinalCheckpoint)
+    summary = run_dir / "run_summary.json"
+    if resume is None or final is None or final.trained or not summary.is_file():
+        return None
+    done = json.loads(summary.read_text())
+    report.show_finished(done, trainer.max_epochs)
+    return done
 
 
 def _process_age_s() -> float | None:

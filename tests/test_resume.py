@@ -1,0 +1,112 @@
+"""Exact resume, as a property: a run resumed from any state it saved ends as the uninterrupted run ends.
+
+One uninterrupted run keeps a copy of its run dir as it stands after every save (``last.ckpt`` is
+overwritten, recovery checkpoints rotate); then each copy is resumed with ``resume=auto``, as a rerun of
+the same command would, and must end with the uninterrupted run's weights, test metrics and curves.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import compose, scalars
+from datasets_on_disk import write_cifar
+
+from t240dist.checkpoint import KEY_ENV, SignedCheckpointIO
+from t240dist.run import train
+
+TIMED = "perf/images_per_s"  # its values are timings: only its steps must match
+
+
+def snapshot_every_save(monkeypatch: pytest.MonkeyPatch, run_dir: Path, into: Path) -> list[Path]:
+    """Copy ``run_dir`` after each checkpoint save into ``into/NN``; returns the list it fills."""
+    copies: list[Path] = []
+    save = SignedCheckpointIO.save_checkpoint
+
+    def save_and_copy(self: SignedCheckpointIO, checkpoint: dict, path: Any, **kwargs: Any) -> None:
+        save(self, checkpoint, path, **kwargs)
+        copies.append(into / f"{len(copies):02d}-{Path(path).stem}")
+        shutil.copytree(run_dir, copies[-1])
+
+    monkeypatch.setattr(SignedCheckpointIO, "save_checkpoint", save_and_copy)
+    return copies
+
+
+def assert_same_curves(resumed: Path, whole: Path) -> None:
+    """Every tag at every step once, with equal values (timings: equal steps)."""
+    got, want = scalars(resumed), scalars(whole)
+    assert got.keys() == want.keys()
+    for tag, points in want.items():
+        if tag == TIMED:
+            assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        else:
+            assert got[tag] == points, tag
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar(root, per_batch=24)  # 108 training images: 6 batches of 16 an epoch, and a ragged rest
+    return root
+
+
+BASE = [
+    "data=cifar10",
+    "data.batch_size=16",
+    "data.augment.crop=pad",
+    "data.augment.hflip=true",
+    "model.width=4",  # small_cnn: dropout on
+    "module.mixup_alpha=0.4",
+    "trainer.max_epochs=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "monitor=off",
+    "checkpoint.every_n_steps=4",
+]
+
+CASES = {
+    "plain": [],
+    "workers2-cutmix-adamw-onecycle": [
+        "data.num_workers=2",
+        "module.cutmix_alpha=1.0",
+        "optim=adamw",
+        "sched=onecycle",
+    ],
+    "on_gpu-ema-accumulate2": [
+        "data.on_gpu=true",
+        "module.ema_decay=0.9",
+        "trainer.accumulate_grad_batches=2",
+        "checkpoint.every_n_steps=2",
+    ],
+    "val_every_2-limit_batches-smoothing": [
+        "trainer.check_val_every_n_epoch=2",
+        "trainer.limit_train_batches=0.7",
+        "module.label_smoothing=0.1",
+        "checkpoint.every_n_steps=3",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_from_every_saved_state_matches_the_uninterrupted_run(
+    case: str, cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*BASE, f"data.root={cifar}", *CASES[case]]
+    whole_dir = tmp_path / "whole"
+    copies = snapshot_every_save(monkeypatch, whole_dir, tmp_path / "saved")
+    whole = train(compose(overrides), run_dir=whole_dir)
+    monkeypatch.undo()
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    names = {copy.name.split("-", 1)[1].split("-step")[0] for copy in copies}
+    assert {"recovery", "last"} <= names and any(n.startswith("epoch") for n in names), names
+
+    for copy in copies[:-1]:  # the last copy is the finished run (a rerun of it: see the test below)
+        resumed = train(compose(overrides), run_dir=copy)
+        assert resumed["resumed_from"] is not None, copy.name
+        assert resumed["model_fingerprint"] == whole["model_fingerprint"], copy.name
+        assert (resumed["test_acc"], resumed["test_loss"]) == (whole["test_acc"], whole["test_loss"])
+        assert_same_curves(copy, whole_dir)

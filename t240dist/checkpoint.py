@@ -100,10 +100,18 @@ class BestCheckpoint(RunDirCheckpoint):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(auto_insert_metric_name=False, save_last=False, **kwargs)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)  # where Lightning saves when validation ends epochs
+        self._name_best(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if trainer.is_global_zero and self.best_model_path:
-            alias(Path(self.best_model_path), Path(self.dirpath) / BEST)
+        self._name_best(trainer)
+
+    def _name_best(self, trainer: pl.Trainer) -> None:
+        best = Path(self.best_model_path) if self.best_model_path else None
+        if trainer.is_global_zero and best is not None and best.is_file():
+            alias(best, best.with_name(BEST))
 
 
 class RecoveryCheckpoint(RunDirCheckpoint):

@@ -191,22 +191,24 @@ def uninterrupted(cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 @pytest.mark.parametrize(
-    ("workers", "extra", "steps"),
-    [
-        (0, [], 36),
-        (2, [], 36),
-        (0, ["trainer=ddp", "trainer.accelerator=cpu"], 18),
-        (0, ["data.on_gpu=true"], 36),
-    ],
-    ids=["workers0", "workers2", "ddp2", "on_gpu"],
+    ("workers", "extra", "kill_after"),
+    [(2, [], 20), (0, ["trainer=ddp", "trainer.accelerator=cpu"], 10)],
+    ids=["workers2", "ddp2"],
 )
-def test_resume_after_kill_matches_uninterrupted_run(
-    tmp_path: Path, key: None, cifar: Path, uninterrupted: dict, workers: int, extra: list[str], steps: int
+def test_resume_after_kill_in_the_second_epoch_matches_uninterrupted_run(
+    tmp_path: Path,
+    key: None,
+    cifar: Path,
+    uninterrupted: dict,
+    workers: int,
+    extra: list[str],
+    kill_after: int,
 ) -> None:
-    """Shuffling, dropout, MixUp and random crops/flips on; SIGKILL (every rank) mid-epoch; resume=auto.
+    """Shuffling, dropout, MixUp and random crops/flips on; SIGKILL (every rank) in the second epoch (18
+    steps an epoch, 9 under DDP); the rerun resumes (resume=auto) from whatever was saved last.
 
-    Augmentation is seeded per sample, so 2 worker processes reproduce the single-process run too; with
-    data.on_gpu (here in host memory) it is seeded per batch.
+    Augmentation is seeded per sample, so 2 worker processes reproduce the single-process run too.
+    tests/test_resume.py resumes from every state a run saves, in one process.
     """
     whole = (
         _finish(_cifar_run(cifar, tmp_path / "whole", workers, *extra), tmp_path / "whole")
@@ -214,31 +216,42 @@ def test_resume_after_kill_matches_uninterrupted_run(
         else uninterrupted
     )
     killed = _cifar_run(cifar, tmp_path / "cut", workers, *extra)
-    wait_for_checkpoint(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=7)
+    wait_for_checkpoint(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=kill_after)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     resumed = _finish(_cifar_run(cifar, tmp_path / "cut", workers, *extra), tmp_path / "cut")
-    assert resumed["resumed_from"] is not None and "recovery-step" in resumed["resumed_from"]
-    assert resumed["global_step"] == whole["global_step"] == steps
+    assert resumed["resumed_from"] is not None
+    assert resumed["global_step"] == whole["global_step"]
     assert resumed["model_fingerprint"] == whole["model_fingerprint"]
+    assert resumed["test_acc"] == whole["test_acc"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_preemption_saves_at_a_step_boundary_exits_75_and_resumes_exactly(
-    tmp_path: Path, key: None, cifar: Path, uninterrupted: dict, signum: int
+@pytest.mark.parametrize(
+    ("signum", "code", "kind"),
+    [
+        (signal.SIGTERM, 75, "Preempted"),
+        (signal.SIGUSR1, 75, "Preempted"),
+        (signal.SIGINT, 130, "Interrupted"),
+    ],
+    ids=["SIGTERM", "SIGUSR1", "SIGINT"],
+)
+def test_a_signal_saves_at_a_step_boundary_exits_and_resumes_exactly(
+    tmp_path: Path, key: None, cifar: Path, uninterrupted: dict, signum: int, code: int, kind: str
 ) -> None:
     every_step = "trainer.log_every_n_steps=1"
-    stopped = _cifar_run(cifar, tmp_path / "cut", 0, every_step)
-    wait_for_checkpoint(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=1)
+    run_dir = tmp_path / "cut"
+    stopped = _cifar_run(cifar, run_dir, 0, every_step)
+    wait_for_checkpoint(run_dir / "checkpoints" / "recovery-*.ckpt", min_step=1)
     stopped.send_signal(signum)
-    assert stopped.wait(timeout=60) == 75
+    assert stopped.wait(timeout=60) == code
     last = stopped.stderr.read().decode().strip().splitlines()[-1]
-    assert last.startswith("Preempted: saved ") and last.endswith("— rerun the same command to resume")
-    [saved] = (tmp_path / "cut" / "checkpoints").glob("preempted-step*.ckpt")
+    fix = f"— rerun the same command with hydra.run.dir={run_dir} to resume"
+    assert last.startswith(f"{kind}: saved ") and last.endswith(fix), last
+    [saved] = (run_dir / "checkpoints").glob("preempted-step*.ckpt")
     verify(saved.read_bytes(), saved, trust_unsigned=False)
 
-    resumed = _finish(_cifar_run(cifar, tmp_path / "cut", 0, every_step), tmp_path / "cut")
-    assert resumed["resumed_from"] == str(saved)
+    resumed = _finish(_cifar_run(cifar, run_dir, 0, every_step), run_dir)
+    assert Path(resumed["resumed_from"]).read_bytes() == saved.read_bytes()  # itself, or last.ckpt
     assert resumed["model_fingerprint"] == uninterrupted["model_fingerprint"]
     # the curve has every step once, the one the run stopped after included
-    assert [step for step, _ in scalars(tmp_path / "cut")["train/loss"]] == list(range(36))
+    assert [step for step, _ in scalars(run_dir)["train/loss"]] == list(range(36))

@@ -15,7 +15,7 @@ import pytest
 from conftest import compose, scalars
 from datasets_on_disk import write_cifar
 
-from t240dist.checkpoint import KEY_ENV, SignedCheckpointIO
+from t240dist.checkpoint import KEY_ENV, CheckpointError, SignedCheckpointIO, load_checkpoint
 from t240dist.run import train
 
 TIMED = "perf/images_per_s"  # its values are timings: only its steps must match
@@ -110,3 +110,48 @@ def test_resume_from_every_saved_state_matches_the_uninterrupted_run(
         assert resumed["model_fingerprint"] == whole["model_fingerprint"], copy.name
         assert (resumed["test_acc"], resumed["test_loss"]) == (whole["test_acc"], whole["test_loss"])
         assert_same_curves(copy, whole_dir)
+
+
+def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """No schedule, so that two epochs and then one more are the same training as three at once."""
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*BASE, f"data.root={cifar}", "sched=none"]
+    three = train(compose([*overrides, "trainer.max_epochs=3"]), run_dir=tmp_path / "three")
+    two = train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path / "run")
+    saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").iterdir()}
+    capsys.readouterr()
+
+    again = train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path / "run")
+    assert again == two
+    assert "this run already finished" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").iterdir()} == saved
+
+    longer = train(compose([*overrides, "trainer.max_epochs=3"]), run_dir=tmp_path / "run")
+    assert longer["resumed_from"] is not None
+    assert longer["global_step"] == three["global_step"] > two["global_step"]
+    assert longer["model_fingerprint"] == three["model_fingerprint"]
+
+
+def test_last_is_the_final_state_and_best_names_the_best(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    done = train(compose([*BASE, f"data.root={cifar}"]), run_dir=tmp_path)
+    folder = tmp_path / "checkpoints"
+    last = load_checkpoint(folder / "last.ckpt", trust_unsigned=False)
+    assert last["global_step"] == done["global_step"]
+    assert (folder / "best.ckpt").read_bytes() == Path(done["best_checkpoint"]).read_bytes()
+
+
+def test_resume_never_refuses_a_run_dir_that_holds_checkpoints(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*BASE, f"data.root={cifar}", "trainer.max_epochs=1"]
+    train(compose(overrides), run_dir=tmp_path)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError, match=r"resume=never, but .* holds an earlier run's checkpoints — "):
+        train(compose([*overrides, "resume=never"]), run_dir=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before

@@ -74,14 +74,16 @@ class RunDirCheckpoint(ModelCheckpoint):
 
     Lightning reloads only ``best_model_path`` when the saved dirpath differs from the current one, still
     pointing at the old place: the test would score a file elsewhere (or gone), and the top-k history
-    would be lost. The stored paths are taken as names inside the current checkpoint folder instead.
+    would be lost. A stored path whose file name is in the current checkpoint folder is taken as that file
+    instead (a resume from another run's file, ``resume=PATH``, keeps its paths).
     """
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         here = Path(self.dirpath)
 
         def moved(path: str | None) -> str | None:
-            return str(here / Path(path).name) if path else path
+            inside = here / Path(path).name if path else None
+            return str(inside) if inside is not None and inside.is_file() else path
 
         state = {**state_dict, "dirpath": self.dirpath}
         for key in ("best_model_path", "kth_best_model_path", "last_model_path"):

@@ -144,7 +144,10 @@ def test_two_rank_test_metrics_equal_a_one_process_evaluation(overrides: list[st
     module = ClassifierModule.from_config(conf, data.info)
     one = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     expected = one.test(module, datamodule=data, verbose=False)[0]
-    got = _spawned_trainer().test(module, datamodule=data, verbose=False)[0]
+    # a data module of its own: the first one holds the first trainer, whose loaders' generators do not
+    # travel to spawned processes
+    fresh = ImageDataModule(conf["data"], conf["seed"])
+    got = _spawned_trainer().test(module, datamodule=fresh, verbose=False)[0]
     assert got["test/acc"] == expected["test/acc"] and got["test/top5"] == expected["test/top5"]
 
 

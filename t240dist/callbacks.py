@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import signal
 import sys
@@ -20,6 +21,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
+from t240dist import sweep
 from t240dist.checkpoint import at_step_boundary
 from t240dist.data import ImageDataModule
 from t240dist.distributed import Agreed
@@ -342,6 +344,49 @@ class Preemption(pl.Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+def optuna_trial(cfg: dict[str, Any], run_dir: Path) -> OptunaTrial | None:
+    """The callback of a job that is an Optuna trial; None for any other run."""
+    if cfg["trial"] is None:
+        return None
+    return OptunaTrial(cfg["trial"], "val/" + cfg["objective"].split("/")[1], run_dir)
+
+
+class OptunaTrial(pl.Callback):
+    """A job's side of its Optuna trial: records the trial's run dir (user attribute ``run_dir``) as training
+    starts, before any checkpoint, so that a rerun after a killed or preempted sweep continues there; reports
+    the validation metric after each epoch, and stops training when the trial is pruned.
+
+    Hand-written: optuna-integration's PyTorchLightningPruningCallback is built on the ``lightning`` package
+    (t240dist's Trainer is ``pytorch_lightning``'s) and, under DDP, has every rank open the storage. Here only
+    rank 0 talks to Optuna and broadcasts the decision, and a pruned trial stops like an early-stopped run
+    (every rank leaves ``fit`` normally, the best checkpoint is still tested), so nothing crashes.
+    """
+
+    def __init__(self, trial: dict[str, Any], metric: str, run_dir: Path) -> None:
+        self.ref, self.metric, self.run_dir = trial, metric, run_dir
+        self.pruned_at: int | None = None
+        self._trial: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._trial = sweep.open_trial(self.ref)
+            self._trial.set_user_attr("run_dir", str(self.run_dir.absolute()))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        prune = False
+        if trainer.is_global_zero:
+            value = float(trainer.callback_metrics[self.metric])
+            # A NaN would make Optuna's pruners prune the trial; left unreported, it ends as a failed trial.
+            if math.isfinite(value):
+                self._trial.report(value, step=trainer.current_epoch)
+                prune = self._trial.should_prune()
+        if trainer.strategy.broadcast(prune, src=0):
+            trainer.should_stop = True
+            self.pruned_at = trainer.current_epoch
 
 
 def _refuse_nonfinite(state: dict[str, torch.Tensor], when: str) -> None:

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,11 @@ _MARK = b"t240dist-signature "
 _END_OF_ZIP = b"PK\x05\x06"  # end-of-central-directory record: 22 bytes, then the comment
 LAST = "last.ckpt"  # the latest state saved: every save also appears under this name
 BEST = "best.ckpt"  # the best checkpoint by checkpoint.monitor
+
+
+# Lightning warns when a checkpoint folder is not empty; a t240dist run writes into one only to resume it
+# (resume=never refuses such a folder), so the warning says nothing true.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class CheckpointError(UserError):

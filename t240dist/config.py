@@ -1,7 +1,10 @@
 """The config's schema: types and ranges of every user-facing key, checked before any work.
 
-Defaults live in ``conf/`` only; the models here have none, so a key missing from the YAML is an error too.
-``validate`` turns the first problem into a one-line ``ConfigError`` that names the key and the fix.
+Defaults live in ``conf/`` only (shipped inside the package as ``t240dist.conf``); the models here have none,
+so a key missing from the YAML is an error too. ``validate`` turns the first problem into a one-line
+``ConfigError`` that names the key and the fix. The schema and every check that needs no torch
+(``check_run``) import no torch, so a command line's mistakes are answered before torch loads; the checks
+that ask torch about this machine and torchvision about its models come after (``check_machine``).
 """
 
 from __future__ import annotations
@@ -9,12 +12,12 @@ from __future__ import annotations
 import os
 import secrets
 from datetime import datetime
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
-import torchvision
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
+from hydra.core.plugins import Plugins
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from pydantic import (
@@ -34,21 +37,22 @@ from pydantic import (
     model_validator,
 )
 
-from t240dist.distributed import slurm_runs_the_tasks
 from t240dist.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_PACKAGE = "t240dist.conf"  # conf/ of the checkout, installed as this package
+CONF_PATH = f"pkg://{CONF_PACKAGE}"  # what the entry points give hydra.main: found wherever it is installed
+RUN_CONFIG_ENV = "T240DIST_RUN_CONFIG"  # the resolved config that rank 0 hands the ranks it starts
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose ``conf/`` with command-line style overrides, as ``python -m train`` would (no run dir)."""
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    hydra_setup()
+    with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides or [])
 
 
 def validate(cfg: DictConfig) -> dict[str, Any]:
-    """Check the composed config against the schema; return it as a plain, resolved dict."""
+    """Check the composed config against the schema and this machine; return it as a plain, resolved dict."""
     return validate_run(plain(cfg))
 
 
@@ -62,27 +66,75 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
-    """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema."""
+    """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema
+    and this machine."""
+    check_run(raw)
+    check_machine(raw)
+    return raw
+
+
+def check_run(raw: dict[str, Any]) -> None:
+    """Every check of a plain run config that needs no torch: types, ranges, keys, options, combinations."""
     check(RunConfig, raw)
     _check_step_graph(raw)
-    _check_device(raw["trainer"])
     _check_launch(raw["trainer"])
     if raw["resume"] not in ("auto", "never") and not Path(raw["resume"]).is_file():
         raise ConfigError(
             f"resume={raw['resume']} is not a checkpoint file — give its path, or auto or never"
         )
-    return raw
+
+
+def check_machine(raw: dict[str, Any]) -> None:
+    """The checks that ask torch about this machine and torchvision about its models (both imported here,
+    once a run is going to need them)."""
+    import torch
+    import torchvision
+
+    name = raw["model"]["name"]
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name != "small_cnn" and name not in known:
+        raise ConfigError(
+            f"model.name: '{name}' is not a torchvision classifier — use model=small_cnn, or "
+            f"model=torchvision model.name=NAME with NAME one of resnet18, resnet50, efficientnet_b0, ... "
+            f"({len(known)} in torchvision.models.list_models())"
+        )
+    trainer = raw["trainer"]
+    cuda = torch.cuda.is_available()
+    if trainer["accelerator"] in ("gpu", "cuda") and not cuda:
+        raise ConfigError(
+            f"trainer.accelerator={trainer['accelerator']} but no CUDA GPU is visible — "
+            "use trainer=cpu or trainer=auto"
+        )
+    on_cpu = trainer["accelerator"] == "cpu" or not cuda
+    if on_cpu and trainer["precision"] == "16-mixed":
+        raise ConfigError("trainer.precision=16-mixed needs a GPU — use bf16-mixed or 32-true on the CPU")
+    if raw["model"]["compile"] == "step":
+        if on_cpu:
+            raise ConfigError("model.compile=step needs a GPU — use model.compile=true or false on the CPU")
+        if trainer["devices"] == "auto" and torch.cuda.device_count() > 1:
+            raise ConfigError(
+                "model.compile=step cannot replay a step with several devices (DDP) — set trainer.devices=1"
+            )
+
+
+def handed_config() -> tuple[DictConfig, Path] | None:
+    """The config and run dir that rank 0 handed to this process, if rank 0 started it as a rank > 0."""
+    path = os.environ.get(RUN_CONFIG_ENV)
+    if not path or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return None
+    return OmegaConf.load(path), Path(path).parent
 
 
 def with_later_keys(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored run config (a checkpoint's) completed with the keys it lacks because t240dist added them
     later, at their defaults in conf/: from the file of the stored group option (``data/cifar10.yaml``
     for ``data.name=cifar10``) and from config.yaml. Stored values are never changed."""
+    conf = files(CONF_PACKAGE)
     for group, node in stored.items():
-        option = CONF_DIR / group / f"{node.get('name')}.yaml" if isinstance(node, dict) else None
+        option = conf / group / f"{node.get('name')}.yaml" if isinstance(node, dict) else None
         if option is not None and option.is_file():
-            _fill(node, OmegaConf.to_container(OmegaConf.load(option)))
-    top = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
+            _fill(node, OmegaConf.to_container(OmegaConf.create(option.read_text())))
+    top = OmegaConf.to_container(OmegaConf.create((conf / "config.yaml").read_text()))
     _fill(stored, {k: v for k, v in top.items() if k not in ("defaults", "hydra")})
     return stored
 
@@ -104,13 +156,20 @@ def check(schema: type[BaseModel], raw: dict[str, Any]) -> None:
         raise ConfigError(_one_line(err.errors()[0], raw)) from None
 
 
-def register_resolvers() -> None:
-    """Register the resolvers that name run dirs: ``${run_name:}`` and ``${rank_zero_only:VALUE}``."""
+def hydra_setup() -> None:
+    """What every entry point gives Hydra before composing: the resolvers that name run dirs
+    (``${run_name:}``, ``${rank_zero_only:VALUE}``) and the Optuna sweeper (``sweep=optuna``).
+
+    Hydra 1.3 finds plugins by listing the ``hydra_plugins`` package's folders, which an editable install
+    by setuptools >= 64 hides (it maps packages with an import hook, which lists nothing): the sweeper is
+    registered here by Hydra's own ``Plugins.register``, wherever and however the package is installed.
+    """
+    from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeper
+
+    Plugins.instance().register(OptunaSweeper)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", _run_name, use_cache=True)
-        OmegaConf.register_new_resolver(
-            "rank_zero_only", lambda value: value if _global_rank() == 0 else None
-        )
+        OmegaConf.register_new_resolver("rank_zero_only", lambda value: value if global_rank() == 0 else None)
 
 
 def _run_name() -> str:
@@ -122,7 +181,7 @@ def _run_name() -> str:
     """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id is None:
-        if slurm_runs_the_tasks():
+        if _slurm_runs_the_tasks():
             return f"slurm/{os.environ['SLURM_JOB_ID']}"
         return f"{datetime.now():%Y-%m-%d/%H-%M-%S}-{secrets.token_hex(3)}"
     if run_id == "none":
@@ -133,11 +192,21 @@ def _run_name() -> str:
     return f"torchrun/{run_id}"
 
 
-def _global_rank() -> int:
+def global_rank() -> int:
     """This process's rank before Lightning knows it: torchrun's RANK, or the task id of a SLURM job."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
-    return int(os.environ["SLURM_PROCID"]) if slurm_runs_the_tasks() else 0
+    return int(os.environ["SLURM_PROCID"]) if _slurm_runs_the_tasks() else 0
+
+
+def _slurm_runs_the_tasks() -> bool:
+    """Whether SLURM started this process as a task of a job (as Lightning decides it; Lightning is imported
+    only where SLURM's variables are set)."""
+    if "SLURM_NTASKS" not in os.environ:
+        return False
+    from t240dist.distributed import slurm_runs_the_tasks
+
+    return slurm_runs_the_tasks()
 
 
 class Strict(BaseModel):
@@ -293,17 +362,6 @@ class TorchvisionModel(ModelSwitches):
                 f"the small_cnn group has no model '{name}' — use model=torchvision model.name={name}"
             )
         return data
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        known = torchvision.models.list_models(module=torchvision.models)
-        if name not in known:
-            raise ValueError(
-                f"'{name}' is not a torchvision classifier — use small_cnn or one of "
-                f"resnet18, resnet50, efficientnet_b0, ... ({len(known)} in torchvision.models.list_models())"
-            )
-        return name
 
     @field_validator("cifar_stem")
     @classmethod
@@ -528,19 +586,6 @@ def _range_fix(error: dict[str, Any]) -> str:
     return "use a value of the right type (see conf/ for an example)"
 
 
-def _check_device(trainer: dict[str, Any]) -> None:
-    """Catch accelerator/precision combinations that cannot run on this machine, before any work."""
-    cuda = torch.cuda.is_available()
-    if trainer["accelerator"] in ("gpu", "cuda") and not cuda:
-        raise ConfigError(
-            f"trainer.accelerator={trainer['accelerator']} but no CUDA GPU is visible — "
-            "use trainer=cpu or trainer=auto"
-        )
-    on_cpu = trainer["accelerator"] == "cpu" or not cuda
-    if on_cpu and trainer["precision"] == "16-mixed":
-        raise ConfigError("trainer.precision=16-mixed needs a GPU — use bf16-mixed or 32-true on the CPU")
-
-
 def _check_step_graph(raw: dict[str, Any]) -> None:
     """``model.compile=step`` replays one captured step: refuse what a fixed replay cannot do."""
     if raw["model"]["compile"] != "step":
@@ -564,7 +609,7 @@ def _check_step_graph(raw: dict[str, Any]) -> None:
         ),
         (raw["nonfinite"] == "skip", "nonfinite=skip (a host decision per step)", "nonfinite=stop"),
         (
-            trainer["strategy"] == "ddp" or trainer["num_nodes"] > 1 or _device_count(trainer["devices"]) > 1,
+            trainer["strategy"] == "ddp" or trainer["num_nodes"] > 1 or _listed(trainer["devices"]) > 1,
             "several devices (DDP)",
             "trainer.devices=1, or model.compile=reduce-overhead with DDP",
         ),
@@ -572,14 +617,12 @@ def _check_step_graph(raw: dict[str, Any]) -> None:
     for conflict, what, fix in conflicts:
         if conflict:
             raise ConfigError(f"model.compile=step cannot replay a step with {what} — set {fix}")
-    if trainer["accelerator"] == "cpu" or not torch.cuda.is_available():
-        raise ConfigError("model.compile=step needs a GPU — use model.compile=true or false on the CPU")
 
 
-def _device_count(devices: int | str | list[int]) -> int:
-    """How many devices ``trainer.devices`` asks for on this machine."""
+def _listed(devices: int | str | list[int]) -> int:
+    """How many devices ``trainer.devices`` names (``auto``: 1 here; ``check_machine`` counts the GPUs)."""
     if devices == "auto":
-        return max(1, torch.cuda.device_count())
+        return 1
     return len(devices) if isinstance(devices, list) else int(devices)
 
 
@@ -591,7 +634,7 @@ def _check_launch(trainer: dict[str, Any]) -> None:
             f"hydra.launcher.tasks_per_node={local_tasks} starts {local_tasks} copies of the same run on "
             f"this machine — keep it 1 and use trainer=ddp trainer.devices={local_tasks}"
         )
-    if not slurm_runs_the_tasks():
+    if not _slurm_runs_the_tasks():
         return
     tasks, nodes = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1")), int(os.environ.get("SLURM_NNODES", "1"))
     devices = trainer["devices"]

@@ -34,27 +34,18 @@ import torch.distributed as dist
 import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.utilities import rank_zero_only
 
+from t240dist.config import RUN_CONFIG_ENV
 from t240dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RANK_DIED, ConfigError
 from t240dist.readback import host_copy
 
-RUN_CONFIG_ENV = "T240DIST_RUN_CONFIG"
 RANK0_PID_ENV = "T240DIST_RANK0_PID"  # set for the ranks that rank 0 starts: their parent, to watch
 # What the launcher writes into rank 0's environment (as Lightning's does); left there, a second fit in
 # the same process (the next trial of a multirun) would believe its ranks were started externally and hang.
 _LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", RUN_CONFIG_ENV)
-
-
-def launched_rank() -> tuple[DictConfig, Path] | None:
-    """The config and run dir that rank 0 handed to this process, if rank 0 started it as a rank > 0."""
-    path = os.environ.get(RUN_CONFIG_ENV)
-    if not path or int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        return None
-    return OmegaConf.load(path), Path(path).parent
 
 
 @contextmanager

@@ -89,12 +89,6 @@ def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
         writer.add_summary(summary)
 
 
-def read_summary(run_dir: Path, name: str = "run") -> dict[str, Any]:
-    """``<name>_summary.json`` of a run dir, or {} where the run wrote none (it failed or was stopped)."""
-    path = run_dir / f"{name}_summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 @rank_zero_only
 def write_summary(summary: dict[str, Any], run_dir: Path, name: str = "run") -> None:
     """Write ``<name>_summary.json`` (atomically) and print the summary table.

@@ -6,7 +6,6 @@ Importable without Hydra's CLI: tests and sweeps call it with a config from Hydr
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import signal
@@ -33,6 +32,7 @@ from t240dist.callbacks import (
     Preemption,
     ProgressBar,
     TrainLog,
+    optuna_trial,
 )
 from t240dist.checkpoint import (
     BestCheckpoint,
@@ -70,7 +70,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     data = ImageDataModule(conf["data"], conf["seed"])
     info = data.info
     data_ready = time.perf_counter()
-    trial = sweep.optuna_trial(conf["sweep"], run_dir)
+    trial = optuna_trial(conf["sweep"], run_dir)
     trainer, curves, checkpoint = build_trainer(conf, run_dir, [trial] if trial else None)
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
@@ -243,10 +243,9 @@ def _finished_before(resume: Path | None, trainer: pl.Trainer, run_dir: Path) ->
     save: it is tested now).
     """
     final = _callback(trainer, FinalCheckpoint)
-    summary = run_dir / "run_summary.json"
-    if resume is None or final is None or final.trained or not summary.is_file():
+    if resume is None or final is None or final.trained or not (run_dir / "run_summary.json").is_file():
         return None
-    done = json.loads(summary.read_text())
+    done = sweep.read_summary(run_dir)
     report.show_finished(done, trainer.max_epochs)
     return done
 

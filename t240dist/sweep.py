@@ -1,12 +1,14 @@
 """A job's side of a sweep: the objective it returns, Optuna pruning while it trains, and the sweep summary.
 
 The Optuna sweeper itself is a Hydra plugin (``hydra_plugins/t240dist_optuna``). It names each trial in the
-job's config (``sweep.trial``); this module needs optuna only in a job that is an Optuna trial.
+job's config (``sweep.trial``); a trial's training reports to it through ``callbacks.OptunaTrial``. This
+module imports neither torch nor Lightning: the entry point uses it before a job is known to train.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -14,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
@@ -22,13 +23,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from t240dist.config import global_rank
 from t240dist.errors import Preempted, Pruned, exit_preempted, one_line_errors
-from t240dist.report import read_summary
 
 SUMMARY_FILE = "sweep_summary.csv"
 ERROR_FILE = "run_error.txt"  # a failed grid trial's error line, in its run dir
@@ -80,50 +80,7 @@ def trial_result(summary: dict[str, Any]) -> float:
     return summary["objective"]
 
 
-def optuna_trial(sweep: dict[str, Any], run_dir: Path) -> OptunaTrial | None:
-    """The callback of a job that is an Optuna trial; None for any other run."""
-    if sweep["trial"] is None:
-        return None
-    return OptunaTrial(sweep["trial"], "val/" + sweep["objective"].split("/")[1], run_dir)
-
-
-class OptunaTrial(pl.Callback):
-    """A job's side of its Optuna trial: records the trial's run dir (user attribute ``run_dir``) as training
-    starts, before any checkpoint, so that a rerun after a killed or preempted sweep continues there; reports
-    the validation metric after each epoch, and stops training when the trial is pruned.
-
-    Hand-written: optuna-integration's PyTorchLightningPruningCallback is built on the ``lightning`` package
-    (t240dist's Trainer is ``pytorch_lightning``'s) and, under DDP, has every rank open the storage. Here only
-    rank 0 talks to Optuna and broadcasts the decision, and a pruned trial stops like an early-stopped run
-    (every rank leaves ``fit`` normally, the best checkpoint is still tested), so nothing crashes.
-    """
-
-    def __init__(self, trial: dict[str, Any], metric: str, run_dir: Path) -> None:
-        self.ref, self.metric, self.run_dir = trial, metric, run_dir
-        self.pruned_at: int | None = None
-        self._trial: Any = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self._trial = _open_trial(self.ref)
-            self._trial.set_user_attr("run_dir", str(self.run_dir.absolute()))
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        prune = False
-        if trainer.is_global_zero:
-            value = float(trainer.callback_metrics[self.metric])
-            # A NaN would make Optuna's pruners prune the trial; left unreported, it ends as a failed trial.
-            if math.isfinite(value):
-                self._trial.report(value, step=trainer.current_epoch)
-                prune = self._trial.should_prune()
-        if trainer.strategy.broadcast(prune, src=0):
-            trainer.should_stop = True
-            self.pruned_at = trainer.current_epoch
-
-
-def _open_trial(ref: dict[str, Any]) -> Any:
+def open_trial(ref: dict[str, Any]) -> Any:
     """The running Optuna trial ``ref`` names: through the sweeper's study in this process, or its storage."""
     import optuna
 
@@ -180,9 +137,8 @@ class SweepSummary(Callback):
     multirun with an error; printed as a table at the end. The Optuna sweeper writes its own.
     """
 
-    @rank_zero_only
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if not _basic_sweep(config):
+        if global_rank() or not _basic_sweep(config):
             return
         if job_return.status == JobStatus.FAILED:
             run_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
@@ -190,9 +146,8 @@ class SweepSummary(Callback):
             (run_dir / ERROR_FILE).write_text(error_line(job_return._return_value) + "\n")
         _write_basic_summary(config, show=False)
 
-    @rank_zero_only
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if _basic_sweep(config):
+        if not global_rank() and _basic_sweep(config):
             _write_basic_summary(config, show=True)
 
 
@@ -222,6 +177,12 @@ def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "error": "" if summary else error.read_text().strip() if error.exists() else "interrupted",
     }
+
+
+def read_summary(run_dir: Path, name: str = "run") -> dict[str, Any]:
+    """``<name>_summary.json`` of a run dir, or {} where the run wrote none (it failed or was stopped)."""
+    path = run_dir / f"{name}_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def run_metrics(run_dir: str | None) -> dict[str, Any]:

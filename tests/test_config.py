@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 from conftest import compose, run_cli
 
-from t240dist.config import CONF_DIR, validate
+from t240dist.config import CONF_PACKAGE, validate
 from t240dist.errors import ConfigError
 
 
@@ -80,12 +81,16 @@ def test_bad_value_is_one_config_error_naming_key_and_fix(overrides: list[str], 
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if p.stem != "default")
+    """The options of a config group, as the installed package holds them."""
+    options = (files(CONF_PACKAGE) / group).iterdir()
+    return sorted(
+        p.name[: -len(".yaml")] for p in options if p.name.endswith(".yaml") and p.name != "default.yaml"
+    )
 
 
 @pytest.mark.parametrize("option", _options("optim") + _options("sched"))
 def test_every_optim_and_sched_option_validates(option: str) -> None:
-    group = "optim" if (CONF_DIR / "optim" / f"{option}.yaml").exists() else "sched"
+    group = "optim" if option in _options("optim") else "sched"
     conf = validate(compose([f"{group}={option}"]))
     assert conf[group] and conf["data"]["name"] == "digits"
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, process_tree, run_cli, wait_for_checkpoint
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from t240dist.checkpoint import KEY_ENV
-from t240dist.config import CONF_DIR, register_resolvers
+from t240dist.config import CONF_PACKAGE, hydra_setup
 from t240dist.distributed import RANK0_PID_ENV
 from t240dist.errors import EXIT_PREEMPTED
 
@@ -160,8 +160,8 @@ def test_slurm_tasks_that_do_not_match_the_devices_stop_the_run_with_one_line(tm
 
 def test_slurm_launcher_sizes_the_job_from_the_trainer() -> None:
     overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    hydra_setup()
+    with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("SlurmLauncher")

@@ -9,18 +9,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from t240dist.config import CONF_DIR, register_resolvers
+from t240dist.config import CONF_PATH, hydra_setup
 from t240dist.errors import one_line_errors, run_app
-from t240dist.inference import export
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     with one_line_errors():
+        from t240dist.inference import export  # torch: once there is work to do
+
         export(cfg, list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))
 
 
 if __name__ == "__main__":
-    register_resolvers()
+    hydra_setup()
     run_app(main)

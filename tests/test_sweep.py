@@ -25,12 +25,6 @@ from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
 from t240dist.errors import ConfigError, SweepError
 from t240dist.sweep import take_own_share, write_sweep_summary
 
-# Hydra 1.3 finds the sweeper by listing the hydra_plugins namespace, which a setuptools editable install (a
-# PEP 660 import hook) hides from that listing: the sweeps see the checkout on PYTHONPATH, however installed.
-CHECKOUT = {
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.getenv("PYTHONPATH")]))
-}
-
 # An Optuna sweep over optim.lr alone, each value tried once, in an order fixed by the seed.
 OPTUNA_LR = [
     "-m",
@@ -67,7 +61,7 @@ def _run_summary(run_dir: str | Path) -> dict:
 def test_grid_sweep_gives_each_trial_a_run_dir_its_hparams_and_a_summary_best_first(tmp_path: Path) -> None:
     tiny = [a for a in TINY if not a.startswith(("data.batch_size=", "trainer.max_epochs="))]
     sweep = ["optim.lr=0.1,0.02", "data.batch_size=32,64", "trainer.max_epochs=1"]
-    done = run_cli(["-m", *tiny, *sweep], cwd=tmp_path, **CHECKOUT)
+    done = run_cli(["-m", *tiny, *sweep], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 
     [sweep_dir] = _sweep_dirs(tmp_path)
@@ -113,7 +107,6 @@ def test_optuna_records_a_pruned_and_a_nan_trial_and_the_sweep_goes_on(tmp_path:
     done = run_cli(
         [*OPTUNA_LR, *TINY, *objective, *sweep, *_pruner(upper=2.15, n_warmup_steps=1)],
         cwd=tmp_path,
-        **CHECKOUT,
     )
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -138,7 +131,7 @@ def _start(args: list[str], cwd: Path, name: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "train", *args],
         cwd=cwd,
-        env={**os.environ, **CHECKOUT},
+        env=dict(os.environ),
         stdout=out,
         stderr=subprocess.STDOUT,
     )
@@ -186,9 +179,7 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
     assert second.wait(timeout=120) == 75, (tmp_path / "second.out").read_text()[-2000:]
     assert "Preempted: saved" in (tmp_path / "second.out").read_text()
 
-    third = run_cli(
-        [*args, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=multirun/s/3"], cwd=tmp_path, **CHECKOUT
-    )
+    third = run_cli([*args, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=multirun/s/3"], cwd=tmp_path)
     assert third.returncode == 0, third.stderr[-2000:]
 
     study = optuna.load_study(study_name="lr", storage=f"sqlite:///{tmp_path / 'study.db'}")
@@ -216,7 +207,7 @@ def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_par
     storage = ["hydra.sweeper.storage=sqlite:///study.db", "hydra.sweeper.study_name=ddp"]
     # across 2 ranks, lr 1e-6 stays at val/acc 0.20 after epoch 1 (0.1 is at 0.33)
     sweep = ["optim.lr=choice(0.1,1e-6)", *_pruner(lower=0.25, n_warmup_steps=1)]
-    done = run_cli([*OPTUNA_LR, *TINY, *ddp, *parallel, *storage, *sweep], cwd=tmp_path, **CHECKOUT)
+    done = run_cli([*OPTUNA_LR, *TINY, *ddp, *parallel, *storage, *sweep], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 
     [sweep_dir] = _sweep_dirs(tmp_path)
@@ -240,7 +231,7 @@ def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_par
 
 
 def test_a_failed_grid_trial_is_summarised_with_its_error_and_the_others_still_run(tmp_path: Path) -> None:
-    done = run_cli(["-m", *TINY, "optim.lr=1e30,0.1"], cwd=tmp_path, **CHECKOUT)
+    done = run_cli(["-m", *TINY, "optim.lr=1e30,0.1"], cwd=tmp_path)
     diverged = "NonFiniteError: the loss became NaN/inf at step 1"
     assert done.returncode == 2  # the first error, once every trial has run
     assert done.stderr.strip().splitlines()[-1].startswith(diverged)

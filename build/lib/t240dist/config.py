@@ -1,0 +1,650 @@
+"""The config's schema: types and ranges of every user-facing key, checked before any work.
+
+Defaults live in ``conf/`` only (shipped inside the package as ``t240dist.conf``); the models here have none,
+so a key missing from the YAML is an error too. ``validate`` turns the first problem into a one-line
+``ConfigError`` that names the key and the fix. The schema and every check that needs no torch
+(``check_run``) import no torch, so a command line's mistakes are answered before torch loads; the checks
+that ask torch about this machine and torchvision about its models come after (``check_machine``).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import datetime
+from importlib.resources import files
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from hydra import compose, initialize_config_module
+from hydra.core.plugins import Plugins
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from t240dist.errors import ConfigError
+
+CONF_PACKAGE = "t240dist.conf"  # conf/ of the checkout, installed as this package
+CONF_PATH = f"pkg://{CONF_PACKAGE}"  # what the entry points give hydra.main: found wherever it is installed
+RUN_CONFIG_ENV = "T240DIST_RUN_CONFIG"  # the resolved config that rank 0 hands the ranks it starts
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose ``conf/`` with command-line style overrides, as ``python -m train`` would (no run dir)."""
+    hydra_setup()
+    with initialize_config_module(config_module=CONF_PACKAGE, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [])
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check the composed config against the schema and this machine; return it as a plain, resolved dict."""
+    return validate_run(plain(cfg))
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as a plain, resolved dict; a value left at ``???`` is a one-line error."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        key = err.full_key
+        raise ConfigError(f"{key} is not set — give it on the command line, e.g. {key}=...") from None
+
+
+def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
+    """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema
+    and this machine."""
+    check_run(raw)
+    check_machine(raw)
+    return raw
+
+
+def check_run(raw: dict[str, Any]) -> None:
+    """Every check of a plain run config that needs no torch: types, ranges, keys, options, combinations."""
+    check(RunConfig, raw)
+    _check_step_graph(raw)
+    _check_launch(raw["trainer"])
+    if raw["resume"] not in ("auto", "never") and not Path(raw["resume"]).is_file():
+        raise ConfigError(
+            f"resume={raw['resume']} is not a checkpoint file — give its path, or auto or never"
+        )
+
+
+def check_machine(raw: dict[str, Any]) -> None:
+    """The checks that ask torch about this machine and torchvision about its models (both imported here,
+    once a run is going to need them)."""
+    import torch
+    import torchvision
+
+    name = raw["model"]["name"]
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name != "small_cnn" and name not in known:
+        raise ConfigError(
+            f"model.name: '{name}' is not a torchvision classifier — use model=small_cnn, or "
+            f"model=torchvision model.name=NAME with NAME one of resnet18, resnet50, efficientnet_b0, ... "
+            f"({len(known)} in torchvision.models.list_models())"
+        )
+    trainer = raw["trainer"]
+    cuda = torch.cuda.is_available()
+    if trainer["accelerator"] in ("gpu", "cuda") and not cuda:
+        raise ConfigError(
+            f"trainer.accelerator={trainer['accelerator']} but no CUDA GPU is visible — "
+            "use trainer=cpu or trainer=auto"
+        )
+    on_cpu = trainer["accelerator"] == "cpu" or not cuda
+    if on_cpu and trainer["precision"] == "16-mixed":
+        raise ConfigError("trainer.precision=16-mixed needs a GPU — use bf16-mixed or 32-true on the CPU")
+    if raw["model"]["compile"] == "step":
+        if on_cpu:
+            raise ConfigError("model.compile=step needs a GPU — use model.compile=true or false on the CPU")
+        if trainer["devices"] == "auto" and torch.cuda.device_count() > 1:
+            raise ConfigError(
+                "model.compile=step cannot replay a step with several devices (DDP) — set trainer.devices=1"
+            )
+
+
+def handed_config() -> tuple[DictConfig, Path] | None:
+    """The config and run dir that rank 0 handed to this process, if rank 0 started it as a rank > 0."""
+    path = os.environ.get(RUN_CONFIG_ENV)
+    if not path or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return None
+    return OmegaConf.load(path), Path(path).parent
+
+
+def with_later_keys(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config (a checkpoint's) completed with the keys it lacks because t240dist added them
+    later, at their defaults in conf/: from the file of the stored group option (``data/cifar10.yaml``
+    for ``data.name=cifar10``) and from config.yaml. Stored values are never changed."""
+    conf = files(CONF_PACKAGE)
+    for group, node in stored.items():
+        option = conf / group / f"{node.get('name')}.yaml" if isinstance(node, dict) else None
+        if option is not None and option.is_file():
+            _fill(node, OmegaConf.to_container(OmegaConf.create(option.read_text())))
+    top = OmegaConf.to_container(OmegaConf.create((conf / "config.yaml").read_text()))
+    _fill(stored, {k: v for k, v in top.items() if k not in ("defaults", "hydra")})
+    return stored
+
+
+def _fill(into: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Add the keys of ``defaults`` that ``into`` lacks, recursively."""
+    for key, value in defaults.items():
+        if key not in into:
+            into[key] = value
+        elif isinstance(into[key], dict) and isinstance(value, dict):
+            _fill(into[key], value)
+
+
+def check(schema: type[BaseModel], raw: dict[str, Any]) -> None:
+    """Validate ``raw`` against ``schema``; the first problem becomes a one-line ``ConfigError``."""
+    try:
+        schema.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err.errors()[0], raw)) from None
+
+
+def hydra_setup() -> None:
+    """What every entry point gives Hydra before composing: the resolvers that name run dirs
+    (``${run_name:}``, ``${rank_zero_only:VALUE}``) and the Optuna sweeper (``sweep=optuna``).
+
+    Hydra 1.3 finds plugins by listing the ``hydra_plugins`` package's folders, which an editable install
+    by setuptools >= 64 hides (it maps packages with an import hook, which lists nothing): the sweeper is
+    registered here by Hydra's own ``Plugins.register``, wherever and however the package is installed.
+    """
+    from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeper
+
+    Plugins.instance().register(OptunaSweeper)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", _run_name, use_cache=True)
+        OmegaConf.register_new_resolver("rank_zero_only", lambda value: value if global_rank() == 0 else None)
+
+
+def _run_name() -> str:
+    """``DATE/TIME-RANDOM``: unique even for runs started in the same second.
+
+    Where every process of a job composes its own config, the name must not depend on the clock: under
+    torchrun ``torchrun/RDZV_ID``, the rendezvous id that all nodes share; for the tasks of a SLURM job
+    ``slurm/JOB_ID``, which a requeued job keeps, so it resumes in the same run dir.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        if _slurm_runs_the_tasks():
+            return f"slurm/{os.environ['SLURM_JOB_ID']}"
+        return f"{datetime.now():%Y-%m-%d/%H-%M-%S}-{secrets.token_hex(3)}"
+    if run_id == "none":
+        raise ConfigError(
+            "torchrun was started without --rdzv-id, so the nodes cannot agree on a run dir — "
+            "pass --rdzv-id=<unique job name> or hydra.run.dir=DIR"
+        )
+    return f"torchrun/{run_id}"
+
+
+def global_rank() -> int:
+    """This process's rank before Lightning knows it: torchrun's RANK, or the task id of a SLURM job."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ["SLURM_PROCID"]) if _slurm_runs_the_tasks() else 0
+
+
+def _slurm_runs_the_tasks() -> bool:
+    """Whether SLURM started this process as a task of a job (as Lightning decides it; Lightning is imported
+    only where SLURM's variables are set)."""
+    if "SLURM_NTASKS" not in os.environ:
+        return False
+    from t240dist.distributed import slurm_runs_the_tasks
+
+    return slurm_runs_the_tasks()
+
+
+class Strict(BaseModel):
+    """A config node: unknown keys are errors, nothing has a default."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Augment(Strict):
+    crop: Literal["none", "pad", "resized"]
+    padding: NonNegativeInt
+    hflip: bool
+
+
+def _on_gpu_setting(value: Any) -> Any:
+    """``data.on_gpu``: auto, true or false (Hydra gives booleans for true and false)."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ValueError(f"'{value}' is not an on_gpu setting — use auto, true or false")
+
+
+OnGpu = Annotated[bool | Literal["auto"], BeforeValidator(_on_gpu_setting)]
+
+
+def _not_held(why: str) -> Any:
+    """``data.on_gpu`` of a dataset not held in memory: ``true`` is refused, saying ``why``."""
+
+    def refuse_true(on_gpu: bool | str) -> bool | str:
+        if on_gpu is True:
+            raise ValueError(f"true needs images held in memory, but {why} — set data.on_gpu=false")
+        return on_gpu
+
+    return Annotated[OnGpu, AfterValidator(refuse_true)]
+
+
+class _InMemoryData(Strict):
+    """Datasets held in memory as uint8 tensors: their batches can be made on the training device."""
+
+    augment: Augment
+    on_gpu: OnGpu
+    on_gpu_max_share: Annotated[float, Field(gt=0, le=1)]
+
+    @field_validator("on_gpu")
+    @classmethod
+    def _crop_on_device(cls, on_gpu: bool | str, info: Any) -> bool | str:
+        augment = info.data.get("augment")
+        if on_gpu is True and augment is not None and augment.crop == "resized":
+            raise ValueError(
+                "true makes batches on the device, which has no random-resized crop — "
+                "set data.augment.crop=pad or none, or data.on_gpu=auto"
+            )
+        return on_gpu
+
+
+class DigitsData(_InMemoryData):
+    name: Literal["digits"]
+    batch_size: PositiveInt
+    num_workers: NonNegativeInt
+    split_seed: NonNegativeInt
+    val_fraction: Fraction
+    test_fraction: Fraction
+
+
+class SyntheticData(Strict):
+    name: Literal["synthetic"]
+    batch_size: PositiveInt
+    num_workers: NonNegativeInt
+    on_gpu: _not_held("synthetic ones are made per index")
+    image_size: Annotated[int, Field(ge=4, le=4096)]
+    channels: Annotated[int, Field(ge=1, le=64)]
+    num_classes: Annotated[int, Field(ge=2)]
+    noise: NonNegativeFloat
+    seed: NonNegativeInt
+    train_size: PositiveInt
+    val_size: PositiveInt
+    test_size: PositiveInt
+
+
+class Cifar10Data(_InMemoryData):
+    name: Literal["cifar10"]
+    root: str
+    batch_size: PositiveInt
+    num_workers: NonNegativeInt
+    split_seed: NonNegativeInt
+    val_fraction: Fraction
+
+
+class MnistData(Cifar10Data):
+    name: Literal["mnist"]  # type: ignore[assignment]
+
+
+class ImageFolderData(Strict):
+    name: Literal["imagefolder"]
+    root: str
+    batch_size: PositiveInt
+    num_workers: NonNegativeInt
+    on_gpu: _not_held("image folders are decoded lazily from disk")
+    image_size: Annotated[int, Field(ge=8, le=4096)]
+    split_seed: NonNegativeInt
+    val_fraction: Fraction
+    on_corrupt: Literal["error", "skip"]
+    augment: Augment
+
+
+Data = Annotated[
+    DigitsData | SyntheticData | Cifar10Data | MnistData | ImageFolderData, Field(discriminator="name")
+]
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "step")
+
+
+def _compile_setting(value: Any) -> Any:
+    """``model.compile``: false, true (torch.compile's default mode) or a torch.compile mode name."""
+    if isinstance(value, bool) or value in COMPILE_MODES:
+        return value
+    raise ValueError(
+        f"'{value}' is not a compile setting — use false, true, "
+        + ", ".join(COMPILE_MODES[1:-1])
+        + f" or {COMPILE_MODES[-1]}"
+    )
+
+
+CompileSetting = Annotated[bool | str, BeforeValidator(_compile_setting)]
+
+
+class ModelSwitches(Strict):
+    """The switches every model has (conf/config.yaml's ``model:``)."""
+
+    channels_last: bool
+    compile: CompileSetting
+
+
+class SmallCnnModel(ModelSwitches):
+    name: Literal["small_cnn"]
+    width: Annotated[int, Field(ge=4, le=1024)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
+
+
+class TorchvisionModel(ModelSwitches):
+    name: str
+    cifar_stem: bool
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_small_cnn_group(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "width" in data:
+            name = data.get("name")
+            raise ValueError(
+                f"the small_cnn group has no model '{name}' — use model=torchvision model.name={name}"
+            )
+        return data
+
+    @field_validator("cifar_stem")
+    @classmethod
+    def _stem_fits(cls, cifar_stem: bool, info: Any) -> bool:
+        name = info.data.get("name", "")
+        if cifar_stem and not name.startswith(("resnet", "wide_resnet", "resnext")):
+            raise ValueError(
+                f"the CIFAR stem exists for ResNet-family models only, not '{name}' — set it false"
+            )
+        return cifar_stem
+
+
+Model = Annotated[
+    Annotated[SmallCnnModel, Tag("small_cnn")] | Annotated[TorchvisionModel, Tag("torchvision")],
+    Discriminator(lambda v: "small_cnn" if dict(v).get("name") == "small_cnn" else "torchvision"),
+]
+
+
+class _Optim(Strict):
+    partial: Literal[True] = Field(alias="_partial_")
+    lr: PositiveFloat
+    weight_decay: NonNegativeFloat
+    lr_scaling: Literal["none", "linear", "sqrt"]
+    reference_batch_size: PositiveInt
+
+
+Betas = tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]]
+
+
+class Sgd(_Optim):
+    target: Literal["torch.optim.SGD"] = Field(alias="_target_")
+    momentum: Annotated[float, Field(ge=0, lt=1)]
+    nesterov: bool
+
+
+class Adam(_Optim):
+    target: Literal["torch.optim.Adam"] = Field(alias="_target_")
+    betas: Betas
+    eps: PositiveFloat
+
+
+class AdamW(_Optim):
+    target: Literal["torch.optim.AdamW"] = Field(alias="_target_")
+    betas: Betas
+    eps: PositiveFloat
+
+
+class Adagrad(_Optim):
+    target: Literal["torch.optim.Adagrad"] = Field(alias="_target_")
+    lr_decay: NonNegativeFloat
+    eps: PositiveFloat
+
+
+Optim = Annotated[Sgd | Adam | AdamW | Adagrad, Field(discriminator="target")]
+
+
+class NoSched(Strict):
+    name: Literal["none"]
+
+
+class WarmupCosine(Strict):
+    name: Literal["warmup_cosine"]
+    warmup_fraction: Annotated[float, Field(ge=0, lt=1)]
+    warmup_start_factor: Annotated[float, Field(gt=0, le=1)]
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)]
+
+
+class OneCycle(Strict):
+    name: Literal["onecycle"]
+    pct_start: Fraction
+    div_factor: Annotated[float, Field(ge=1)]
+    final_div_factor: Annotated[float, Field(ge=1)]
+
+
+Sched = Annotated[NoSched | WarmupCosine | OneCycle, Field(discriminator="name")]
+
+Limit = Annotated[float, Field(gt=0, le=1)] | PositiveInt
+
+
+class Trainer(Strict):
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"]
+    devices: PositiveInt | Literal["auto"] | list[NonNegativeInt]
+    num_nodes: PositiveInt
+    strategy: Literal["auto", "ddp"]
+    collective_timeout_s: PositiveInt
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"]
+    max_epochs: PositiveInt
+    max_steps: Annotated[int, Field(ge=-1)]
+    limit_train_batches: Limit
+    limit_val_batches: Limit
+    limit_test_batches: Limit
+    check_val_every_n_epoch: PositiveInt
+    num_sanity_val_steps: NonNegativeInt
+    log_every_n_steps: PositiveInt
+    gradient_clip_val: PositiveFloat | None
+    accumulate_grad_batches: PositiveInt
+    deterministic: bool
+    enable_progress_bar: bool
+
+
+class Checkpoint(Strict):
+    monitor: Literal["val/acc", "val/loss"]
+    mode: Literal["min", "max"]
+    save_top_k: Annotated[int, Field(ge=-1)]
+    save_last: bool
+    every_n_steps: NonNegativeInt
+    trust_unsigned: bool
+
+
+class NvmlMonitor(Strict):
+    name: Literal["nvml"]
+    library: str
+    interval_s: Annotated[float, Field(ge=0.01, le=60)]
+    slow_interval_s: Annotated[float, Field(ge=0.01, le=600)]
+    straggler_tolerance: Annotated[float, Field(gt=0, lt=1)]
+    throttle_warn_pct: Annotated[float, Field(gt=0, le=100)]
+
+
+class NoMonitor(Strict):
+    name: Literal["off"]
+
+
+Monitor = Annotated[NvmlMonitor | NoMonitor, Field(discriminator="name")]
+
+
+class Module(Strict):
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    mixup_alpha: NonNegativeFloat
+    cutmix_alpha: NonNegativeFloat
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None
+
+
+class SweepTrial(Strict):
+    number: NonNegativeInt
+    id: NonNegativeInt
+    slot: NonNegativeInt
+
+
+class Sweep(Strict):
+    objective: Literal["val/acc", "val/loss", "test/acc", "test/loss"]
+    direction: Literal["maximize", "minimize"]
+    trial: SweepTrial | None
+
+
+class RunConfig(Strict):
+    seed: NonNegativeInt
+    resume: str
+    nonfinite: Literal["stop", "skip"]
+    sweep: Sweep
+    data: Data
+    model: Model
+    optim: Optim
+    sched: Sched
+    trainer: Trainer
+    checkpoint: Checkpoint
+    monitor: Monitor
+    module: Module
+
+
+class EvaluateOptions(Strict):
+    """``train.evaluate``'s own keys beside the run's (conf/evaluate.yaml); predict and export add theirs."""
+
+    ckpt: str
+
+
+class PredictOptions(EvaluateOptions):
+    input: str
+    output: str
+    top_k: PositiveInt
+
+
+class ExportOptions(EvaluateOptions):
+    format: Literal["onnx"]
+    output: str
+    tolerance: PositiveFloat
+    check_images: PositiveInt
+
+
+_UNIONS = {"data", "model", "optim", "sched", "monitor"}
+_FIXES = {
+    "extra_forbidden": "remove it or fix its spelling (python -m train --cfg job lists the keys)",
+    "missing": "add it to the config group or give it on the command line",
+    "literal_error": "pick one of those",
+    "union_tag_invalid": "pick one of those",
+}
+
+
+def _one_line(error: dict[str, Any], raw: dict[str, Any]) -> str:
+    """Say which key is wrong, what is wrong with it and how to fix it, on one line."""
+    loc = list(error["loc"])
+    if loc and loc[0] in _UNIONS and len(loc) > 1:
+        del loc[1]  # the union's tag (e.g. 'torch.optim.SGD') is not part of the user's key
+    key = ".".join(str(p) for p in loc if not _type_tag(p))
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"{key} is not a config key — {_FIXES[kind]}"
+    if kind == "value_error":
+        return f"{key}: {msg.removeprefix('Value error, ')}"
+    got = error.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+    fix = _FIXES.get(kind) or _range_fix(error)
+    what = msg.replace("Input should be", "must be").replace("Field required", "is missing")
+    return f"{key} {what}{shown} — {fix}"
+
+
+def _type_tag(part: Any) -> bool:
+    """Whether ``part`` of an error's location names a member of a type union (e.g. ``constrained-float``
+    of ``float | int``) rather than a config key."""
+    return isinstance(part, str) and (
+        part.startswith("constrained-") or part in ("int", "float", "str", "bool")
+    )
+
+
+def _range_fix(error: dict[str, Any]) -> str:
+    """Turn pydantic's constraint context (gt, ge, lt, le) into a hint."""
+    ctx = error.get("ctx") or {}
+    bounds = [
+        f"{op} {ctx[k]}" for k, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if k in ctx
+    ]
+    if bounds:
+        return "use a value " + " and ".join(bounds)
+    return "use a value of the right type (see conf/ for an example)"
+
+
+def _check_step_graph(raw: dict[str, Any]) -> None:
+    """``model.compile=step`` replays one captured step: refuse what a fixed replay cannot do."""
+    if raw["model"]["compile"] != "step":
+        return
+    trainer, module = raw["trainer"], raw["module"]
+    conflicts = [
+        (
+            trainer["precision"] == "16-mixed",
+            "16-mixed (GradScaler skips steps)",
+            "trainer.precision=bf16-mixed",
+        ),
+        (
+            trainer["accumulate_grad_batches"] > 1,
+            "gradient accumulation",
+            "trainer.accumulate_grad_batches=1",
+        ),
+        (
+            module["mixup_alpha"] > 0 or module["cutmix_alpha"] > 0,
+            "MixUp/CutMix",
+            "module.mixup_alpha=0 module.cutmix_alpha=0",
+        ),
+        (raw["nonfinite"] == "skip", "nonfinite=skip (a host decision per step)", "nonfinite=stop"),
+        (
+            trainer["strategy"] == "ddp" or trainer["num_nodes"] > 1 or _listed(trainer["devices"]) > 1,
+            "several devices (DDP)",
+            "trainer.devices=1, or model.compile=reduce-overhead with DDP",
+        ),
+    ]
+    for conflict, what, fix in conflicts:
+        if conflict:
+            raise ConfigError(f"model.compile=step cannot replay a step with {what} — set {fix}")
+
+
+def _listed(devices: int | str | list[int]) -> int:
+    """How many devices ``trainer.devices`` names (``auto``: 1 here; ``check_machine`` counts the GPUs)."""
+    if devices == "auto":
+        return 1
+    return len(devices) if isinstance(devices, list) else int(devices)
+
+
+def _check_launch(trainer: dict[str, Any]) -> None:
+    """Catch a SLURM or submitit job whose tasks do not match the trainer's devices and nodes, early."""
+    local_tasks = int(os.environ.get("SUBMITIT_LOCAL_NTASKS", "1"))
+    if local_tasks > 1:
+        raise ConfigError(
+            f"hydra.launcher.tasks_per_node={local_tasks} starts {local_tasks} copies of the same run on "
+            f"this machine — keep it 1 and use trainer=ddp trainer.devices={local_tasks}"
+        )
+    if not _slurm_runs_the_tasks():
+        return
+    tasks, nodes = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1")), int(os.environ.get("SLURM_NNODES", "1"))
+    devices = trainer["devices"]
+    if isinstance(devices, int) and devices != tasks:
+        raise ConfigError(
+            f"trainer.devices={devices} but SLURM runs {tasks} task(s) per node, one per rank — make them "
+            f"equal: --ntasks-per-node={devices} (hydra.launcher.tasks_per_node) or trainer.devices={tasks}"
+        )
+    if trainer["num_nodes"] != nodes:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer['num_nodes']} but the SLURM job has {nodes} node(s) — make them "
+            f"equal: --nodes={trainer['num_nodes']} (hydra.launcher.nodes) or trainer.num_nodes={nodes}"
+        )

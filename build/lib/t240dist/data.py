@@ -1,0 +1,702 @@
+"""Datasets and loaders: bundled digits, synthetic images, CIFAR-10 batches, MNIST IDX, ImageFolder trees.
+
+``ImageDataModule`` loads (or checks) its data when it is built, so a missing root fails with a
+``ConfigError`` before any model exists. Small datasets live in memory as tensors; ImageFolder reads
+lazily from disk. With ``data.on_gpu`` the in-memory splits live on the training device and whole batches
+are made there (``DeviceBatches``) instead of by a DataLoader.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import math
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from t240dist.errors import ConfigError
+
+STATS_SAMPLE = 512  # ImageFolder images read (decoded once) to estimate the normalisation
+EVAL_CROP = 0.875  # image files are resized to image_size / EVAL_CROP, then centre-cropped (ImageNet's eval)
+Normalisation = tuple[list[float], list[float]]  # per-channel mean and std of images in [0, 1]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the model and the reports need to know about the data."""
+
+    num_classes: int
+    channels: int
+    image_size: int
+    class_names: list[str]
+    train_size: int
+    mean: list[float]  # the normalisation every split gets (the train split's statistics)
+    std: list[float]
+    resize: int  # an image file's shorter side is resized to this, then centre-cropped to image_size
+    skipped: tuple[str, ...] = ()  # "path: reason" of each unreadable file left out (data.on_corrupt=skip)
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        """How an image file becomes a model input, in plain types: stored in checkpoints for inference."""
+        keys = ("channels", "image_size", "resize", "mean", "std")
+        return {key: getattr(self, key) for key in keys}
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/val/test loaders for the dataset named by ``data.name``, sharded across DDP ranks.
+
+    Sharding is done here (the Trainer runs with ``use_distributed_sampler=False``): training shards
+    drop the remainder, so each sample is seen at most once per epoch; evaluation shards are not padded,
+    so metrics reduced over ranks equal a single-process evaluation. A run resumed mid-epoch goes on at
+    the next batch (``resume_at``). ``normalisation`` (a checkpoint's) replaces the train split's statistics,
+    so a model is evaluated with the preprocessing it was trained with, whatever data it is given.
+    Where ``batch_device`` says so, the loaders are ``DeviceBatches`` instead of DataLoaders.
+    """
+
+    def __init__(self, cfg: dict[str, Any], seed: int, normalisation: Normalisation | None = None) -> None:
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self._resume: tuple[int, int] = (0, 0)  # (epoch, batches done) where the next training loader starts
+        self._placement: tuple[torch.device, torch.device | None] | None = None  # (trainer's, batches')
+        self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, normalisation)
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._loader(self.test_set, train=False)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Let the next training loader start in ``epoch``, after its first ``batches_done`` batches.
+
+        The epoch is set on the sampler when the loader is made, not left to Lightning's ``set_epoch``: on
+        a resume Lightning creates the loader's iterator before it sets the epoch and keeps that iterator,
+        and DataLoader workers draw their first indices as the iterator is created.
+        """
+        self._resume = (epoch, batches_done)
+
+    @property
+    def batch_device(self) -> torch.device | None:
+        """Where whole batches are made from the resident uint8 splits (``data.on_gpu``), or None for the
+        DataLoader path: the trainer's root device (the CPU without a trainer), decided once per device.
+        ``auto`` picks a CUDA device when the splits fit in ``data.on_gpu_max_share`` of its memory (its
+        total, not what is free now: every rank of a job on like GPUs decides alike)."""
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if self._placement is None or self._placement[0] != device:
+            self._placement = (device, self._batch_device_on(device))
+        return self._placement[1]
+
+    def _batch_device_on(self, device: torch.device) -> torch.device | None:
+        setting = self.cfg["on_gpu"]
+        if setting is False or not isinstance(self.train_set, TensorImages):
+            return None
+        if setting is True:
+            return device
+        if device.type != "cuda" or self.cfg["augment"]["crop"] == "resized":
+            return None
+        splits = {id(s): s for s in (self.train_set, self.val_set, self.test_set)}.values()
+        size = sum(s.images.nbytes + s.labels.nbytes for s in splits)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return device if size <= self.cfg["on_gpu_max_share"] * total else None
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader | DeviceBatches:
+        device = self.batch_device
+        if device is not None:
+            return self._device_loader(dataset, train, device)
+        workers = self.cfg["num_workers"]
+        options = {
+            "batch_size": self.cfg["batch_size"],
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+        # A generator of its own: each iterator a DataLoader makes draws its workers' seed from it, which
+        # must not move the global RNG that dropout and MixUp use (a validation would shift them otherwise)
+        options["generator"] = torch.Generator().manual_seed(self.seed)
+        if not train:
+            return DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
+        # Exact resume: the sampler can start mid-epoch (``resume_at``), and each sample's augmentation
+        # is seeded by (seed, epoch, index), whatever process or worker draws it.
+        order, skip = self._resumed_order(dataset)
+        tagged = EpochTagged(order, skip * self.cfg["batch_size"])
+        # drop_last: no ragged last training batch (BatchNorm dislikes batches of one)
+        return DataLoader(EpochSeeded(dataset, self.seed), sampler=tagged, drop_last=True, **options)
+
+    def _device_loader(self, split: TensorImages, train: bool, device: torch.device) -> DeviceBatches:
+        """Batches made on ``device`` from the split's uint8 images, copied there at the first loader."""
+        images, labels = split.on(device)
+        mean, std = (torch.tensor(v, device=device).view(-1, 1, 1) for v in (self.info.mean, self.info.std))
+        batch_size = self.cfg["batch_size"]
+        if not train:
+            shard = self._eval_shard(split) or SequentialSampler(split)
+            return DeviceBatches(images, labels, mean, std, shard, batch_size, drop_last=False, augment=None)
+        augment = self.cfg["augment"]
+        padding = augment["padding"] if augment["crop"] == "pad" else 0
+        hflip = augment["hflip"]
+        crop_flip = BatchAugment(self.seed, padding, hflip) if padding or hflip else None
+        order, skip = self._resumed_order(split)  # drop_last: no ragged last batch, as on the DataLoader
+        return DeviceBatches(images, labels, mean, std, order, batch_size, True, crop_flip, skip)
+
+    def _resumed_order(self, dataset: Dataset) -> tuple[DistributedSampler, int]:
+        """This rank's shuffled share of the training samples, reshuffled by ``set_epoch`` and set to the
+        epoch of ``resume_at``, and the batches of that epoch to leave out (once)."""
+        trainer = self.trainer
+        ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else _ONE_RANK
+        order = DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
+        (epoch, skip), self._resume = self._resume, (0, 0)
+        order.set_epoch(epoch)
+        return order, skip
+
+    def _eval_shard(self, dataset: Dataset) -> Sampler | None:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, shuffle=False, num_replicas=trainer.world_size, rank=trainer.global_rank
+        )
+
+
+_ONE_RANK = {"num_replicas": 1, "rank": 0}
+
+
+class EpochTagged(Sampler):
+    """Yields ``(index, epoch)`` from a sampler with ``set_epoch``, so a dataset knows the epoch.
+
+    ``skip`` drops the first indices of the next iteration only: a resumed epoch goes on where it stopped.
+    """
+
+    def __init__(self, sampler: DistributedSampler, skip: int) -> None:
+        self.sampler, self.epoch, self.skip = sampler, sampler.epoch, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices, self.skip, epoch = list(self.sampler)[self.skip :], 0, self.epoch
+        return ((i, epoch) for i in indices)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class EpochSeeded(Dataset):
+    """Draws sample ``index`` of ``epoch`` with the torch RNG seeded by (seed, epoch, index).
+
+    Random augmentations then depend on nothing else: not on the worker, the prefetching or a resume.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, epoch = key
+        cpu = torch.default_generator  # not torch.manual_seed: it also queues CUDA seeding, slowly
+        saved = cpu.get_state()
+        cpu.manual_seed(_seed_of(self.seed, epoch, index))
+        try:
+            return self.dataset[index]
+        finally:
+            cpu.set_state(saved)
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor, with an optional per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any = None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 images and the labels on ``device``, copied there once."""
+        if self._resident is None or self._resident[0].device != device:
+            self._resident = (self.images.to(device), self.labels.to(device))
+        return self._resident
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = self.images[i]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[i])
+
+
+class DeviceBatches:
+    """A loader of whole batches made where the uint8 images are (``data.on_gpu``), without workers.
+
+    Each batch indexes the images with the sampler's next indices, is cropped and flipped (training:
+    ``augment``, for the whole batch at once) and normalised, all on the images' device. Lightning finds
+    ``sampler`` (as on a DataLoader; it reads ``batch_sampler`` too) and calls its ``set_epoch``; training
+    samplers are ``DistributedSampler``s, whose epoch and rank key the augmentation. ``skip`` batches are
+    left out of the next epoch only: a resumed epoch goes on where it stopped.
+    """
+
+    batch_sampler = None
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        sampler: Sampler,
+        batch_size: int,
+        drop_last: bool,
+        augment: BatchAugment | None,
+        skip: int = 0,
+    ) -> None:
+        self.images, self.labels, self.mean, self.std = images, labels, mean, std
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.augment, self.skip = augment, skip
+
+    def __len__(self) -> int:
+        whole, ragged = divmod(len(self.sampler), self.batch_size)
+        return whole + (ragged > 0 and not self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # a generator: the order is drawn at the first batch, after Lightning has set the epoch
+        order = torch.tensor(list(self.sampler), dtype=torch.long).to(self.images.device, non_blocking=True)
+        start, self.skip = self.skip, 0
+        for position in range(start, len(self)):
+            index = order[position * self.batch_size : (position + 1) * self.batch_size]
+            images = self.images[index]
+            if self.augment is not None:
+                images = self.augment(images, self.sampler.epoch, self.sampler.rank, position)
+            # as v2.ToDtype(scale=True) and v2.Normalize compute it on the DataLoader path
+            yield images.to(torch.float32).mul_(1 / 255).sub_(self.mean).div_(self.std), self.labels[index]
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """``data.augment`` for a whole uint8 batch on its device: a random crop after zero ``padding``
+    (0: none) and a random horizontal flip, drawn per batch on the CPU from (seed, epoch, rank, position).
+
+    The draws depend on nothing else (not on the global RNG, not on a resume) and reach the device in one
+    small non-blocking copy per batch.
+    """
+
+    seed: int
+    padding: int
+    hflip: bool
+
+    def __call__(self, images: torch.Tensor, epoch: int, rank: int, position: int) -> torch.Tensor:
+        gen = _generator(self.seed, epoch, rank, position)
+        n = len(images)
+        shifts = torch.randint(2 * self.padding + 1, (2, n), generator=gen)
+        flips = torch.rand(n, generator=gen) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        draws = torch.cat([shifts, flips[None]]).to(images.device, non_blocking=True)
+        return crop_and_flip(images, self.padding, draws[:2], draws[2].bool())
+
+
+def crop_and_flip(
+    images: torch.Tensor, padding: int, shifts: torch.Tensor, flips: torch.Tensor
+) -> torch.Tensor:
+    """Each image (N, C, H, W) zero-padded by ``padding``, cropped back to H x W at offsets ``shifts``
+    ((2, N): rows, columns, each in [0, 2 * padding]) and mirrored where ``flips`` (N,) is set, in one
+    gather for the whole batch."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    rows = shifts[0, :, None] + torch.arange(h, device=device)
+    columns = torch.arange(w, device=device)
+    columns = shifts[1, :, None] + torch.where(flips[:, None], w - 1 - columns, columns)
+    return padded[
+        torch.arange(n, device=device)[:, None, None, None],
+        torch.arange(c, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        columns[:, None, None, :],
+    ]
+
+
+class SyntheticImages(Dataset):
+    """Images made on the fly: class k is a fixed smooth random pattern plus Gaussian noise.
+
+    Every image is a pure function of (seed, split, index), so runs are reproducible without storing
+    anything, whatever the image size or class count.
+    """
+
+    def __init__(self, size: int, cfg: dict[str, Any], split: int) -> None:
+        self.size, self.split = size, split
+        self.num_classes, self.noise = cfg["num_classes"], cfg["noise"]
+        self.shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
+        self.seed = cfg["seed"]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        gen = _generator(self.seed, self.split, i)
+        label = int(torch.randint(self.num_classes, (1,), generator=gen))
+        image = self._pattern(label) + self.noise * torch.randn(self.shape, generator=gen)
+        return image, label
+
+    def _pattern(self, label: int) -> torch.Tensor:
+        gen = _generator(self.seed, "pattern", label)
+        coarse = torch.randn(1, self.shape[0], 4, 4, generator=gen)
+        return F.interpolate(coarse, size=self.shape[1:], mode="bilinear", align_corners=False)[0]
+
+
+def _generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded by ``key``."""
+    return torch.Generator().manual_seed(_seed_of(*key))
+
+
+def _seed_of(*key: object) -> int:
+    """A seed from a hash of ``key`` (torch's CPU generator keeps only 32 bits of a seed)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
+
+
+Splits = tuple[Dataset, Dataset, Dataset, DataInfo]
+Labelled = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int labels (N,)
+
+
+def load_digits(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+    """scikit-learn's 8x8 digits (16 grey levels), split train/val/test by ``split_seed``."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = torch.tensor(bunch.images * 255 / 16).round().to(torch.uint8).unsqueeze(1)
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg["split_seed"]))
+    n_test = round(len(labels) * cfg["test_fraction"])
+    n_val = round(len(labels) * cfg["val_fraction"])
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    splits = [(images[i], labels[i]) for i in (train, val, test)]
+    return _in_memory(cfg, *splits, [str(d) for d in range(10)], normalisation)
+
+
+def load_synthetic(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+    """Synthetic images of any size and class count (already standardised: no normalisation, no augmentation).
+
+    Image files given to a synthetic-trained model are only scaled to [0, 1] (mean 0, std 1).
+    """
+    sets = [SyntheticImages(cfg[f"{name}_size"], cfg, i) for i, name in enumerate(("train", "val", "test"))]
+    names = [f"class_{k}" for k in range(cfg["num_classes"])]
+    channels, size = cfg["channels"], cfg["image_size"]
+    info = DataInfo(
+        cfg["num_classes"], channels, size, names, cfg["train_size"], [0.0] * channels, [1.0] * channels, size
+    )
+    return (*sets, info)
+
+
+def load_cifar10(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+    """CIFAR-10 python batches; a validation split is carved from the training batches.
+
+    Read by hand because torchvision's CIFAR10 insists on the md5 of the official archive files (which
+    refuses re-packed copies of the same format) and unpickles them without restriction.
+    """
+    root = Path(cfg["root"])
+    for needed in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
+        if not (root / needed).is_file():
+            raise ConfigError(
+                f"data.root '{root}' has no {needed} — put the CIFAR-10 python batches there "
+                "(or set data.root) or pick data=digits"
+            )
+    train_x, train_y = _cifar_batches([root / f"data_batch_{i}" for i in range(1, 6)])
+    names = [
+        n.decode() if isinstance(n, bytes) else n for n in _unpickle(root / "batches.meta")[b"label_names"]
+    ]
+    val, train = _val_split(len(train_y), cfg)
+    test = _cifar_batches([root / "test_batch"])
+    splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), test
+    return _in_memory(cfg, *splits, names, normalisation)
+
+
+def load_mnist(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+    """MNIST IDX files (plain or gzip); a validation split is carved from the training images."""
+    root = Path(cfg["root"])
+    files = {}
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        found = [p for p in (root / stem, root / f"{stem}.gz") if p.is_file()]
+        if not found:
+            raise ConfigError(
+                f"data.root '{root}' has no {stem} (or {stem}.gz) — put the MNIST IDX files there "
+                "(or set data.root) or pick data=digits"
+            )
+        files[stem] = _read_idx(found[0])
+    train_x, train_y = files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"]
+    test_x, test_y = files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"]
+    for images, labels, stem in ((train_x, train_y, "train"), (test_x, test_y, "t10k")):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ConfigError(
+                f"data.root '{root}': {stem} images {tuple(images.shape)} do not match labels "
+                f"{tuple(labels.shape)} — replace the IDX files with a complete copy"
+            )
+    train_x, test_x, train_y, test_y = (
+        train_x.unsqueeze(1),
+        test_x.unsqueeze(1),
+        train_y.long(),
+        test_y.long(),
+    )
+    val, train = _val_split(len(train_y), cfg)
+    splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y)
+    return _in_memory(cfg, *splits, [str(d) for d in range(10)], normalisation)
+
+
+def _in_memory(
+    cfg: dict[str, Any],
+    train: Labelled,
+    val: Labelled,
+    test: Labelled,
+    names: list[str],
+    normalisation: Normalisation | None,
+) -> Splits:
+    """Datasets over uint8 tensors: augmentation on the train split only, normalised by its statistics.
+
+    Image files given to the trained model are resized to the training size (a file of that size is
+    left as it is), then centre-cropped.
+    """
+    mean, std = normalisation or _channel_stats(train[0].float().div_(255))
+    size = train[0].shape[-1]
+    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize=None)
+    sets = [TensorImages(*train, train_tf), TensorImages(*val, eval_tf), TensorImages(*test, eval_tf)]
+    return (*sets, DataInfo(len(names), train[0].shape[1], size, names, len(train[1]), mean, std, size))
+
+
+def file_transform(preprocess: dict[str, Any]) -> v2.Compose:
+    """The eval transform of image files from ``DataInfo.preprocess`` (as a checkpoint stores it)."""
+    fit = _fit_file(preprocess["image_size"], preprocess["resize"])
+    return v2.Compose([*fit, *_normalise(preprocess["mean"], preprocess["std"])])
+
+
+def _fit_file(size: int, resize: int) -> list[v2.Transform]:
+    """A decoded file of any size to ``size`` x ``size``: shorter side to ``resize``, centre crop."""
+    return [v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size)]
+
+
+def _normalise(mean: list[float], std: list[float]) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def _transforms(
+    augment: dict[str, Any], size: int, mean: list[float], std: list[float], resize: int | None
+) -> tuple[v2.Transform, v2.Transform]:
+    """The train transform (``data.augment``) and the eval transform; both end in normalisation.
+
+    Files (any size; ``resize`` given) are resized and centre-cropped to ``size`` first; tensors have it.
+    """
+    fit = [] if resize is None else _fit_file(size, resize)
+    crop = {
+        "none": fit,
+        "pad": [*fit, v2.RandomCrop(size, padding=augment["padding"])],
+        "resized": [*fit[:1], v2.RandomResizedCrop(size, antialias=True)],
+    }[augment["crop"]]
+    flip = [v2.RandomHorizontalFlip()] if augment["hflip"] else []
+    normalise = _normalise(mean, std)
+    return v2.Compose([*crop, *flip, *normalise]), v2.Compose([*fit, *normalise])
+
+
+def _val_split(n: int, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a validation split of ``data.val_fraction`` and the rest, fixed by ``data.split_seed``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["split_seed"]))
+    n_val = round(n * cfg["val_fraction"])
+    return order[:n_val], order[n_val:]
+
+
+def _cifar_batches(paths: list[Path]) -> Labelled:
+    """Concatenate CIFAR batches into uint8 images (N, 3, 32, 32) and labels."""
+    parts = [_unpickle(p) for p in paths]
+    images = torch.cat([torch.as_tensor(b[b"data"]).view(-1, 3, 32, 32) for b in parts])
+    labels = torch.cat([torch.as_tensor(b[b"labels"], dtype=torch.long) for b in parts])
+    return images, labels
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles data files allowing only numpy arrays: a crafted file cannot run code."""
+
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return _ArraysOnly(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise ConfigError(
+            f"{path} is not a CIFAR-10 python batch ({err}) — replace it with the original file"
+        ) from None
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """One IDX file (unsigned-byte data, as MNIST ships) as a uint8 tensor of its declared shape."""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise ConfigError(
+            f"{path} is not an unsigned-byte IDX file — replace it with the original MNIST file"
+        )
+    dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    body = raw[4 + 4 * dims :]
+    if len(body) != math.prod(shape):
+        raise ConfigError(
+            f"{path} holds {len(body)} bytes, its header says {math.prod(shape)} — it is truncated"
+        )
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(shape)
+
+
+def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+    """Class folders decoded lazily by torchvision: ROOT/train + ROOT/val (+ ROOT/test), or one ROOT split.
+
+    One folder of class folders is split into train/val by ``data.val_fraction`` and ``data.split_seed``
+    (test = val). Files are checked before training (``_preflight``); normalisation comes from a seeded
+    sample of up to ``STATS_SAMPLE`` training images, unless ``normalisation`` is given.
+    """
+    root, size = Path(cfg["root"]), cfg["image_size"]
+    if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
+        raise ConfigError(
+            f"data.root '{root}' has no class folders — lay out ROOT/train/<class>/*.jpg and "
+            "ROOT/val/<class>/*.jpg (or ROOT/<class>/*.jpg), or pick data=digits"
+        )
+    split = (root / "train").is_dir()
+    if split and not (root / "val").is_dir():
+        raise ConfigError(f"data.root '{root}' has train/ but no val/ folder — add ROOT/val/<class>/*.jpg")
+    folders = [root / "train", root / "val", *([root / "test"] if (root / "test").is_dir() else [])]
+    sets = [
+        datasets.ImageFolder(str(folder), loader=load_rgb, allow_empty=True)
+        for folder in (folders if split else [root])
+    ]
+    bad = [(path, why) for ds in sets for path, why in _preflight(ds)]
+    if bad and cfg["on_corrupt"] == "error":
+        shown = "; ".join(f"{path}: {why}" for path, why in bad[:3])
+        raise ConfigError(
+            f"data.root '{root}' has {len(bad)} unreadable image(s) or empty class folder(s) ({shown}"
+            f"{'; ...' if len(bad) > 3 else ''}) — fix or remove them, or set data.on_corrupt=skip"
+        )
+    unreadable = {path for path, _ in bad}
+    for ds in sets:
+        ds.samples = ds.imgs = [(p, t) for p, t in ds.samples if p not in unreadable]
+        ds.targets = [t for _, t in ds.samples]
+    if not split:
+        val_idx, train_idx = _val_split(len(sets[0]), cfg)
+        sets = [Subset(sets[0], train_idx.tolist()), Subset(copy.copy(sets[0]), val_idx.tolist())]
+    resize = round(size / EVAL_CROP)
+    mean, std = normalisation or _file_stats(sets[0], size, resize, cfg["split_seed"])
+    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize)
+    _set_transform(sets[0], train_tf)
+    for ds in sets[1:]:
+        _set_transform(ds, eval_tf)
+    classes = list(_base(sets[0]).classes)
+    skipped = tuple(f"{p}: {w}" for p, w in bad)
+    info = DataInfo(len(classes), 3, size, classes, len(sets[0]), mean, std, resize, skipped)
+    return sets[0], sets[1], sets[2] if len(sets) > 2 else sets[1], info
+
+
+def _file_stats(train: Dataset, size: int, resize: int, seed: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a seeded sample of training images, resized like the eval split."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE]
+    base = _base(train)
+    fit = v2.Compose([*_fit_file(size, resize), v2.ToDtype(torch.float32, scale=True)])
+    indices = train.indices if isinstance(train, Subset) else range(len(train))
+    return _channel_stats(torch.stack([fit(base.loader(base.samples[indices[int(i)]][0])) for i in order]))
+
+
+def _channel_stats(pixels: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images in [0, 1] (N, C, H, W); a constant channel gets std 1."""
+    std = [s if s > 0 else 1.0 for s in pixels.std(dim=(0, 2, 3)).tolist()]
+    return pixels.mean(dim=(0, 2, 3)).tolist(), std
+
+
+def _base(ds: Dataset) -> datasets.ImageFolder:
+    return ds.dataset if isinstance(ds, Subset) else ds
+
+
+def _set_transform(ds: Dataset, transform: v2.Transform) -> None:
+    _base(ds).transform = transform
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image as RGB: CMYK, palette, grey and 16-bit files are converted, not rejected."""
+    with Image.open(path) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (Pillow may open it as mode I)
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
+def _preflight(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
+    """Find unreadable files and empty class folders from headers and file tails, without decoding.
+
+    Reads a few bytes per file: the format header (PIL's lazy open) and the end marker that a truncated
+    JPEG or PNG lacks.
+    """
+    bad: list[tuple[str, str]] = []
+    counts = [0] * len(dataset.classes)
+    for _, target in dataset.samples:
+        counts[target] += 1
+    bad += [
+        (str(Path(dataset.root) / c), "empty class folder")
+        for c, n in zip(dataset.classes, counts, strict=True)
+        if n == 0
+    ]
+    for path, _ in dataset.samples:
+        reason = _unreadable(Path(path))
+        if reason:
+            bad.append((path, reason))
+    return bad
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a file cannot be trained on, or None."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as image:
+            kind = image.format
+    except (UnidentifiedImageError, OSError):
+        return "not an image"
+    with path.open("rb") as f:
+        f.seek(max(0, size - 64))
+        tail = f.read().rstrip(b"\0")
+    if kind == "JPEG" and not tail.endswith(b"\xff\xd9"):
+        return "truncated JPEG"
+    if kind == "PNG" and b"IEND" not in tail[-12:]:
+        return "truncated PNG"
+    return None
+
+
+_LOADERS = {
+    "digits": load_digits,
+    "synthetic": load_synthetic,
+    "cifar10": load_cifar10,
+    "mnist": load_mnist,
+    "imagefolder": load_imagefolder,
+}

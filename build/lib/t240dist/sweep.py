@@ -1,0 +1,224 @@
+"""A job's side of a sweep: the objective it returns, Optuna pruning while it trains, and the sweep summary.
+
+The Optuna sweeper itself is a Hydra plugin (``hydra_plugins/t240dist_optuna``). It names each trial in the
+job's config (``sweep.trial``); a trial's training reports to it through ``callbacks.OptunaTrial``. This
+module imports neither torch nor Lightning: the entry point uses it before a job is known to train.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from t240dist.config import global_rank
+from t240dist.errors import Preempted, Pruned, exit_preempted, one_line_errors
+
+SUMMARY_FILE = "sweep_summary.csv"
+ERROR_FILE = "run_error.txt"  # a failed grid trial's error line, in its run dir
+COLUMNS = ("trial", "state", "objective", "test_acc", "val_acc", "overrides", "run_dir", "error")
+_STATE_ORDER = {"complete": 0, "pruned": 1}  # then fail, running, waiting (Optuna's trial states)
+
+# The study of the Optuna sweeper running in this process (basic launcher): trials in this process report to
+# it directly, the only way to reach a study in memory.
+_shared: dict[str, Any] = {}
+
+
+def objective(summary: dict[str, Any], sweep: dict[str, Any]) -> float:
+    """The run's value of ``sweep.objective`` (``val/acc`` reads the summary's ``val_acc``); NaN if none."""
+    value = summary[sweep["objective"].replace("/", "_")]
+    return math.nan if value is None else float(value)
+
+
+@contextmanager
+def job_errors(trial: DictConfig | None) -> Iterator[None]:
+    """How an error ends a ``python -m train`` job.
+
+    A single run prints one line and exits. A job of a sweep passes its error to the sweeper, which records
+    the trial as failed and goes on: the Optuna sweeper tells the study; Hydra's basic sweeper runs its
+    other jobs and then raises the first error (one line, exit 2), ``SweepSummary`` keeping each one.
+    Preemption is the exception: it stops a grid sweep at once, as it stops an Optuna one.
+    """
+    if trial is not None:  # an Optuna trial: its sweeper handles preemption too
+        yield
+    elif HydraConfig.get().mode != RunMode.MULTIRUN:
+        with one_line_errors():
+            yield
+    else:
+        try:
+            yield
+        except Preempted as err:
+            exit_preempted(err)
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message``: what a sweep's summary keeps of a trial's exception."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def trial_result(summary: dict[str, Any]) -> float:
+    """What a job hands its sweeper: the objective, or ``Pruned`` for a trial the pruner stopped."""
+    if summary["pruned_at_epoch"] is not None:
+        raise Pruned(f"pruned after epoch {summary['pruned_at_epoch']}")
+    return summary["objective"]
+
+
+def open_trial(ref: dict[str, Any]) -> Any:
+    """The running Optuna trial ``ref`` names: through the sweeper's study in this process, or its storage."""
+    import optuna
+
+    study = _shared.get("study")
+    if (
+        study is None
+    ):  # a job in a process of its own (submitit): the sweeper's settings are in its Hydra config
+        sweeper = HydraConfig.get().sweeper
+        pruner = instantiate(sweeper.pruner) if sweeper.pruner else optuna.pruners.NopPruner()
+        study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage, pruner=pruner)
+    return optuna.trial.Trial(study, ref["id"])
+
+
+@contextmanager
+def sharing(study: Any) -> Iterator[None]:
+    """Let trials that run in this process report to ``study`` while the sweeper runs it."""
+    _shared["study"] = study
+    try:
+        yield
+    finally:
+        _shared.clear()
+
+
+def take_own_share(trial: DictConfig | None) -> None:
+    """Give each of the trials that submitit's local executor runs at once GPUs and a DDP port of its own.
+
+    That executor hands every job the same first ``gpus_per_node`` GPUs; trial ``slot`` k of a batch takes
+    the k-th group of that size instead (wrapping around). Must run before CUDA starts in the process.
+    Lightning picks its rendezvous port in the ephemeral range, where a concurrent trial's connections can
+    take it before it listens, and a MASTER_PORT inherited from the sweep is the same for every trial
+    (EADDRINUSE, seen with two 2-rank trials): each trial takes a port of its own, below that range.
+    """
+    if trial is None or os.environ.get("SUBMITIT_EXECUTOR") != "local":
+        return
+    os.environ["MASTER_PORT"] = str(20000 + os.getpid() % 12000)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if not visible:
+        return
+    import pynvml  # counts every GPU, whatever CUDA_VISIBLE_DEVICES says
+
+    pynvml.nvmlInit()
+    try:
+        total = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    per_job = len(visible.split(","))
+    first = trial.slot * per_job
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str((first + i) % total) for i in range(per_job))
+
+
+class SweepSummary(Callback):
+    """``sweep_summary.csv`` in the sweep dir of Hydra's basic sweeper, best first: rewritten after every job
+    (a failed one leaves its error line in its run dir), so it is whole even when a failed trial ends the
+    multirun with an error; printed as a table at the end. The Optuna sweeper writes its own.
+    """
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if global_rank() or not _basic_sweep(config):
+            return
+        if job_return.status == JobStatus.FAILED:
+            run_dir = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
+            # the exception itself (JobReturn.return_value would raise it)
+            (run_dir / ERROR_FILE).write_text(error_line(job_return._return_value) + "\n")
+        _write_basic_summary(config, show=False)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not global_rank() and _basic_sweep(config):
+            _write_basic_summary(config, show=True)
+
+
+def _basic_sweep(config: DictConfig) -> bool:
+    return config.hydra.mode == RunMode.MULTIRUN and config.hydra.sweeper._target_.endswith(".BasicSweeper")
+
+
+def _write_basic_summary(config: DictConfig, show: bool) -> None:
+    sweep_dir = Path(config.hydra.sweep.dir).absolute()
+    rows = [_row_of_run_dir(path.parent.parent) for path in sweep_dir.glob("**/.hydra/overrides.yaml")]
+    write_sweep_summary(rows, sweep_dir, config.sweep.direction, show)
+
+
+def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:
+    """One trial of a basic sweep, from its run dir: its overrides and its run summary, or its error line
+    ("interrupted" when it left neither)."""
+    overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    summary = read_summary(run_dir)
+    error = run_dir / ERROR_FILE
+    return {
+        "trial": int(run_dir.name) if run_dir.name.isdigit() else run_dir.name,
+        "state": "complete" if summary else "fail",
+        "objective": summary.get("objective"),
+        "test_acc": summary.get("test_acc"),
+        "val_acc": summary.get("val_acc"),
+        "overrides": " ".join(overrides),
+        "run_dir": str(run_dir),
+        "error": "" if summary else error.read_text().strip() if error.exists() else "interrupted",
+    }
+
+
+def read_summary(run_dir: Path, name: str = "run") -> dict[str, Any]:
+    """``<name>_summary.json`` of a run dir, or {} where the run wrote none (it failed or was stopped)."""
+    path = run_dir / f"{name}_summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_metrics(run_dir: str | None) -> dict[str, Any]:
+    """``test_acc`` and ``val_acc`` of a trial's run summary, None where the trial wrote none."""
+    summary = read_summary(Path(run_dir)) if run_dir else {}
+    return {"test_acc": summary.get("test_acc"), "val_acc": summary.get("val_acc")}
+
+
+def write_sweep_summary(
+    rows: list[dict[str, Any]], sweep_dir: Path, direction: str, show: bool = True
+) -> None:
+    """Write ``sweep_summary.csv`` (completed trials best first, then pruned, then the rest); print it if
+    ``show``."""
+    sign = -1.0 if direction == "maximize" else 1.0
+
+    def rank(row: dict[str, Any]) -> tuple[int, float, Any]:
+        value = row["objective"]
+        known = value is not None and math.isfinite(value)
+        trial = row["trial"]  # a number, or a basic sweep's run dir name that is not one
+        order = (0, trial, "") if isinstance(trial, int) else (1, 0, str(trial))
+        return _STATE_ORDER.get(row["state"], 2), sign * value if known else math.inf, order
+
+    rows = sorted(rows, key=rank)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / SUMMARY_FILE, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    if not show:
+        return
+    table = Table(title=f"sweep summary ({direction}) → {sweep_dir / SUMMARY_FILE}")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        # Text, not markup: error lines quote paths such as "[/path/file.cc:561]"
+        values = (row.get(column) for column in COLUMNS)
+        cells = (f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "") for v in values)
+        table.add_row(*map(Text, cells))
+    Console().print(table)

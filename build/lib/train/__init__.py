@@ -1,0 +1,1 @@
+"""The ``python -m train`` entry point (see ``train/__main__.py``)."""

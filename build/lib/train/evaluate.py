@@ -1,0 +1,28 @@
+"""``python -m train.evaluate ckpt=PATH [key=value ...]``: a checkpoint's test accuracy, per class, and its
+confusion matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from t240dist.config import CONF_PATH, hydra_setup
+from t240dist.errors import one_line_errors, run_app
+
+
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    """Evaluate; return the test accuracy."""
+    hydra_cfg = HydraConfig.get()
+    with one_line_errors():
+        from t240dist.inference import evaluate  # torch: once there is work to do
+
+        return evaluate(cfg, list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir))["test_acc"]
+
+
+if __name__ == "__main__":
+    hydra_setup()
+    run_app(main)

@@ -243,11 +243,12 @@ def _finished_before(resume: Path | None, trainer: pl.Trainer, run_dir: Path) ->
     save: it is tested now).
     """
     final = _callback(trainer, FinalCheckpoint)
-    if resume is None or final is None or final.trained or not (run_dir / "run_summary.json").is_file():
+    if resume is None or final is None or final.trained:
         return None
-    done = sweep.read_summary(run_dir)
-    report.show_finished(done, trainer.max_epochs)
-    return done
+    done = sweep.read_summary(run_dir)  # {} where the run wrote none
+    if done:
+        report.show_finished(done, trainer.max_epochs)
+    return done or None
 
 
 def _process_age_s() -> float | None:

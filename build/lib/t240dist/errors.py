@@ -97,11 +97,6 @@ def _fail(line: str, err: BaseException) -> NoReturn:
 def _hydra_line(err: BaseException) -> str:
     """Fold Hydra's and OmegaConf's multi-line messages into `<what> — <fix>`."""
     text = str(err).split("Config search path")[0]
-    if "Could not find 'hydra/sweeper/t240dist_optuna'" in text:
-        return (
-            "Hydra found no t240dist Optuna sweeper (hydra_plugins/t240dist_optuna) — pip install '.[sweep]' "
-            "(editable: add --config-settings editable_mode=compat), or run from the checkout"
-        )
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown and "+" in text:
         key = unknown.group(1)

@@ -221,7 +221,7 @@ def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
 
 
 def _best_weights(conf: dict[str, Any], checkpoint: BestCheckpoint, module: ClassifierModule) -> str | None:
-    """What ``trainer.test`` scores: the best checkpoint ("best"), or None to score the module as it is.
+    """What ``trainer.test`` scores: the best checkpoint's path, or None to score the module as it is.
 
     With EMA, Lightning's WeightAveraging puts the raw weights back when a checkpoint is loaded after
     fit, so the averaged weights that the best checkpoint holds (and evaluate scores) are loaded here.
@@ -230,7 +230,7 @@ def _best_weights(conf: dict[str, Any], checkpoint: BestCheckpoint, module: Clas
     if not best:
         return None
     if conf["module"]["ema_decay"] is None:
-        return "best"
+        return best  # the file itself: "best" would make Lightning warn about several ModelCheckpoints
     module.load_state_dict(load_checkpoint(Path(best), conf["checkpoint"]["trust_unsigned"])["state_dict"])
     return None
 
@@ -243,11 +243,12 @@ def _finished_before(resume: Path | None, trainer: pl.Trainer, run_dir: Path) ->
     save: it is tested now).
     """
     final = _callback(trainer, FinalCheckpoint)
-    if resume is None or final is None or final.trained or not (run_dir / "run_summary.json").is_file():
+    if resume is None or final is None or final.trained:
         return None
-    done = sweep.read_summary(run_dir)
-    report.show_finished(done, trainer.max_epochs)
-    return done
+    done = sweep.read_summary(run_dir)  # {} where the run wrote none
+    if done:
+        report.show_finished(done, trainer.max_epochs)
+    return done or None
 
 
 def _process_age_s() -> float | None:

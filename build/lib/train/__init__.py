@@ -1,1 +1,0 @@
-"""The ``python -m train`` entry point (see ``train/__main__.py``)."""

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from t240dist.config import validate, validate_run
 from t240dist.data import DataInfo, ImageDataModule
-from t240dist.errors import ConfigError
+from t240dist.distributed import agent_workers, ends_process_group, launch_workers
 from t240dist.inference import Predictor
 from t240dist.models import build_model, compile_network
 from t240dist.module import GRAPH_WARMUP_STEPS, ClassifierModule
@@ -42,10 +42,31 @@ from t240dist.run import build_trainer
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def bench(cfg: DictConfig, run_dir: Path) -> None:
+    """Run the benchmark that ``bench.task`` names, here, or (``trainer=ddp``) on ranks that this process
+    starts through the elastic agent, as ``python -m train`` starts a DDP job's (``bench_rank``)."""
+    conf = OmegaConf.to_container(cfg, resolve=True)
+    workers = agent_workers(validate_run(_training_part(conf)))
+    if workers:
+        launch_workers(conf, run_dir, workers, task="bench")
+        return
+    with ends_process_group():  # the ranks of torchrun, or of the agent
+        (run_bench if cfg.bench.task == "train" else run_predict_bench)(cfg, run_dir)
+
+
+def bench_rank(config: Path) -> None:
+    """One rank of a benchmark that ``bench`` started through the elastic agent."""
+    bench(OmegaConf.load(config), config.parent)
+
+
+def _training_part(conf: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in conf.items() if k != "bench"}
+
+
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Time the loops ``bench.repeats`` times, interleaved; print a table and write ``bench.json``.
 
-    Under torchrun (``trainer=ddp``) every rank runs every loop: the hand-written one through
+    With several ranks (``trainer=ddp``) every rank runs every loop: the hand-written one through
     ``DistributedDataParallel``, t240dist's through its DDP strategy; rank 0 also times the hand-written
     loop alone on its device, the baseline of the scaling column, and reports.
     """
@@ -113,15 +134,10 @@ def _hand_twin(loop: str) -> str:
 
 
 def _join_ranks(trainer: dict[str, Any]) -> torch.device:
-    """This process's device; under torchrun, after joining the job's process group (NCCL on GPUs)."""
+    """This process's device; with several ranks, after joining the job's process group (NCCL on GPUs)."""
     cuda = torch.cuda.is_available() and trainer["accelerator"] != "cpu"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if _world() == 1 and (trainer["strategy"] == "ddp" or trainer["num_nodes"] > 1):
-        raise ConfigError(
-            "the benchmark starts no processes of its own — run it under torchrun: "
-            "torchrun --nproc-per-node=N -m train.bench trainer=ddp trainer.devices=N ..."
-        )
     if _world() > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(device)

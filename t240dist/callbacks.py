@@ -25,7 +25,7 @@ from t240dist import sweep
 from t240dist.checkpoint import at_step_boundary
 from t240dist.data import ImageDataModule
 from t240dist.distributed import Agreed
-from t240dist.errors import Interrupted, NonFiniteError, Preempted
+from t240dist.errors import Interrupted, NonFiniteError, Preempted, resume_hint
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event
 
@@ -327,13 +327,12 @@ class Preemption(pl.Callback):
         if self._stop and at_step_boundary(trainer, batch_idx):
             # stop right here: a graceful stop would run epoch-end hooks and save as if the epoch ended
             path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the whole state (and no note about it)
             for signum in self.received:
                 if _is_submitit_requeue(self._previous.get(signum)):
                     self._previous[signum](signum, None)  # requeues and exits on rank 0; returns elsewhere
             kind = Interrupted if signal.SIGINT in self.received else Preempted
-            fix = f"rerun the same command with hydra.run.dir={self.run_dir} to resume"
-            raise kind(f"saved {path} at step {trainer.global_step} — {fix}")
+            raise kind(f"saved {path} at step {trainer.global_step} — {resume_hint(self.run_dir)}")
 
     def _request(self, signum: int, frame: Any) -> None:
         self.received.add(signum)

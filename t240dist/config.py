@@ -41,7 +41,6 @@ from t240dist.errors import ConfigError
 
 CONF_PACKAGE = "t240dist.conf"  # conf/ of the checkout, installed as this package
 CONF_PATH = f"pkg://{CONF_PACKAGE}"  # what the entry points give hydra.main: found wherever it is installed
-RUN_CONFIG_ENV = "T240DIST_RUN_CONFIG"  # the resolved config that rank 0 hands the ranks it starts
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
@@ -115,14 +114,6 @@ def check_machine(raw: dict[str, Any]) -> None:
             raise ConfigError(
                 "model.compile=step cannot replay a step with several devices (DDP) — set trainer.devices=1"
             )
-
-
-def handed_config() -> tuple[DictConfig, Path] | None:
-    """The config and run dir that rank 0 handed to this process, if rank 0 started it as a rank > 0."""
-    path = os.environ.get(RUN_CONFIG_ENV)
-    if not path or int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        return None
-    return OmegaConf.load(path), Path(path).parent
 
 
 def with_later_keys(stored: dict[str, Any]) -> dict[str, Any]:
@@ -447,6 +438,7 @@ class Trainer(Strict):
     num_nodes: PositiveInt
     strategy: Literal["auto", "ddp"]
     collective_timeout_s: PositiveInt
+    max_restarts: NonNegativeInt
     precision: Literal["32-true", "bf16-mixed", "16-mixed"]
     max_epochs: PositiveInt
     max_steps: Annotated[int, Field(ge=-1)]

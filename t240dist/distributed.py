@@ -1,58 +1,58 @@
 """One job over several processes: how ``python -m train trainer=ddp`` starts its ranks and stops them.
 
-Lightning's DDP launcher starts ranks > 0 by re-running the command line. Under Hydra that re-composes
-the config (a multirun re-sweeps, an Optuna sweeper samples again) and makes run dirs of its own; under
-a submitit job the command line is submitit's, not ours. So rank 0 writes the resolved config into its
-run dir and names it in ``T240DIST_RUN_CONFIG``, and starts each rank > 0 as plain ``python -m train``,
-which finds that variable and trains exactly that config in that run dir, without composing anything.
-Rank 0 and the ranks it started watch each other (``RankWatch``): when one dies, the others stop with
-one line instead of a traceback or a hang. Processes started by torchrun or SLURM never see the variable;
-there torchrun's agent, or a failed or timed-out collective under SLURM, stops a job that lost a process.
-While they train, the ranks agree on small flags without waiting for the GPU (``Agreed``, read back
-through ``t240dist.readback``).
+The process that composes the job never trains in it. It starts torch's elastic agent (the engine behind
+torchrun: rendezvous on a free port, worker monitoring, restarts) for the job's ``trainer.devices`` workers,
+and each worker (``python -m train.worker``) trains the resolved config that it finds in the run dir, as a
+rank that Lightning sees was started by torchelastic. What the workers raise reaches the composing process
+through the agent's error files and is reworded there once: a user error as itself, a dead rank as
+``RankDied`` naming the rank and its signal. Under torchrun or SLURM, which start the ranks themselves,
+``python -m train`` trains as one rank of theirs. While they train, the ranks agree on small flags without
+waiting for the GPU (``Agreed``, read back through ``t240dist.readback``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from pytorch_lightning.utilities import rank_zero_only
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, ProcessFailure, SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from t240dist.config import RUN_CONFIG_ENV
-from t240dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RANK_DIED, ConfigError
+from t240dist import errors
+from t240dist.errors import ConfigError, Interrupted, Preempted, RankDied
 from t240dist.readback import host_copy
 
-RANK0_PID_ENV = "T240DIST_RANK0_PID"  # set for the ranks that rank 0 starts: their parent, to watch
-# What the launcher writes into rank 0's environment (as Lightning's does); left there, a second fit in
-# the same process (the next trial of a multirun) would believe its ranks were started externally and hang.
-_LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", RUN_CONFIG_ENV)
+CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run dir: what every worker trains
+# The signals the agent turns into a shutdown of the workers (torch's default set); saved and put back
+# around a launch, since the agent leaves its handlers installed in the process that ran it.
+_AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 @contextmanager
 def ends_process_group() -> Iterator[None]:
     """Destroy the default process group on the way out, if there is one. Lightning destroys only NCCL
     groups at exit; a gloo group left to interpreter teardown now and then aborts a finished process
-    ('terminate called without an active exception', pytorch/pytorch#190489), and its launcher reports a
+    ('terminate called without an active exception', pytorch/pytorch#190489), and its agent reports a
     failed job."""
     try:
         yield
@@ -61,25 +61,141 @@ def ends_process_group() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-@contextmanager
-def one_job(conf: dict[str, Any], run_dir: Path) -> Iterator[None]:
-    """Save the resolved run config as ``config.yaml`` in the run dir (rank 0) and hand it to the ranks that
-    rank 0 starts; afterwards leave the process as it was."""
-    config_path = run_dir / "config.yaml"
-    if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(yaml.safe_dump(conf, sort_keys=False))
-    saved = {name: os.environ.get(name) for name in _LAUNCHER_ENV}
-    os.environ[RUN_CONFIG_ENV] = str(config_path.resolve())
+def write_run_config(conf: dict[str, Any], run_dir: Path) -> Path:
+    """Save the resolved run config as ``config.yaml`` in the run dir; return its path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    return path
+
+
+def agent_workers(conf: dict[str, Any]) -> int:
+    """How many workers this process starts through the elastic agent: 0 to train here.
+
+    A DDP job starts its ranks unless an engine that starts them already did (torchrun, SLURM tasks).
+    """
+    trainer = conf["trainer"]
+    if trainer["strategy"] != "ddp" or TorchElasticEnvironment.detect() or slurm_runs_the_tasks():
+        return 0
+    if trainer["num_nodes"] > 1:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer['num_nodes']} needs one agent per node — start them with torchrun "
+            "(launch/torchrun.sh, python -m train.launch torchrun) or SLURM (hydra/launcher=slurm)"
+        )
+    devices = trainer["devices"]
+    gpus = torch.cuda.device_count() if trainer["accelerator"] != "cpu" else 0
+    count = len(devices) if isinstance(devices, list) else (gpus or 1) if devices == "auto" else devices
+    if gpus and count > gpus:
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {gpus} GPU(s) — give at most {gpus}"
+        )
+    return count
+
+
+def launch_workers(conf: dict[str, Any], run_dir: Path, workers: int, task: str = "train") -> None:
+    """Run the job as ``workers`` processes of ``python -m train.worker TASK CONFIG`` under torch's
+    elastic agent; return once they all finished, raise what stopped them otherwise.
+
+    The rendezvous runs on 127.0.0.1 at a free port, so jobs on one host never collide; the agent's
+    per-rank files live in a temporary dir that goes with the job. ``trainer.max_restarts`` restarts all
+    workers after a failure, and they resume from the last checkpoint (``resume_after_restart``).
+    """
+    config = write_run_config(conf, run_dir)
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=workers,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=conf["trainer"]["max_restarts"],
+        local_addr="127.0.0.1",
+    )
+    handlers = {signum: signal.getsignal(signum) for signum in _AGENT_SIGNALS}
+    started = time.time_ns()
+    # The agent logs each step of a failure and of its shutdown at WARNING, through loggers of its own
+    # with levels of their own; what matters of it is raised here as one line instead. Nothing else of this
+    # process logs while it waits for the workers.
+    logging.disable(logging.WARNING)
     try:
-        with ends_process_group():
-            yield
+        with tempfile.TemporaryDirectory(prefix="t240dist-agent-") as logs:
+            launch.logs_specs = DefaultLogsSpecs(log_dir=logs)
+            entry = elastic_launch(launch, sys.executable)
+            try:
+                entry("-m", "train.worker", task, str(config))
+            except ChildFailedError as err:
+                raise _reworded(err.failures, run_dir) from None
+            except SignalException as err:  # the agent forwarded it to the workers and waited for them
+                kind = Interrupted if err.sigval == signal.SIGINT else Preempted
+                raise kind(f"{_saved_since(run_dir, started)} — {errors.resume_hint(run_dir)}") from None
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        logging.disable(logging.NOTSET)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _reworded(failures: dict[int, ProcessFailure], run_dir: Path) -> BaseException:
+    """The exception that the failed workers amount to: what the first of them raised, if t240dist words
+    it (a user error, a preemption), else ``RankDied`` naming it; a traceback a worker left is printed."""
+    rank, first = min(failures.items(), key=lambda item: _failed_at(item[1]))
+    if all(f.exitcode in (errors.EXIT_PREEMPTED, errors.EXIT_INTERRUPTED) for f in failures.values()):
+        interrupted = any(f.exitcode == errors.EXIT_INTERRUPTED for f in failures.values())
+        return errors.reraised(first.message, Interrupted if interrupted else Preempted)
+    if first.exitcode < 0:
+        how = f"was killed by {signal.Signals(-first.exitcode).name}"
+    elif first.error_file_data:
+        known = errors.reraised(first.message, None)
+        if known is not None:
+            return known
+        print(first.error_file_data["message"]["extraInfo"]["py_callstack"], file=sys.stderr, end="")
+        how = f"failed with {first.message.splitlines()[0]}"
+    else:
+        how = f"exited with code {first.exitcode}"
+    return RankDied(f"rank {rank} (pid {first.pid}) {how} — the job stops; {errors.resume_hint(run_dir)}")
+
+
+def _saved_since(run_dir: Path, started_ns: int) -> str:
+    """What the workers saved when they were stopped by a signal: the preemption checkpoint of this launch."""
+    found = (run_dir / "checkpoints").glob("preempted-step*.ckpt")
+    saved = [path for path in found if path.stat().st_mtime_ns > started_ns]
+    if not saved:
+        return "stopped before the ranks could save"
+    return f"saved {max(saved, key=lambda path: path.stat().st_mtime_ns)}"
+
+
+def _failed_at(failure: ProcessFailure) -> tuple[bool, float]:
+    """Order failures by cause: a rank killed by a signal first, then by when the error file was written
+    (to the nanosecond; the agent's own timestamp is in seconds): later failures of collectives follow."""
+    if failure.exitcode < 0:
+        return False, 0.0
+    try:
+        return True, os.stat(failure.error_file).st_mtime_ns
+    except OSError:
+        return True, float("inf")
+
+
+def resume_after_restart(conf: dict[str, Any]) -> dict[str, Any]:
+    """The config of a worker that the agent restarted after a failure: it resumes from the last
+    checkpoint of its run dir, whatever ``resume`` said for the first attempt."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return {**conf, "resume": "auto"}
+    return conf
+
+
+def stop_when_orphaned(poll_s: float = 1.0) -> None:
+    """Send this worker SIGTERM when its agent is gone (killed with SIGKILL, say): the ranks then save at
+    the next step boundary and stop, as when they are preempted, instead of training on unwatched.
+
+    The agent starts workers in sessions of their own, so nothing else reaches them when it dies.
+    """
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="agent-watch", daemon=True).start()
 
 
 def gather_ranks(conf: dict[str, Any], device: str) -> list[dict[str, Any]]:
@@ -120,142 +236,25 @@ def cluster_plugins() -> list[Any]:
     return [SLURMEnvironment(auto_requeue=False)] if slurm_runs_the_tasks() else []
 
 
-class WatchedDDP(DDPStrategy):
-    """Lightning's DDP with ranks started by ``RankLauncher``: a dying rank stops the others, in one line."""
+class DDP(DDPStrategy):
+    """Lightning's DDP strategy without its per-step SIGTERM broadcast.
 
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        self._launcher = RankLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+    Lightning (since 2.5.2) broadcasts a SIGTERM flag from rank 0 before every training step and reads it
+    back with .item(): a device sync per step, ~6 ms of a 66 ms ResNet-50 step on 2 H100s (Lightning issue
+    #21487, open). t240dist's Preemption callback handles SIGTERM instead, agreeing at logging steps; its
+    handler replaces Lightning's, whose flag then never rises, so that broadcast only costs. It is turned
+    off here, through the loop's private attribute, until Lightning makes it optional.
+    """
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
-        # Lightning (since 2.5.2) broadcasts a SIGTERM flag from rank 0 before every training step and reads
-        # it back with .item(): a device sync per step, ~6 ms of a 66 ms ResNet-50 step on 2 H100s
-        # (Lightning issue #21487, open). t240dist's Preemption callback handles SIGTERM instead, agreeing
-        # at logging steps; its handler replaces Lightning's, whose flag then never rises, so that
-        # broadcast only costs. Turned off here until Lightning makes it optional.
         loop = trainer.fit_loop.epoch_loop
         if hasattr(loop, "_broadcast_sigterm_tensor"):
             loop._broadcast_sigterm_tensor = _no_broadcast
 
-    def on_exception(self, exception: BaseException) -> None:
-        super().on_exception(exception)
-        # A dead peer reaches the survivors' collectives as a RuntimeError (gloo: "Connection closed by
-        # peer"): name the rank that died instead of printing that traceback.
-        if isinstance(exception, RuntimeError):
-            self.launcher.watch.stop_if_dead(wait_s=RankWatch.NOTICE_S)
-
-    def teardown(self) -> None:
-        self.launcher.watch.stop()
-        super().teardown()
-
 
 def _no_broadcast() -> None:
     """Nothing to agree on before a step: ``Preemption`` agrees on SIGTERM at logging steps."""
-
-
-class RankLauncher(_SubprocessScriptLauncher):
-    """Lightning's script launcher with two changes.
-
-    Ranks > 0 start as plain ``python -m train``: they train the handed config, so it does not matter what
-    started rank 0 (a Hydra multirun, a submitit job). And ``RankWatch`` replaces Lightning's child
-    observer, which SIGKILLs rank 0 without a word up to 5 s after a rank died.
-    """
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.watch = RankWatch({}, None)
-
-    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-        first = self.cluster_environment.node_rank() * self.num_processes
-        rank0_pid = os.environ.get(RANK0_PID_ENV)
-        children = {first + i: proc for i, proc in enumerate(self.procs, start=1)}
-        self.watch = RankWatch(children, (first, int(rank0_pid)) if rank0_pid else None)
-        self.watch.start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
-
-    def _call_children_scripts(self) -> None:
-        self._check_can_spawn_children()
-        env = self.cluster_environment
-        os.environ.update(
-            MASTER_ADDR=env.main_address,
-            MASTER_PORT=str(env.main_port),
-            NODE_RANK=str(env.node_rank()),
-            LOCAL_RANK=str(env.local_rank()),
-            WORLD_SIZE=str(self.num_processes * self.num_nodes),
-        )
-        for local_rank in range(1, self.num_processes):
-            child_env = {**os.environ, "LOCAL_RANK": str(local_rank), RANK0_PID_ENV: str(os.getpid())}
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "train"], env=child_env))
-
-
-class RankWatch:
-    """Stops this process with one line when another rank of its job dies, instead of a hang or a traceback.
-
-    Rank 0 polls the ranks it started; a rank it started notices when rank 0, its parent, is gone. A rank
-    that exited 0 (done) or 75 (preempted, like all the others) did not die.
-    """
-
-    POLL_S = 0.2
-    NOTICE_S = 2.0  # how long an error in a collective waits for the death that caused it to show
-
-    def __init__(self, children: dict[int, subprocess.Popen], parent: tuple[int, int] | None) -> None:
-        self.children = children
-        self.parent = parent  # (rank, pid)
-        self._stopped = threading.Event()
-
-    def start(self) -> None:
-        if self.children or self.parent:
-            threading.Thread(target=self._watch, name="rank-watch", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def stop_if_dead(self, wait_s: float) -> None:
-        """Stop the job if a rank died or dies within ``wait_s``; return otherwise."""
-        deadline = time.monotonic() + wait_s
-        while (self.children or self.parent) and time.monotonic() < deadline:
-            death = self._death()
-            if death:
-                self._stop_job(death)
-            time.sleep(self.POLL_S)
-
-    def _watch(self) -> None:
-        while not self._stopped.wait(self.POLL_S):
-            death = self._death()
-            if death:
-                self._stop_job(death)
-
-    def _death(self) -> str | None:
-        """Which rank died and how, in words; None while all are alive or ended well."""
-        for rank, proc in self.children.items():
-            code = proc.poll()
-            if code is not None and code not in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED):
-                how = (
-                    f"exited with code {code}" if code > 0 else f"was killed by {signal.Signals(-code).name}"
-                )
-                return f"rank {rank} (pid {proc.pid}) {how}"
-        if self.parent and os.getppid() != self.parent[1]:
-            return f"rank {self.parent[0]} (pid {self.parent[1]}) is gone"
-        return None
-
-    def _stop_job(self, death: str) -> NoReturn:
-        """Say which rank died, end the ranks this process started and exit, even from within a collective."""
-        with _STOPPING:  # the watch thread and the main thread may both get here: one line only
-            fix = "the job stops; rerun the same command to resume from the last checkpoint"
-            print(f"RankDied: {death} — {fix}", file=sys.stderr, flush=True)
-            for proc in self.children.values():
-                if proc.poll() is None:
-                    proc.kill()
-            sys.stdout.flush()
-            os._exit(EXIT_RANK_DIED)
-
-
-_STOPPING = threading.Lock()
 
 
 class Agreed:

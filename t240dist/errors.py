@@ -15,11 +15,11 @@ from omegaconf.errors import OmegaConfBaseException
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun/requeue to resume
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
-EXIT_RANK_DIED = 1  # another rank of the job died: the job failed; a rerun resumes from the last checkpoint
+EXIT_RANK_DIED = 1  # a rank of the job died: the job failed; a rerun resumes from the last checkpoint
 
 # Read once at import: run_app sets the variable for Hydra's sake, the user's wish stays here.
 # run_app sets HYDRA_FULL_ERROR for Hydra's sake and marks that it did: the processes this one starts
-# (the ranks of trainer=ddp) inherit both, and print one line too unless the user asked for tracebacks.
+# inherit both, and print one line too unless the user asked for tracebacks.
 _SET_BY_US = "T240DIST_SET_HYDRA_FULL_ERROR"
 _FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1" and _SET_BY_US not in os.environ
 
@@ -52,6 +52,12 @@ class Interrupted(Preempted):
     exit_code = EXIT_INTERRUPTED
 
 
+class RankDied(Exception):
+    """A rank of a multi-process job died or failed; the job stopped, its checkpoints are intact."""
+
+    exit_code = EXIT_RANK_DIED
+
+
 class Pruned(Exception):
     """An Optuna trial was stopped early by the study's pruner: a result of the sweep, not an error."""
 
@@ -77,6 +83,9 @@ def one_line_errors() -> Iterator[None]:
         _fail(f"{type(err).__name__}: {err}", err)
     except Preempted as err:
         exit_preempted(err)
+    except RankDied as err:
+        print(f"RankDied: {err}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_code)
     except (HydraException, OmegaConfBaseException) as err:
         _fail(f"ConfigError: {_hydra_line(err)}", err)
 
@@ -85,6 +94,27 @@ def exit_preempted(err: Preempted) -> NoReturn:
     """End a preempted (exit 75: rerun or requeue to resume) or interrupted (exit 130) process."""
     print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
     sys.exit(err.exit_code)
+
+
+def resume_hint(run_dir: Any) -> str:
+    """How to continue a stopped run: the default run dir is new on every run, so it names this one."""
+    return f"rerun the same command with hydra.run.dir={run_dir} to resume"
+
+
+def reraised(line: str, default: type[Exception] | None) -> Exception | None:
+    """The exception that ``Type: message`` (how another process recorded it) names, if t240dist defines
+    ``Type``; else ``default(line)``, or None without a default."""
+    name, _, message = line.partition(": ")
+    known = {cls.__name__: cls for cls in _subclasses(Exception) if cls.__module__.startswith("t240dist.")}
+    if name in known:
+        return known[name](message)
+    return default(line) if default else None
+
+
+def _subclasses(cls: type) -> Iterator[type]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
 
 
 def _fail(line: str, err: BaseException) -> NoReturn:

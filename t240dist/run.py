@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import EMAWeightAveraging
@@ -42,9 +43,19 @@ from t240dist.checkpoint import (
     load_checkpoint,
     resume_checkpoint,
 )
-from t240dist.config import validate
+from t240dist.config import global_rank, validate, validate_run
 from t240dist.data import ImageDataModule
-from t240dist.distributed import WatchedDDP, cluster_plugins, gather_ranks, one_job
+from t240dist.distributed import (
+    DDP,
+    agent_workers,
+    cluster_plugins,
+    ends_process_group,
+    gather_ranks,
+    launch_workers,
+    resume_after_restart,
+    stop_when_orphaned,
+    write_run_config,
+)
 from t240dist.module import ClassifierModule
 from t240dist.optim import scaled_lr
 from t240dist.telemetry import GpuMonitor, Totals
@@ -55,18 +66,44 @@ CallbackT = TypeVar("CallbackT", bound=pl.Callback)
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Validate, build, fit and test; write ``run_summary.json`` in the run dir and return the summary.
 
-    ``run_dir`` defaults to Hydra's output dir of the running job.
+    ``run_dir`` defaults to Hydra's output dir of the running job. A DDP job's ranks are started through
+    torch's elastic agent (``distributed.launch_workers``) and this process waits for them: it never trains.
     """
     started = time.perf_counter()
     before_train = _process_age_s()
     conf = validate(cfg)
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", conf["checkpoint"]["trust_unsigned"])
+    workers = agent_workers(conf)
+    if workers:
+        # every rank resumes from the same file: the one found here
+        launch_workers({**conf, "resume": str(resume) if resume else conf["resume"]}, run_dir, workers)
+        return sweep.read_summary(run_dir)
+    if global_rank() == 0:
+        write_run_config(conf, run_dir)
+    return train_here(conf, run_dir, resume, started, before_train)
+
+
+def train_rank(config: Path) -> dict[str, Any]:
+    """One rank of a job that ``train`` started through the elastic agent: the resolved config in
+    ``config``, trained in its run dir. A rank that the agent restarted resumes from the last checkpoint."""
+    started = time.perf_counter()
+    before_train = _process_age_s()
+    conf = resume_after_restart(validate_run(yaml.safe_load(config.read_text())))
+    stop_when_orphaned()
+    run_dir = config.parent
+    resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", conf["checkpoint"]["trust_unsigned"])
+    return train_here(conf, run_dir, resume, started, before_train)
+
+
+def train_here(
+    conf: dict[str, Any], run_dir: Path, resume: Path | None, started: float, before_train: float | None
+) -> dict[str, Any]:
+    """Fit and test ``conf`` in this process (the only one, or one rank of a job); write the summary."""
     # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
     pl.seed_everything(conf["seed"], workers=True, verbose=False)
-    resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", conf["checkpoint"]["trust_unsigned"])
-
     data = ImageDataModule(conf["data"], conf["seed"])
     info = data.info
     data_ready = time.perf_counter()
@@ -85,7 +122,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     report.show_batch(batch)
     report.write_data_notes(info, run_dir)
     report.log_hparams(trainer.logger, conf)
-    with one_job(conf, run_dir):
+    with ends_process_group():
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         finished = _finished_before(resume, trainer, run_dir)
         if finished is not None:
@@ -155,8 +192,9 @@ def build_trainer(
         callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
     trainer_cfg = dict(conf["trainer"])
     timeout = timedelta(seconds=trainer_cfg.pop("collective_timeout_s"))
+    trainer_cfg.pop("max_restarts")  # the agent's
     if trainer_cfg["strategy"] == "ddp":
-        trainer_cfg["strategy"] = WatchedDDP(timeout=timeout)
+        trainer_cfg["strategy"] = DDP(timeout=timeout)
     if trainer_cfg["enable_progress_bar"]:
         callbacks.append(ProgressBar(trainer_cfg["log_every_n_steps"], curves))
     logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)

@@ -11,7 +11,6 @@ from conftest import TINY, run_cli
 
 from t240dist.bench import PLAIN, SINGLE, run_bench, run_predict_bench
 from t240dist.config import compose_config
-from t240dist.errors import ConfigError
 
 
 def test_bench_times_both_loops_and_writes_bench_json(tmp_path: Path) -> None:
@@ -57,9 +56,10 @@ def test_predict_bench_times_both_inference_loops_and_writes_bench_json(tmp_path
         assert row["images_per_s"] == pytest.approx(32e3 / row["ms_per_step"])
 
 
-def test_bench_under_torchrun_times_ddp_loops_and_their_scaling(tmp_path: Path) -> None:
-    """Two gloo ranks started by torchrun: the hand-written DDP loop and t240dist's DDP path, each against
-    the hand-written loop alone on one device (the scaling baseline), reported by rank 0 only."""
+def test_ddp_bench_times_ddp_loops_and_their_scaling(tmp_path: Path) -> None:
+    """Two gloo ranks started through the elastic agent, as training's are: the hand-written DDP loop and
+    t240dist's DDP path, each against the hand-written loop alone on one device (the scaling baseline),
+    reported by rank 0 only."""
     overrides = [
         *TINY,
         "trainer=ddp",
@@ -70,8 +70,7 @@ def test_bench_under_torchrun_times_ddp_loops_and_their_scaling(tmp_path: Path) 
         "bench.distinct_batches=2",
         f"hydra.run.dir={tmp_path}",
     ]
-    torchrun = ["--standalone", "--nproc-per-node=2", "-m", "train.bench"]
-    done = run_cli([*torchrun, *overrides], cwd=tmp_path, entry="torch.distributed.run")
+    done = run_cli(overrides, cwd=tmp_path, entry="train.bench")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["world_size"] == 2 and result["batch_size"] == 32
@@ -84,12 +83,3 @@ def test_bench_under_torchrun_times_ddp_loops_and_their_scaling(tmp_path: Path) 
     assert loops[SINGLE]["images_per_s"] == pytest.approx(32e3 / loops[SINGLE]["ms_per_step"])
     assert loops[SINGLE]["ratio_to_hand_written"] is None and loops[SINGLE]["scaling"] is None
     assert done.stdout.count("scaling") == 1  # one table, from rank 0
-
-
-def test_bench_with_ddp_outside_torchrun_says_how_to_start_it() -> None:
-    with pytest.raises(
-        ConfigError, match=r"run it under torchrun: torchrun --nproc-per-node=N -m train\.bench"
-    ):
-        run_bench(
-            compose_config([*TINY, "trainer=ddp", "trainer.accelerator=cpu"], config_name="bench"), Path()
-        )

@@ -10,8 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from t240dist import sweep
-from t240dist.config import CONF_PATH, check_run, handed_config, hydra_setup, plain
-from t240dist.errors import one_line_errors, run_app
+from t240dist.config import CONF_PATH, check_run, hydra_setup, plain
+from t240dist.errors import run_app
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="config")
@@ -31,11 +31,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     hydra_setup()
-    handed = handed_config()
-    if handed is None:
-        run_app(main)
-    else:
-        from t240dist.run import train
-
-        with one_line_errors():
-            train(*handed)
+    run_app(main)

@@ -1,5 +1,5 @@
 """``python -m train.bench [bench.task=train|predict] [overrides]``: t240dist vs a hand-written loop, same
-model, batch and data."""
+model, batch and data; with ``trainer=ddp``, on ranks started through the elastic agent as training's are."""
 
 from __future__ import annotations
 
@@ -20,12 +20,9 @@ def main(cfg: DictConfig) -> None:
     with one_line_errors():
         if cfg.bench.task not in BENCHES:
             raise ConfigError(f"bench.task={cfg.bench.task} is not a benchmark — pick train or predict")
-        from t240dist.bench import run_bench, run_predict_bench  # torch: once there is work to do
-        from t240dist.distributed import ends_process_group
+        from t240dist.bench import bench  # torch: once there is work to do
 
-        bench = run_bench if cfg.bench.task == "train" else run_predict_bench
-        with ends_process_group():  # the ranks torchrun started
-            bench(cfg, Path(HydraConfig.get().runtime.output_dir))
+        bench(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

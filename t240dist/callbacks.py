@@ -6,7 +6,6 @@ import logging
 import math
 import random
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -24,7 +23,7 @@ from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from t240dist import sweep
 from t240dist.checkpoint import at_step_boundary
 from t240dist.data import ImageDataModule
-from t240dist.distributed import Agreed
+from t240dist.distributed import Agreed, is_submitit_requeue
 from t240dist.errors import Interrupted, NonFiniteError, Preempted, resume_hint
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event
@@ -329,7 +328,7 @@ class Preemption(pl.Callback):
             path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
             trainer.save_checkpoint(path, weights_only=False)  # the whole state (and no note about it)
             for signum in self.received:
-                if _is_submitit_requeue(self._previous.get(signum)):
+                if is_submitit_requeue(self._previous.get(signum)):
                     self._previous[signum](signum, None)  # requeues and exits on rank 0; returns elsewhere
             kind = Interrupted if signal.SIGINT in self.received else Preempted
             raise kind(f"saved {path} at step {trainer.global_step} — {resume_hint(self.run_dir)}")
@@ -370,14 +369,15 @@ class OptunaTrial(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._trial = sweep.open_trial(self.ref)
-            self._trial.set_user_attr("run_dir", str(self.run_dir.absolute()))
+            self._trial = sweep.open_trial(self.ref, self.run_dir)
+            if self._trial is not None:
+                self._trial.set_user_attr("run_dir", str(self.run_dir.absolute()))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         prune = False
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self._trial is not None:
             value = float(trainer.callback_metrics[self.metric])
             # A NaN would make Optuna's pruners prune the trial; left unreported, it ends as a failed trial.
             if math.isfinite(value):
@@ -396,14 +396,6 @@ def _refuse_nonfinite(state: dict[str, torch.Tensor], when: str) -> None:
             f"the weights or buffers (e.g. BatchNorm statistics) are NaN/inf at step {when} — lower "
             "optim.lr or set trainer.gradient_clip_val; earlier checkpoints are intact"
         )
-
-
-def _is_submitit_requeue(handler: Any) -> bool:
-    """Whether ``handler`` is the one submitit installs in its jobs: checkpoint the call, requeue, exit."""
-    submitit = sys.modules.get("submitit.core.job_environment")  # imported in every submitit job
-    if submitit is None:
-        return False
-    return getattr(handler, "__func__", None) is submitit.SignalHandler.checkpoint_and_try_requeue
 
 
 class NonFiniteGuard(pl.Callback):

@@ -43,9 +43,17 @@ from t240dist.errors import ConfigError, Interrupted, Preempted, RankDied
 from t240dist.readback import host_copy
 
 CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run dir: what every worker trains
-# The signals the agent turns into a shutdown of the workers (torch's default set); saved and put back
-# around a launch, since the agent leaves its handlers installed in the process that ran it.
-_AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+# The signals the agent forwards to the workers as it shuts them down: torch's default set, plus SLURM's
+# and submitit's warnings before a time limit (the workers save on each). Saved and put back around a
+# launch, since the agent leaves its handlers installed in the process that ran it.
+_AGENT_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 @contextmanager
@@ -101,6 +109,11 @@ def launch_workers(conf: dict[str, Any], run_dir: Path, workers: int, task: str 
     workers after a failure, and they resume from the last checkpoint (``resume_after_restart``).
     """
     config = write_run_config(conf, run_dir)
+    if conf["trainer"]["max_restarts"]:
+        # torch's documented opt-out, read by the agent's rendezvous: restarted workers that share the
+        # agent's store find the dead workers' gloo addresses there and fail to connect
+        # (pytorch/pytorch#135712, seen with torch 2.14). Set for this process from here on.
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     launch = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -110,48 +123,70 @@ def launch_workers(conf: dict[str, Any], run_dir: Path, workers: int, task: str 
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=conf["trainer"]["max_restarts"],
         local_addr="127.0.0.1",
+        signals_to_handle=",".join(s.name for s in _AGENT_SIGNALS),
     )
     handlers = {signum: signal.getsignal(signum) for signum in _AGENT_SIGNALS}
     started = time.time_ns()
-    # The agent logs each step of a failure and of its shutdown at WARNING, through loggers of its own
-    # with levels of their own; what matters of it is raised here as one line instead. Nothing else of this
-    # process logs while it waits for the workers.
-    logging.disable(logging.WARNING)
     try:
         with tempfile.TemporaryDirectory(prefix="t240dist-agent-") as logs:
             launch.logs_specs = DefaultLogsSpecs(log_dir=logs)
-            entry = elastic_launch(launch, sys.executable)
-            try:
-                entry("-m", "train.worker", task, str(config))
-            except ChildFailedError as err:
-                raise _reworded(err.failures, run_dir) from None
-            except SignalException as err:  # the agent forwarded it to the workers and waited for them
-                kind = Interrupted if err.sigval == signal.SIGINT else Preempted
-                raise kind(f"{_saved_since(run_dir, started)} — {errors.resume_hint(run_dir)}") from None
+            _quietly(elastic_launch(launch, sys.executable), "-m", "train.worker", task, str(config))
+    except ChildFailedError as err:
+        raise _reworded(err.failures, run_dir) from None
+    except SignalException as err:  # the agent forwarded it to the workers and waited for them
+        if is_submitit_requeue(handlers[err.sigval]):
+            handlers[err.sigval](err.sigval, None)  # submitit requeues the job and exits
+        kind = Interrupted if err.sigval == signal.SIGINT else Preempted
+        raise kind(f"{_saved_since(run_dir, started)} — {errors.resume_hint(run_dir)}") from None
     finally:
-        logging.disable(logging.NOTSET)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def _quietly(entry: elastic_launch, *args: str) -> None:
+    """Run the agent without its log lines: it logs each step of a failure and of its shutdown (up to
+    ERROR, through loggers with levels of their own), and what matters of that is raised as one line
+    instead. Nothing else of this process logs while it waits for the workers."""
+    logging.disable(logging.ERROR)
+    try:
+        entry(*args)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _reworded(failures: dict[int, ProcessFailure], run_dir: Path) -> BaseException:
     """The exception that the failed workers amount to: what the first of them raised, if t240dist words
     it (a user error, a preemption), else ``RankDied`` naming it; a traceback a worker left is printed."""
+    # A rank that saved and stopped on a signal (75, or 130 for Ctrl-C) explains the others: they failed
+    # in a collective with it, or were stopped by the agent.
+    stops = {errors.EXIT_PREEMPTED: Preempted, errors.EXIT_INTERRUPTED: Interrupted}
+    stopped = [f for f in failures.values() if f.exitcode in stops]
+    if stopped:
+        first = min(stopped, key=_failed_at)
+        line, _ = _recorded(first)
+        kind = stops[first.exitcode]
+        return errors.reraised(line, kind) if line else kind(errors.resume_hint(run_dir))
     rank, first = min(failures.items(), key=lambda item: _failed_at(item[1]))
-    if all(f.exitcode in (errors.EXIT_PREEMPTED, errors.EXIT_INTERRUPTED) for f in failures.values()):
-        interrupted = any(f.exitcode == errors.EXIT_INTERRUPTED for f in failures.values())
-        return errors.reraised(first.message, Interrupted if interrupted else Preempted)
+    line, trace = _recorded(first)
     if first.exitcode < 0:
         how = f"was killed by {signal.Signals(-first.exitcode).name}"
-    elif first.error_file_data:
-        known = errors.reraised(first.message, None)
+    elif line:
+        known = errors.reraised(line, None)
         if known is not None:
             return known
-        print(first.error_file_data["message"]["extraInfo"]["py_callstack"], file=sys.stderr, end="")
-        how = f"failed with {first.message.splitlines()[0]}"
+        print(trace, file=sys.stderr, end="")
+        how = f"failed with {line.splitlines()[0]}"
     else:
         how = f"exited with code {first.exitcode}"
     return RankDied(f"rank {rank} (pid {first.pid}) {how} — the job stops; {errors.resume_hint(run_dir)}")
+
+
+def _recorded(failure: ProcessFailure) -> tuple[str, str]:
+    """``Type: message`` and the traceback that a worker wrote to its error file; empty without one."""
+    message = failure.error_file_data.get("message")
+    if not isinstance(message, dict):  # no error file (killed by a signal), or one written otherwise
+        return (message or "", "")
+    return message["message"], message["extraInfo"]["py_callstack"]
 
 
 def _saved_since(run_dir: Path, started_ns: int) -> str:
@@ -172,6 +207,14 @@ def _failed_at(failure: ProcessFailure) -> tuple[bool, float]:
         return True, os.stat(failure.error_file).st_mtime_ns
     except OSError:
         return True, float("inf")
+
+
+def is_submitit_requeue(handler: Any) -> bool:
+    """Whether ``handler`` is the one submitit installs in its jobs: checkpoint the call, requeue, exit."""
+    submitit = sys.modules.get("submitit.core.job_environment")  # imported in every submitit job
+    if submitit is None:
+        return False
+    return getattr(handler, "__func__", None) is submitit.SignalHandler.checkpoint_and_try_requeue
 
 
 def resume_after_restart(conf: dict[str, Any]) -> dict[str, Any]:
@@ -237,7 +280,8 @@ def cluster_plugins() -> list[Any]:
 
 
 class DDP(DDPStrategy):
-    """Lightning's DDP strategy without its per-step SIGTERM broadcast.
+    """Lightning's DDP strategy without its per-step SIGTERM broadcast, and without a DDP wrapper for a job
+    of one rank (``trainer=ddp trainer.devices=1``), whose gradients have no one to be averaged with.
 
     Lightning (since 2.5.2) broadcasts a SIGTERM flag from rank 0 before every training step and reads it
     back with .item(): a device sync per step, ~6 ms of a 66 ms ResNet-50 step on 2 H100s (Lightning issue
@@ -245,6 +289,10 @@ class DDP(DDPStrategy):
     handler replaces Lightning's, whose flag then never rises, so that broadcast only costs. It is turned
     off here, through the loop's private attribute, until Lightning makes it optional.
     """
+
+    def configure_ddp(self) -> None:
+        if self.world_size > 1:
+            super().configure_ddp()
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -131,6 +132,7 @@ def train_here(
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
         tested = trainer.test(module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module))
         ranks = gather_ranks(conf, report.device_name(trainer.strategy.root_device))
+        backend = dist.get_backend() if dist.is_initialized() else None  # nccl, gloo; None: one process
 
     summary = {
         "test_acc": tested[0]["test/acc"],
@@ -145,6 +147,7 @@ def train_here(
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
+        "backend": backend,
         "precision": conf["trainer"]["precision"],
         "effective_batch_size": batch["effective_batch_size"],
         "lr": batch["lr"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -30,6 +31,7 @@ from rich.text import Text
 from t240dist.config import global_rank
 from t240dist.errors import Preempted, Pruned, exit_preempted, one_line_errors
 
+log = logging.getLogger(__name__)
 SUMMARY_FILE = "sweep_summary.csv"
 ERROR_FILE = "run_error.txt"  # a failed grid trial's error line, in its run dir
 COLUMNS = ("trial", "state", "objective", "test_acc", "val_acc", "overrides", "run_dir", "error")
@@ -80,17 +82,30 @@ def trial_result(summary: dict[str, Any]) -> float:
     return summary["objective"]
 
 
-def open_trial(ref: dict[str, Any]) -> Any:
-    """The running Optuna trial ``ref`` names: through the sweeper's study in this process, or its storage."""
+def open_trial(ref: dict[str, Any], run_dir: Path) -> Any:
+    """The running Optuna trial ``ref`` names: through the sweeper's study in this process, or its storage;
+    None where neither reaches it (a rank of a DDP trial whose study is in the sweeper's memory).
+
+    A job in a process of its own finds the sweeper's settings in its Hydra config: a submitit job has it
+    loaded, a rank that the elastic agent started reads the run dir's ``.hydra/hydra.yaml``.
+    """
     import optuna
 
     study = _shared.get("study")
-    if (
-        study is None
-    ):  # a job in a process of its own (submitit): the sweeper's settings are in its Hydra config
+    if study is not None:
+        return optuna.trial.Trial(study, ref["id"])
+    if HydraConfig.initialized():
         sweeper = HydraConfig.get().sweeper
-        pruner = instantiate(sweeper.pruner) if sweeper.pruner else optuna.pruners.NopPruner()
-        study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage, pruner=pruner)
+    else:
+        sweeper = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.sweeper
+    if sweeper.storage is None:
+        log.warning(
+            "this trial's ranks cannot reach a study in the sweeper's memory, so it runs to the end unpruned "
+            "— give hydra.sweeper.storage=sqlite:///PATH and hydra.sweeper.study_name=NAME to prune it"
+        )
+        return None
+    pruner = instantiate(sweeper.pruner) if sweeper.pruner else optuna.pruners.NopPruner()
+    study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage, pruner=pruner)
     return optuna.trial.Trial(study, ref["id"])
 
 
@@ -105,17 +120,14 @@ def sharing(study: Any) -> Iterator[None]:
 
 
 def take_own_share(trial: DictConfig | None) -> None:
-    """Give each of the trials that submitit's local executor runs at once GPUs and a DDP port of its own.
+    """Give each of the trials that submitit's local executor runs at once GPUs of its own.
 
     That executor hands every job the same first ``gpus_per_node`` GPUs; trial ``slot`` k of a batch takes
     the k-th group of that size instead (wrapping around). Must run before CUDA starts in the process.
-    Lightning picks its rendezvous port in the ephemeral range, where a concurrent trial's connections can
-    take it before it listens, and a MASTER_PORT inherited from the sweep is the same for every trial
-    (EADDRINUSE, seen with two 2-rank trials): each trial takes a port of its own, below that range.
+    (Ports need no such care: each DDP trial's agent takes a free one for its rendezvous.)
     """
     if trial is None or os.environ.get("SUBMITIT_EXECUTOR") != "local":
         return
-    os.environ["MASTER_PORT"] = str(20000 + os.getpid() % 12000)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     if not visible:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY, compose, scalars
+from conftest import TINY, compose, scalars, wait_for_checkpoint
 from datasets_on_disk import write_cifar
 from PIL import Image
 
@@ -193,3 +194,57 @@ def test_cuda_graph_fast_path_follows_the_eager_loss_curve(tmp_path: Path, fast_
     assert abs(first[0] - first[1]) < 0.01 * first[0]  # the same weights and batch: bf16 differences only
     assert abs(early[0] - early[1]) < 0.02 * early[0]  # the descent (0.6 % apart on an H200)
     assert max(c[-1] for c in curves) < 0.01 * min(first)  # and both learn the task
+
+
+@pytest.mark.parametrize("compile_mode", ["false", "step"])
+def test_a_killed_bf16_deterministic_gpu_run_resumes_to_the_same_weights(
+    tmp_path: Path, compile_mode: str
+) -> None:
+    """SIGKILL in the second epoch, then the same command: GPU-resident data, bf16, deterministic kernels,
+    eager and the fast path (whose first steps after a resume run eagerly while it recaptures)."""
+    args = [
+        "data.on_gpu=true",
+        "trainer.precision=bf16-mixed",
+        "trainer.deterministic=true",
+        "trainer.max_epochs=3",
+        "trainer.enable_progress_bar=false",
+        "checkpoint.every_n_steps=5",
+        f"model.compile={compile_mode}",
+    ]
+    expected = train(compose(args), run_dir=tmp_path / "uninterrupted")
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "train", *args, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, KEY_ENV: "test-key"}
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    steps_per_epoch = expected["global_step"] // 3
+    wait_for_checkpoint(run_dir / "checkpoints" / "recovery-*.ckpt", min_step=steps_per_epoch + 5)
+    killed.kill()
+    killed.wait()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((run_dir / "run_summary.json").read_text())
+    assert resumed["resumed_from"] and resumed["global_step"] == expected["global_step"]
+    assert resumed["model_fingerprint"] == expected["model_fingerprint"]
+    assert resumed["test_acc"] == expected["test_acc"]
+
+
+def test_ddp_on_one_gpu_runs_through_the_agent_on_nccl(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            *TINY,
+            "trainer=ddp",
+            "trainer.devices=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        env={**os.environ, KEY_ENV: "test-key"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["backend"] == "nccl" and summary["world_size"] == 1
+    assert summary["devices"] == [torch.cuda.get_device_name(0)]

@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 
 from t240dist.checkpoint import KEY_ENV
 from t240dist.config import CONF_PACKAGE, hydra_setup
-from t240dist.distributed import RANK0_PID_ENV
 from t240dist.errors import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,9 +132,11 @@ def test_submitit_job_preempted_by_its_signal_requeues_itself_and_resumes_exactl
     reap.append(hydra)
     run_dir = sweep / "0"
     wait_for_checkpoint(run_dir / "checkpoints" / "recovery-*.ckpt", min_step=2)
-    tree = process_tree(hydra.pid)  # hydra -> submitit's controller -> its task (rank 0) -> rank 1
+    tree = process_tree(hydra.pid)  # hydra -> submitit's controller -> its task (the agent) -> 2 ranks
     task = next(
-        pid for pid, env in tree.items() if "SUBMITIT_LOCAL_GLOBALID" in env and RANK0_PID_ENV not in env
+        pid
+        for pid, env in tree.items()
+        if "SUBMITIT_LOCAL_GLOBALID" in env and "TORCHELASTIC_RUN_ID" not in env
     )
     os.kill(task, signal.SIGUSR2)  # what submitit's scheduler sends before the time limit
 

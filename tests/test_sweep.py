@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY, run_cli, scalars
+from conftest import TINY, process_tree, run_cli, scalars
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -22,7 +22,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from hydra_plugins.t240dist_optuna import _study
 from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
-from t240dist.errors import ConfigError, SweepError
+from t240dist.errors import EXIT_RANK_DIED, ConfigError, SweepError
 from t240dist.sweep import take_own_share, write_sweep_summary
 
 # An Optuna sweep over optim.lr alone, each value tried once, in an order fixed by the seed.
@@ -243,6 +243,60 @@ def test_a_failed_grid_trial_is_summarised_with_its_error_and_the_others_still_r
     ]
     assert rows[1]["error"].startswith(diverged)
     assert _run_summary(rows[0]["run_dir"])["lr"] == 0.1
+
+
+DDP_TRIALS = [
+    *TINY,
+    "data.train_size=512",
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "checkpoint.every_n_steps=1",
+]
+
+
+def _kill_rank1_of_trial(sweep: subprocess.Popen, run_dir: Path) -> int:
+    """SIGKILL rank 1 of the DDP trial in ``run_dir`` once it has saved a step; its pid."""
+    _wait_for(run_dir / "checkpoints", "recovery-step*.ckpt", sweep)
+    [rank1] = [pid for pid, env in process_tree(sweep.pid).items() if env.get("RANK") == "1"]
+    os.kill(rank1, signal.SIGKILL)
+    return rank1
+
+
+def _rank_died(pid: int, run_dir: Path) -> str:
+    return (
+        f"RankDied: rank 1 (pid {pid}) was killed by SIGKILL — the job stops; "
+        f"rerun the same command with hydra.run.dir={run_dir} to resume"
+    )
+
+
+def test_a_grid_sweep_survives_a_killed_rank_of_one_ddp_trial(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", *DDP_TRIALS, "optim.lr=0.1,0.05,0.02", f"hydra.sweep.dir={sweep_dir}"]
+    sweep = _start(args, tmp_path, "grid")
+    rank1 = _kill_rank1_of_trial(sweep, sweep_dir / "1")
+    assert sweep.wait(timeout=400) == EXIT_RANK_DIED  # as a failed grid ends: with its first error
+
+    rows = {r["overrides"].split()[-1]: r for r in _rows(sweep_dir)}
+    assert {o: r["state"] for o, r in rows.items()} == {
+        "optim.lr=0.1": "complete",
+        "optim.lr=0.02": "complete",
+        "optim.lr=0.05": "fail",
+    }
+    assert rows["optim.lr=0.05"]["error"] == _rank_died(rank1, sweep_dir / "1")
+    assert (tmp_path / "grid.out").read_text().strip().splitlines()[-1] == _rank_died(rank1, sweep_dir / "1")
+
+
+def test_an_optuna_sweep_survives_a_killed_rank_of_one_ddp_trial(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    space = ["optim.lr=choice(0.1,0.05)", "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failure_rate=0.5"]
+    args = [*OPTUNA_LR, *DDP_TRIALS, *space, f"hydra.sweep.dir={sweep_dir}"]
+    sweep = _start(args, tmp_path, "optuna")
+    rank1 = _kill_rank1_of_trial(sweep, sweep_dir / "0")
+    assert sweep.wait(timeout=400) == 0
+
+    rows = _rows(sweep_dir)
+    assert [r["state"] for r in rows] == ["complete", "fail"]
+    assert rows[1]["error"] == _rank_died(rank1, sweep_dir / "0")
 
 
 def test_search_space_takes_params_and_command_line_sweeps_which_win() -> None:

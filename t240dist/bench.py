@@ -29,15 +29,16 @@ from rich.table import Table
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
+from t240dist.agent import agent_workers, launch_workers
 from t240dist.config import validate, validate_run
 from t240dist.data import DataInfo, ImageDataModule
-from t240dist.distributed import agent_workers, ends_process_group, launch_workers
+from t240dist.distributed import ends_process_group
+from t240dist.fit import build_trainer
 from t240dist.inference import Predictor
 from t240dist.models import build_model, compile_network
 from t240dist.module import GRAPH_WARMUP_STEPS, ClassifierModule
 from t240dist.optim import build_optimizer, build_scheduler, configure_optimizers
 from t240dist.report import device_name
-from t240dist.run import build_trainer
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -21,9 +21,10 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist import sweep
+from t240dist.agent import is_submitit_requeue
 from t240dist.checkpoint import at_step_boundary
 from t240dist.data import ImageDataModule
-from t240dist.distributed import Agreed, is_submitit_requeue
+from t240dist.distributed import Agreed
 from t240dist.errors import Interrupted, NonFiniteError, Preempted, resume_hint
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event

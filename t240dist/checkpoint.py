@@ -26,7 +26,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from t240dist.errors import UserError
+from t240dist.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,6 @@ BEST = "best.ckpt"  # the best checkpoint by checkpoint.monitor
 # Lightning warns when a checkpoint folder is not empty; a t240dist run writes into one only to resume it
 # (resume=never refuses such a folder), so the warning says nothing true.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-
-
-class CheckpointError(UserError):
-    """A checkpoint cannot be written, or cannot be trusted."""
 
 
 class SignedCheckpointIO(TorchCheckpointIO):

@@ -172,7 +172,7 @@ def _run_name() -> str:
     """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id is None:
-        if _slurm_runs_the_tasks():
+        if slurm_starts_the_ranks():
             return f"slurm/{os.environ['SLURM_JOB_ID']}"
         return f"{datetime.now():%Y-%m-%d/%H-%M-%S}-{secrets.token_hex(3)}"
     if run_id == "none":
@@ -187,10 +187,10 @@ def global_rank() -> int:
     """This process's rank before Lightning knows it: torchrun's RANK, or the task id of a SLURM job."""
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
-    return int(os.environ["SLURM_PROCID"]) if _slurm_runs_the_tasks() else 0
+    return int(os.environ["SLURM_PROCID"]) if slurm_starts_the_ranks() else 0
 
 
-def _slurm_runs_the_tasks() -> bool:
+def slurm_starts_the_ranks() -> bool:
     """Whether SLURM started this process as a task of a job (as Lightning decides it; Lightning is imported
     only where SLURM's variables are set)."""
     if "SLURM_NTASKS" not in os.environ:
@@ -626,7 +626,7 @@ def _check_launch(trainer: dict[str, Any]) -> None:
             f"hydra.launcher.tasks_per_node={local_tasks} starts {local_tasks} copies of the same run on "
             f"this machine — keep it 1 and use trainer=ddp trainer.devices={local_tasks}"
         )
-    if not _slurm_runs_the_tasks():
+    if not slurm_starts_the_ranks():
         return
     tasks, nodes = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1")), int(os.environ.get("SLURM_NNODES", "1"))
     devices = trainer["devices"]

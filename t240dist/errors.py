@@ -36,6 +36,10 @@ class NonFiniteError(UserError):
     """The loss, the gradients or the weights became NaN or inf (``nonfinite=stop``)."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint cannot be written, or cannot be trusted."""
+
+
 class SweepError(UserError):
     """A sweep cannot go on: too many trials failed, or its settings cannot work together."""
 
@@ -105,16 +109,15 @@ def reraised(line: str, default: type[Exception] | None) -> Exception | None:
     """The exception that ``Type: message`` (how another process recorded it) names, if t240dist defines
     ``Type``; else ``default(line)``, or None without a default."""
     name, _, message = line.partition(": ")
-    known = {cls.__name__: cls for cls in _subclasses(Exception) if cls.__module__.startswith("t240dist.")}
+    known = {cls.__name__: cls for cls in (*_subclasses(UserError), Preempted, Interrupted, RankDied)}
     if name in known:
         return known[name](message)
     return default(line) if default else None
 
 
-def _subclasses(cls: type) -> Iterator[type]:
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
+def _subclasses(cls: type) -> list[type]:
+    """``cls``'s subclasses, theirs too: the user errors of this module (where every one is defined)."""
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def _fail(line: str, err: BaseException) -> NoReturn:

@@ -40,8 +40,8 @@ from t240dist.config import (
 )
 from t240dist.data import DataInfo, ImageDataModule, Normalisation, file_transform, load_rgb
 from t240dist.errors import ConfigError, UserError
+from t240dist.fit import build_trainer
 from t240dist.module import ClassifierModule
-from t240dist.run import build_trainer
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # trainer.precision
 

@@ -1,88 +1,44 @@
 """``train(cfg)``: one run from a composed config to a tested model and its summary.
 
-Importable without Hydra's CLI: tests and sweeps call it with a config from Hydra's compose API.
+Importable without Hydra's CLI: tests and sweeps call it with a config from Hydra's compose API. A DDP
+job's ranks start through torch's elastic agent (``t240dist.agent``), and this process only waits for
+them, with torch loaded but not Lightning; a run of one process trains here (``t240dist.fit``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import signal
-import threading
 import time
-from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import pytorch_lightning as pl
-import torch
-import torch.distributed as dist
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import EMAWeightAveraging
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.profilers import PassThroughProfiler
 
-from t240dist import report, sweep
-from t240dist.callbacks import (
-    ContinueLog,
-    ExactResume,
-    NonFiniteGuard,
-    Preemption,
-    ProgressBar,
-    TrainLog,
-    optuna_trial,
-)
-from t240dist.checkpoint import (
-    BestCheckpoint,
-    FinalCheckpoint,
-    SignedCheckpointIO,
-    checkpoint_callbacks,
-    load_checkpoint,
-    resume_checkpoint,
-)
-from t240dist.config import global_rank, validate, validate_run
-from t240dist.data import ImageDataModule
-from t240dist.distributed import (
-    DDP,
-    agent_workers,
-    cluster_plugins,
-    ends_process_group,
-    gather_ranks,
-    launch_workers,
-    resume_after_restart,
-    stop_when_orphaned,
-    write_run_config,
-)
-from t240dist.module import ClassifierModule
-from t240dist.optim import scaled_lr
-from t240dist.telemetry import GpuMonitor, Totals
-
-CallbackT = TypeVar("CallbackT", bound=pl.Callback)
+from t240dist import sweep
+from t240dist.config import check_run, plain
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Validate, build, fit and test; write ``run_summary.json`` in the run dir and return the summary.
+    """Check, fit and test; write ``run_summary.json`` in the run dir and return the summary.
 
-    ``run_dir`` defaults to Hydra's output dir of the running job. A DDP job's ranks are started through
-    torch's elastic agent (``distributed.launch_workers``) and this process waits for them: it never trains.
+    ``run_dir`` defaults to Hydra's output dir of the running job.
     """
     started = time.perf_counter()
     before_train = _process_age_s()
-    conf = validate(cfg)
+    conf = plain(cfg)
+    check_run(conf)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", conf["checkpoint"]["trust_unsigned"])
+    from t240dist.agent import agent_workers, launch_workers
+
     workers = agent_workers(conf)
     if workers:
-        # every rank resumes from the same file: the one found here
-        launch_workers({**conf, "resume": str(resume) if resume else conf["resume"]}, run_dir, workers)
+        launch_workers(conf, run_dir, workers)
         return sweep.read_summary(run_dir)
-    if global_rank() == 0:
-        write_run_config(conf, run_dir)
-    return train_here(conf, run_dir, resume, started, before_train)
+    from t240dist.fit import fit_and_test
+
+    return fit_and_test(conf, run_dir, started, before_train, rank_writes_config=True)
 
 
 def train_rank(config: Path) -> dict[str, Any]:
@@ -90,206 +46,12 @@ def train_rank(config: Path) -> dict[str, Any]:
     ``config``, trained in its run dir. A rank that the agent restarted resumes from the last checkpoint."""
     started = time.perf_counter()
     before_train = _process_age_s()
-    conf = resume_after_restart(validate_run(yaml.safe_load(config.read_text())))
+    from t240dist.agent import resume_after_restart, stop_when_orphaned
+    from t240dist.fit import fit_and_test
+
     stop_when_orphaned()
-    run_dir = config.parent
-    resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", conf["checkpoint"]["trust_unsigned"])
-    return train_here(conf, run_dir, resume, started, before_train)
-
-
-def train_here(
-    conf: dict[str, Any], run_dir: Path, resume: Path | None, started: float, before_train: float | None
-) -> dict[str, Any]:
-    """Fit and test ``conf`` in this process (the only one, or one rank of a job); write the summary."""
-    # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    pl.seed_everything(conf["seed"], workers=True, verbose=False)
-    data = ImageDataModule(conf["data"], conf["seed"])
-    info = data.info
-    data_ready = time.perf_counter()
-    trial = optuna_trial(conf["sweep"], run_dir)
-    trainer, curves, checkpoint = build_trainer(conf, run_dir, [trial] if trial else None)
-    batch = _effective_batch(conf, trainer)
-    module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
-    startup = {
-        "before_train": before_train,  # interpreter, imports, Hydra's compose
-        "data": data_ready - started,
-        "model_and_trainer": time.perf_counter() - data_ready,
-    }
-
-    report.show_config(conf, run_dir)
-    report.show_resume(resume)
-    report.show_batch(batch)
-    report.write_data_notes(info, run_dir)
-    report.log_hparams(trainer.logger, conf)
-    with ends_process_group():
-        trainer.fit(module, datamodule=data, ckpt_path=resume)
-        finished = _finished_before(resume, trainer, run_dir)
-        if finished is not None:
-            return finished
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
-        tested = trainer.test(module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module))
-        ranks = gather_ranks(conf, report.device_name(trainer.strategy.root_device))
-        backend = dist.get_backend() if dist.is_initialized() else None  # nccl, gloo; None: one process
-
-    summary = {
-        "test_acc": tested[0]["test/acc"],
-        "test_top5": tested[0].get("test/top5"),
-        "test_loss": tested[0]["test/loss"],
-        "val_acc": val.get("val/acc"),
-        "val_loss": val.get("val/loss"),
-        "wall_s": time.perf_counter() - started,
-        "train_s": curves.train_s,
-        "train_images_per_s": curves.images_per_s,
-        "startup_s": {**startup, "first_step": curves.first_step_s},  # first_step: compile, autotune, workers
-        "global_step": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "world_size": trainer.world_size,
-        "backend": backend,
-        "precision": conf["trainer"]["precision"],
-        "effective_batch_size": batch["effective_batch_size"],
-        "lr": batch["lr"],
-        "devices": [r["device"] for r in ranks],
-        "model": conf["model"]["name"],
-        "params": sum(p.numel() for p in module.net.parameters()),
-        "model_fingerprint": fingerprint,
-        "data": conf["data"]["name"],
-        "train_size": info.train_size,
-        "skipped_files": len(info.skipped),
-        "nonfinite_skipped_steps": _callback(trainer, NonFiniteGuard).skipped,
-        **(monitor.summary() if (monitor := _callback(trainer, GpuMonitor)) else Totals().summary(images=0)),
-        "seed": conf["seed"],
-        "best_checkpoint": checkpoint.best_model_path or None,
-        "resumed_from": str(resume) if resume else None,
-        "run_dir": str(run_dir),
-        "pruned_at_epoch": trial.pruned_at if trial else None,
-        "ranks": ranks,
-        "versions": {"torch": torch.__version__, "lightning": pl.__version__},
-    }
-    summary["objective"] = sweep.objective(summary, conf["sweep"])
-    report.write_summary(summary, run_dir)
-    return summary
-
-
-def build_trainer(
-    conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None
-) -> tuple[pl.Trainer, TrainLog, BestCheckpoint]:
-    """The Trainer of every run (training and benchmark alike), with its logger and callbacks."""
-    curves = TrainLog()
-    directory = run_dir / "checkpoints"
-    savers = checkpoint_callbacks(conf["checkpoint"], directory)
-    callbacks: list[pl.Callback] = [
-        curves,
-        *savers,  # the final save comes before EMA's on_train_end puts the averaged weights in the model
-        ContinueLog(),
-        ExactResume(),
-        Preemption(directory, run_dir),
-        NonFiniteGuard(conf["nonfinite"]),
-    ]
-    callbacks += extra or []
-    if conf["monitor"]["name"] == "nvml":
-        callbacks.append(GpuMonitor(conf["monitor"]))
-    if conf["module"]["ema_decay"] is not None:
-        callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
-    trainer_cfg = dict(conf["trainer"])
-    timeout = timedelta(seconds=trainer_cfg.pop("collective_timeout_s"))
-    trainer_cfg.pop("max_restarts")  # the agent's
-    if trainer_cfg["strategy"] == "ddp":
-        trainer_cfg["strategy"] = DDP(timeout=timeout)
-    if trainer_cfg["enable_progress_bar"]:
-        callbacks.append(ProgressBar(trainer_cfg["log_every_n_steps"], curves))
-    logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
-    trainer = pl.Trainer(
-        **trainer_cfg,
-        logger=logger,
-        callbacks=callbacks,
-        default_root_dir=run_dir,
-        use_distributed_sampler=False,  # ImageDataModule shards the data itself
-        plugins=[SignedCheckpointIO(conf["checkpoint"]["trust_unsigned"]), *cluster_plugins()],
-        profiler=NoProfiler(),
-    )
-    return trainer, curves, savers[0]
-
-
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default "no profiler", without its per-call cost.
-
-    Lightning wraps every hook of every callback in ``profiler.profile(...)``, ~150 times a step;
-    PassThroughProfiler still builds a generator context manager each time (~1.5 µs), which a
-    launch-bound step pays in full. One shared null context does the same nothing.
-    """
-
-    _NOTHING = nullcontext()
-
-    def profile(self, action_name: str) -> nullcontext:
-        return self._NOTHING
-
-
-def model_fingerprint(net: torch.nn.Module) -> str:
-    """sha256 of the network's weights and buffers, in key order: equal fingerprints, equal models."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any]:
-    """The effective batch of one optimizer step and the learning rate that the scaling rule gives it."""
-    parts = {
-        "batch_size": conf["data"]["batch_size"],
-        "devices": trainer.num_devices,
-        "num_nodes": trainer.num_nodes,
-        "accumulate_grad_batches": conf["trainer"]["accumulate_grad_batches"],
-    }
-    effective = math.prod(parts.values())
-    optim = conf["optim"]
-    return {
-        **parts,
-        "effective_batch_size": effective,
-        "base_lr": optim["lr"],
-        "lr_scaling": optim["lr_scaling"],
-        "reference_batch_size": optim["reference_batch_size"],
-        "lr": scaled_lr(optim, effective),
-    }
-
-
-def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
-    """The trainer's callback of type ``kind`` (build_trainer adds at most one of each), or None."""
-    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
-
-
-def _best_weights(conf: dict[str, Any], checkpoint: BestCheckpoint, module: ClassifierModule) -> str | None:
-    """What ``trainer.test`` scores: the best checkpoint's path, or None to score the module as it is.
-
-    With EMA, Lightning's WeightAveraging puts the raw weights back when a checkpoint is loaded after
-    fit, so the averaged weights that the best checkpoint holds (and evaluate scores) are loaded here.
-    """
-    best = checkpoint.best_model_path
-    if not best:
-        return None
-    if conf["module"]["ema_decay"] is None:
-        return best  # the file itself: "best" would make Lightning warn about several ModelCheckpoints
-    module.load_state_dict(load_checkpoint(Path(best), conf["checkpoint"]["trust_unsigned"])["state_dict"])
-    return None
-
-
-def _finished_before(resume: Path | None, trainer: pl.Trainer, run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a finished run that was resumed, found nothing left to train and trained nothing.
-
-    Such a rerun tests and writes nothing again: it says so, and how to train on, and returns the run's
-    summary. ``None`` when this fit trained, or when the summary is missing (a run stopped after its final
-    save: it is tested now).
-    """
-    final = _callback(trainer, FinalCheckpoint)
-    if resume is None or final is None or final.trained:
-        return None
-    done = sweep.read_summary(run_dir)  # {} where the run wrote none
-    if done:
-        report.show_finished(done, trainer.max_epochs)
-    return done or None
+    conf = resume_after_restart(yaml.safe_load(config.read_text()))
+    return fit_and_test(conf, config.parent, started, before_train, rank_writes_config=False)
 
 
 def _process_age_s() -> float | None:

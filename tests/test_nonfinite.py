@@ -17,8 +17,8 @@ from t240dist.checkpoint import KEY_ENV, load_checkpoint
 from t240dist.config import validate
 from t240dist.data import DataInfo, ImageDataModule
 from t240dist.errors import NonFiniteError
+from t240dist.fit import build_trainer
 from t240dist.module import ClassifierModule
-from t240dist.run import build_trainer
 
 POISONED_BATCH = 3
 

@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> float:
     sweep.take_own_share(cfg.sweep.trial)
     with sweep.job_errors(cfg.sweep.trial):
         check_run(plain(cfg))
-        from t240dist.run import train  # torch and Lightning: once the config is known to be right
+        from t240dist.run import train  # torch (and Lightning where it trains here): once the config is right
 
         return sweep.trial_result(train(cfg))
 

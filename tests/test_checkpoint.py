@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose, run_cli, scalars, wait_for_checkpoint
+from conftest import TINY, compose, process_tree, run_cli, scalars, wait_for_checkpoint
 from datasets_on_disk import write_cifar
 
 from t240dist.checkpoint import KEY_ENV, CheckpointError, load_checkpoint, sign, verify
@@ -217,7 +218,9 @@ def test_resume_after_kill_in_the_second_epoch_matches_uninterrupted_run(
     )
     killed = _cifar_run(cifar, tmp_path / "cut", workers, *extra)
     wait_for_checkpoint(tmp_path / "cut" / "checkpoints" / "recovery-*.ckpt", min_step=kill_after)
-    os.killpg(killed.pid, signal.SIGKILL)
+    for pid in [killed.pid, *process_tree(killed.pid)]:  # the ranks too: they run in sessions of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     killed.wait()
     resumed = _finish(_cifar_run(cifar, tmp_path / "cut", workers, *extra), tmp_path / "cut")
     assert resumed["resumed_from"] is not None

@@ -146,10 +146,13 @@ def test_ddp_jobs_leave_this_process_as_they_found_it(tmp_path: Path) -> None:
     for name in ("a", "b"):
         assert train(compose(DDP), tmp_path / name)["world_size"] == 2
     # what torch's agent writes for itself (the signals it forwards) is the only new variable
-    assert set(os.environ) - set(before) <= {"TORCHELASTIC_SIGNALS_TO_HANDLE"}
-    assert {k: v for k, v in os.environ.items() if k in before} == before
+    new = {k: os.environ[k] for k in set(os.environ) - set(before)}
+    assert new.keys() <= {"TORCHELASTIC_SIGNALS_TO_HANDLE"}, new
+    changed = {k: (v, os.environ.get(k)) for k, v in before.items() if os.environ.get(k) != v}
+    assert not changed, changed
     assert {s: signal.getsignal(s) for s in handlers} == handlers
-    assert not process_tree(os.getpid())
+    children = process_tree(os.getpid())
+    assert not children, {pid: env.get("_", "?") for pid, env in children.items()}
     import torch.distributed as dist
 
     assert not dist.is_initialized()

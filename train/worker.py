@@ -8,6 +8,7 @@ printed once, by the process that started the agent; the exit code says what kin
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -45,7 +46,17 @@ def main(task: str, config: Path) -> None:
         )
 
 
+def log_as_hydra_jobs_do() -> None:
+    """The log lines of a rank, as a Hydra job prints them (stdout, INFO): no Hydra runs here to set it up."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stdout,
+        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+    )
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in TASKS:
         sys.exit("usage: python -m train.worker train|bench RUN_DIR/config.yaml (started by python -m train)")
+    log_as_hydra_jobs_do()
     main(sys.argv[1], Path(sys.argv[2]))

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.profilers import PassThroughProfiler
 
 from t240dist import report, sweep
-from t240dist.agent import write_run_config
+from t240dist.agent import resume_after_restart, write_run_config
 from t240dist.callbacks import (
     ContinueLog,
     ExactResume,
@@ -58,7 +58,7 @@ def fit_and_test(
     ``rank_writes_config``: rank 0 saves the resolved config as ``config.yaml`` (the agent's workers find
     it written already, and read it).
     """
-    validate_run(conf)
+    conf = resume_after_restart(validate_run(conf))  # any agent's restart: ours, or torchrun's
     # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -43,14 +43,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
 
 def train_rank(config: Path) -> dict[str, Any]:
     """One rank of a job that ``train`` started through the elastic agent: the resolved config in
-    ``config``, trained in its run dir. A rank that the agent restarted resumes from the last checkpoint."""
+    ``config``, trained in its run dir."""
     started = time.perf_counter()
     before_train = _process_age_s()
-    from t240dist.agent import resume_after_restart, stop_when_orphaned
+    from t240dist.agent import stop_when_orphaned
     from t240dist.fit import fit_and_test
 
     stop_when_orphaned()
-    conf = resume_after_restart(yaml.safe_load(config.read_text()))
+    conf = yaml.safe_load(config.read_text())
     return fit_and_test(conf, config.parent, started, before_train, rank_writes_config=False)
 
 

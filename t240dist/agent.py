@@ -139,13 +139,13 @@ def _reworded(failures: dict[int, ProcessFailure], run_dir: Path) -> BaseExcepti
     # A rank that saved and stopped on a signal (75, or 130 for Ctrl-C) explains the others: they failed
     # in a collective with it, or were stopped by the agent.
     stops = {errors.EXIT_PREEMPTED: Preempted, errors.EXIT_INTERRUPTED: Interrupted}
-    stopped = [f for f in failures.values() if f.exitcode in stops]
+    stopped = {rank: f for rank, f in failures.items() if f.exitcode in stops}
     if stopped:
-        first = min(stopped, key=_failed_at)
+        _, first = _first(stopped)
         line, _ = _recorded(first)
         kind = stops[first.exitcode]
         return errors.reraised(line, kind) if line else kind(errors.resume_hint(run_dir))
-    rank, first = min(failures.items(), key=lambda item: _failed_at(item[1]))
+    rank, first = _first(failures)
     line, trace = _recorded(first)
     if first.exitcode < 0:
         how = f"was killed by {signal.Signals(-first.exitcode).name}"
@@ -177,26 +177,39 @@ def _saved_since(run_dir: Path, started_ns: int) -> str:
     return f"saved {max(saved, key=lambda path: path.stat().st_mtime_ns)}"
 
 
-def _failed_at(failure: ProcessFailure) -> tuple[int, int, float]:
-    """Order failures by cause: by the second they happened, then a rank killed by a signal (a crash, the
-    OOM killer, a user's kill) before one that raised, before one that exited, before one that the agent
-    itself stopped with SIGTERM after the first failure; within a kind, by when its error file was written.
+def _first(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
+    """The failure that caused the others.
 
-    The agent also lists the ranks that it stopped, at the time it stopped them, and those that failed in
-    a collective with the dead one just after it; its own timestamps are whole seconds.
+    A rank that raised wrote its error file at a known moment; for a rank killed by a signal only the
+    agent's stamp of when it noticed is known, a whole second, so the death lies within about a second
+    of it. A failure that certainly came after another is a consequence. Among the rest, a rank killed
+    by a signal (a crash, the OOM killer, a user's kill) comes before one that raised (often in a
+    collective with the dead one), before one that exited, before one that the agent itself stopped
+    with SIGTERM once the first had failed; then the earliest.
     """
+    spans = {rank: _when(failure) for rank, failure in failures.items()}
+    latest = min(last for _, last in spans.values())
+    possible = [rank for rank, (first, _) in spans.items() if first <= latest]
+    rank = min(possible, key=lambda rank: (_kind(failures[rank]), spans[rank][0]))
+    return rank, failures[rank]
+
+
+def _when(failure: ProcessFailure) -> tuple[float, float]:
+    """The earliest and the latest moment at which ``failure`` can have happened."""
     try:
         written = os.stat(failure.error_file).st_mtime
     except OSError:
-        written = None
+        return failure.timestamp - 1.0, failure.timestamp + 1.0
+    return written, written
+
+
+def _kind(failure: ProcessFailure) -> int:
+    """0 killed by a signal other than SIGTERM, 1 raised, 2 exited, 3 stopped with SIGTERM."""
     if failure.exitcode == -signal.SIGTERM:
-        kind = 3
-    elif failure.exitcode < 0:
-        kind = 0
-    else:
-        kind = 1 if written is not None else 2
-    when = written if written is not None else float(failure.timestamp)
-    return int(when), kind, when
+        return 3
+    if failure.exitcode < 0:
+        return 0
+    return 1 if failure.error_file_data.get("message") else 2
 
 
 def is_submitit_requeue(handler: Any) -> bool:

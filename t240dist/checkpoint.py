@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import struct
 import warnings
@@ -187,7 +188,14 @@ def resume_checkpoint(resume: str, directory: Path, trust_unsigned: bool) -> Pat
     if resume != "auto":
         verify(Path(resume).read_bytes(), Path(resume), trust_unsigned)  # before any work, with one line
         return Path(resume)
-    for path in sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
+
+    # Newest first. File times are coarse (a clock tick of a few ms): two saves a step apart can share one.
+    # Then ``last.ckpt``, a link to the newest save, decides; else the later step in the name.
+    def newest(path: Path) -> tuple[int, bool, int]:
+        step = re.search(r"step(\d+)", path.name)
+        return path.stat().st_mtime_ns, path.name == LAST, int(step.group(1)) if step else -1
+
+    for path in sorted(directory.glob("*.ckpt"), key=newest, reverse=True):
         try:
             verify(path.read_bytes(), path, trust_unsigned)
         except CheckpointError as err:

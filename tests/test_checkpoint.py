@@ -19,7 +19,16 @@ import torch
 from conftest import TINY, compose, process_tree, run_cli, scalars, wait_for_checkpoint
 from datasets_on_disk import write_cifar
 
-from t240dist.checkpoint import KEY_ENV, CheckpointError, load_checkpoint, sign, verify
+from t240dist.checkpoint import (
+    KEY_ENV,
+    CheckpointError,
+    alias,
+    checkpoint_key,
+    load_checkpoint,
+    resume_checkpoint,
+    sign,
+    verify,
+)
 from t240dist.run import train
 
 
@@ -121,6 +130,24 @@ def test_sigkill_during_saves_leaves_only_whole_checkpoints_and_auto_resume_fini
     assert done.wait(timeout=300) == 0, done.stderr.read().decode()[-2000:]
     # every point once: each save writes the points up to its step first
     assert [s for s, _ in scalars(run_dir)["train/loss"]] == list(range(2 * 4096 // 32))
+
+
+@pytest.mark.parametrize("aliased", [True, False], ids=["last-links-the-newest", "no-last"])
+def test_resume_auto_takes_the_newest_save_when_saves_share_a_file_time(
+    tmp_path: Path, key: None, aliased: bool
+) -> None:
+    """File times tick in milliseconds: saves a step apart can carry the same one, in any listing order."""
+    signed = sign(_crafted(tmp_path / "never"), checkpoint_key())  # verified, never unpickled here
+    names = ["recovery-step000007.ckpt", "preempted-step000008.ckpt", "epoch000-step000006.ckpt"]
+    for name in names:
+        (tmp_path / name).write_bytes(signed)
+    newest = tmp_path / "preempted-step000008.ckpt"
+    if aliased:
+        alias(newest, tmp_path / "last.ckpt")
+    for path in tmp_path.glob("*.ckpt"):
+        os.utime(path, ns=(1_700_000_000_000_000_000,) * 2)
+    picked = resume_checkpoint("auto", tmp_path, trust_unsigned=False)
+    assert picked == (tmp_path / "last.ckpt" if aliased else newest)
 
 
 def test_full_disk_fails_with_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path, key: None) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, compose, process_tree, wait_for_checkpoint
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, ProcessFailure
 
+from t240dist.agent import _first
 from t240dist.checkpoint import KEY_ENV
 from t240dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RANK_DIED
 from t240dist.run import train
@@ -157,3 +159,44 @@ def test_ddp_jobs_leave_this_process_as_they_found_it(tmp_path: Path) -> None:
     import torch.distributed as dist
 
     assert not dist.is_initialized()
+
+
+def _failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, exitcode: int, at: float, raised: bool
+) -> ProcessFailure:
+    """torch's record of a failed worker: one that raised wrote its error file (at ``at``) as workers
+    do; for one killed by a signal the agent stamps the whole second at which it noticed."""
+    error_file = tmp_path / f"error-{rank}.json"
+    if raised:
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+        try:
+            raise RuntimeError(f"rank {rank} raised")
+        except RuntimeError as err:
+            ErrorHandler().record_exception(err)
+        os.utime(error_file, (at, at))
+    failure = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(error_file))
+    if not raised:
+        failure.timestamp = int(at)
+    return failure
+
+
+@pytest.mark.parametrize(
+    ("cases", "cause"),
+    [
+        # SIGKILL at 100.9, noticed in second 101; rank 0 failed in a collective with it at 100.95, then
+        # was stopped by the agent: the killed rank, although the agent's stamp is the later one
+        ({0: (-signal.SIGTERM, 100.95, True), 1: (-signal.SIGKILL, 101.0, False)}, 1),
+        # rank 0 raised; rank 1 aborted seconds later (a NCCL watchdog): rank 0, which certainly came first
+        ({0: (1, 100.2, True), 1: (-signal.SIGABRT, 103.0, False)}, 0),
+        # rank 1 raised; the agent then stopped rank 0
+        ({0: (-signal.SIGTERM, 101.0, False), 1: (1, 100.5, True)}, 1),
+        # both raised: the earlier
+        ({0: (1, 100.7, True), 1: (1, 100.2, True)}, 1),
+    ],
+    ids=["killed-before-collective", "raised-before-abort", "raised-then-stopped", "earlier-raise"],
+)
+def test_the_first_failure_is_named_whatever_order_the_agent_saw_them_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cases: dict, cause: int
+) -> None:
+    failures = {rank: _failure(tmp_path, monkeypatch, rank, *case) for rank, case in cases.items()}
+    assert _first(failures)[0] == cause

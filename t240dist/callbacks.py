@@ -16,8 +16,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ModelSummary, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.model_summary import get_human_readable_count
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist import sweep
@@ -48,6 +49,63 @@ class ProgressBar(TQDMProgressBar):
         if self.curves.last_loss is not None and trainer.training:
             metrics["loss"] = f"{self.curves.last_loss:.4g}"
         return metrics
+
+
+class ModelSize(ModelSummary):
+    """Lightning's model summary as one log line: the network's parameters and their size.
+
+    Lightning's table lists the network as one row beside the metrics (no parameters each), with a FLOPs
+    column of zeros and "Total FLOPs: 0": it counts FLOPs only on an ``example_input_array``, which a
+    network of any input size has none of.
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        log.info(
+            f"model: {get_human_readable_count(total_parameters)} parameters "
+            f"({get_human_readable_count(trainable_parameters)} trainable), {model_size:.3g} MB"
+        )
+
+
+class LongCpuRun(pl.Callback):
+    """Says once, early, how long a run on the CPU will train when that is long, and how to shorten it.
+
+    Measured, not guessed: from the end of the first step (which carries the start-up costs) over the next
+    ``TIMED_STEPS`` steps, for the optimizer steps left (validation not counted).
+    """
+
+    LONG_S = 120  # a run this long on the CPU surprises people who tried the 12 s default first
+    TIMED_STEPS = 5
+
+    def __init__(self) -> None:
+        self._first: tuple[int, float] | None = None  # (step, time) at the end of the first step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if pl_module.device.type != "cpu" or not trainer.is_global_zero:
+            return
+        step, now = trainer.global_step, time.perf_counter()
+        if self._first is None:
+            self._first = (step, now)
+        elif step - self._first[0] == self.TIMED_STEPS:
+            per_step = (now - self._first[1]) / self.TIMED_STEPS
+            left = trainer.estimated_stepping_batches - step
+            if per_step * left > self.LONG_S:
+                epochs = max(1, int(trainer.max_epochs * self.LONG_S / 2 / (per_step * left)))
+                log.info(
+                    f"this run trains {left} more steps on the CPU, {per_step:.2g} s each: about "
+                    f"{per_step * left / 60:.0f} min — for a first look, trainer.max_epochs={epochs} takes "
+                    "about a minute"
+                )
 
 
 Stamp = torch.cuda.Event | float  # a point on the device's timeline: a CUDA event, or host time on the CPU

@@ -9,6 +9,9 @@ that ask torch about this machine and torchvision about its models come after (`
 
 from __future__ import annotations
 
+import difflib
+import logging
+import math
 import os
 import secrets
 from datetime import datetime
@@ -34,10 +37,12 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
+from t240dist import noise
 from t240dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONF_PACKAGE = "t240dist.conf"  # conf/ of the checkout, installed as this package
 CONF_PATH = f"pkg://{CONF_PACKAGE}"  # what the entry points give hydra.main: found wherever it is installed
@@ -74,6 +79,9 @@ def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
 
 def check_run(raw: dict[str, Any]) -> None:
     """Every check of a plain run config that needs no torch: types, ranges, keys, options, combinations."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "width" in model and model.get("name") != "small_cnn":
+        raise ConfigError(f"model.name: {unknown_model(str(model.get('name')))}")  # in the small_cnn group
     check(RunConfig, raw)
     _check_step_graph(raw)
     _check_launch(raw["trainer"])
@@ -90,13 +98,8 @@ def check_machine(raw: dict[str, Any]) -> None:
     import torchvision
 
     name = raw["model"]["name"]
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name != "small_cnn" and name not in known:
-        raise ConfigError(
-            f"model.name: '{name}' is not a torchvision classifier — use model=small_cnn, or "
-            f"model=torchvision model.name=NAME with NAME one of resnet18, resnet50, efficientnet_b0, ... "
-            f"({len(known)} in torchvision.models.list_models())"
-        )
+    if name != "small_cnn" and name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(f"model.name: {unknown_model(name)}")
     trainer = raw["trainer"]
     cuda = torch.cuda.is_available()
     if trainer["accelerator"] in ("gpu", "cuda") and not cuda:
@@ -114,6 +117,67 @@ def check_machine(raw: dict[str, Any]) -> None:
             raise ConfigError(
                 "model.compile=step cannot replay a step with several devices (DDP) — set trainer.devices=1"
             )
+
+
+def check_steps(raw: dict[str, Any], train_size: int, ranks: int) -> None:
+    """The checks that need the training split's size: made once the data is loaded, before any model or
+    Trainer exists. A run that would take no optimizer step stops (each of the ``ranks`` shards keeps only
+    whole batches: training loaders drop a ragged last batch); an EMA that averages over more steps than
+    the run takes is warned about (its weights, which validation, test and checkpoints use, would stay
+    close to the initial ones).
+
+    A batch larger than the split is refused rather than trained with the ragged batch kept: a batch
+    smaller than ``data.batch_size`` would silently change the effective batch, the learning rate that
+    ``optim.lr_scaling`` derives from it, and the statistics BatchNorm learns from that batch.
+    """
+    data, trainer = raw["data"], raw["trainer"]
+    batch, shard = data["batch_size"], train_size // ranks
+    if shard < batch:
+        split = f"{train_size} images" + (f", {shard} for each of {ranks} ranks" if ranks > 1 else "")
+        fix = f"set data.batch_size={_power_of_two_upto(shard)}" if shard else "use fewer ranks or more data"
+        raise ConfigError(
+            f"data.batch_size={batch} is larger than the training split ({split}), so the run would train "
+            f"nothing — {fix}"
+        )
+    batches = shard // batch
+    limit = trainer["limit_train_batches"]
+    kept = int(batches * limit) if isinstance(limit, float) else min(limit, batches)  # as Lightning counts
+    if kept == 0:
+        raise ConfigError(
+            f"trainer.limit_train_batches={limit} keeps none of the {batches} training batches of an epoch "
+            f"— set trainer.limit_train_batches={math.ceil(1000 / batches) / 1000} or more (or a number of "
+            "batches)"
+        )
+    steps = math.ceil(kept / trainer["accumulate_grad_batches"]) * trainer["max_epochs"]
+    steps = min(steps, trainer["max_steps"]) if trainer["max_steps"] > 0 else steps
+    decay = raw["module"]["ema_decay"]
+    if decay is not None and 1 / (1 - decay) > steps and global_rank() == 0:
+        shorter = [d for d in (0.9999, 0.999, 0.99, 0.9) if 1 / (1 - d) <= steps / 2]
+        fix = f"module.ema_decay={shorter[0]}" if shorter else "module.ema_decay=null (no EMA)"
+        log.warning(
+            f"module.ema_decay={decay} averages the weights over about {1 / (1 - decay):.0f} optimizer "
+            f"steps, more than the {steps} this run takes: validation, test and checkpoints would use "
+            f"weights close to the initial ones — use {fix}, or train longer"
+        )
+
+
+def _power_of_two_upto(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def unknown_model(name: str) -> str:
+    """What is wrong with ``model.name=NAME`` and a command line that works: torchvision's model of that
+    name, or the closest one it has (torchvision is imported here, on this error's path only)."""
+    import torchvision
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if name in known:
+        return f"the small_cnn group has no model '{name}' — use model=torchvision model.name={name}"
+    closest = difflib.get_close_matches(name, known, n=1, cutoff=0.75) or ["resnet18"]
+    return (
+        f"'{name}' is not a torchvision classifier — use model=torchvision model.name={closest[0]} "
+        f"(or another of the {len(known)} in torchvision.models.list_models()), or model=small_cnn"
+    )
 
 
 def with_later_keys(stored: dict[str, Any]) -> dict[str, Any]:
@@ -149,12 +213,14 @@ def check(schema: type[BaseModel], raw: dict[str, Any]) -> None:
 
 def hydra_setup() -> None:
     """What every entry point gives Hydra before composing: the resolvers that name run dirs
-    (``${run_name:}``, ``${rank_zero_only:VALUE}``) and the Optuna sweeper (``sweep=optuna``).
+    (``${run_name:}``, ``${rank_zero_only:VALUE}``) and the Optuna sweeper (``sweep=optuna``); and the
+    stack's known noise silenced (``t240dist.noise``) before anything of it is imported.
 
     Hydra 1.3 finds plugins by listing the ``hydra_plugins`` package's folders, which an editable install
     by setuptools >= 64 hides (it maps packages with an import hook, which lists nothing): the sweeper is
     registered here by Hydra's own ``Plugins.register``, wherever and however the package is installed.
     """
+    noise.silence()
     from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeper
 
     Plugins.instance().register(OptunaSweeper)
@@ -188,6 +254,14 @@ def global_rank() -> int:
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
     return int(os.environ["SLURM_PROCID"]) if slurm_starts_the_ranks() else 0
+
+
+def world_size() -> int:
+    """How many ranks this process's job has before Lightning knows it: torchrun's (and the elastic
+    agent's) WORLD_SIZE, or the tasks of a SLURM job; 1 for a process that trains alone."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return int(os.environ["SLURM_NTASKS"]) if slurm_starts_the_ranks() else 1
 
 
 def slurm_starts_the_ranks() -> bool:
@@ -344,16 +418,6 @@ class TorchvisionModel(ModelSwitches):
     name: str
     cifar_stem: bool
 
-    @model_validator(mode="before")
-    @classmethod
-    def _not_small_cnn_group(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "width" in data:
-            name = data.get("name")
-            raise ValueError(
-                f"the small_cnn group has no model '{name}' — use model=torchvision model.name={name}"
-            )
-        return data
-
     @field_validator("cifar_stem")
     @classmethod
     def _stem_fits(cls, cifar_stem: bool, info: Any) -> bool:
@@ -432,6 +496,13 @@ Sched = Annotated[NoSched | WarmupCosine | OneCycle, Field(discriminator="name")
 Limit = Annotated[float, Field(gt=0, le=1)] | PositiveInt
 
 
+def _some_steps(max_steps: int) -> int:
+    """``trainer.max_steps``: -1 (run ``max_epochs``) or a number of steps; 0 would train nothing."""
+    if max_steps == 0:
+        raise ValueError("0 trains nothing — use -1 (train trainer.max_epochs) or a number of steps >= 1")
+    return max_steps
+
+
 class Trainer(Strict):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"]
     devices: PositiveInt | Literal["auto"] | list[NonNegativeInt]
@@ -441,7 +512,7 @@ class Trainer(Strict):
     max_restarts: NonNegativeInt
     precision: Literal["32-true", "bf16-mixed", "16-mixed"]
     max_epochs: PositiveInt
-    max_steps: Annotated[int, Field(ge=-1)]
+    max_steps: Annotated[int, Field(ge=-1), AfterValidator(_some_steps)]
     limit_train_batches: Limit
     limit_val_batches: Limit
     limit_test_batches: Limit

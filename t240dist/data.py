@@ -9,9 +9,12 @@ are made there (``DeviceBatches``) instead of by a DataLoader.
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import hashlib
+import logging
 import math
+import os
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from t240dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 STATS_SAMPLE = 512  # ImageFolder images read (decoded once) to estimate the normalisation
 EVAL_CROP = 0.875  # image files are resized to image_size / EVAL_CROP, then centre-cropped (ImageNet's eval)
@@ -120,7 +125,7 @@ class ImageDataModule(pl.LightningDataModule):
         device = self.batch_device
         if device is not None:
             return self._device_loader(dataset, train, device)
-        workers = self.cfg["num_workers"]
+        workers = loader_workers(self.cfg["num_workers"])
         options = {
             "batch_size": self.cfg["batch_size"],
             "num_workers": workers,
@@ -174,6 +179,20 @@ class ImageDataModule(pl.LightningDataModule):
 
 
 _ONE_RANK = {"num_replicas": 1, "rank": 0}
+
+
+@functools.cache  # said once per process and setting, not once per loader
+def loader_workers(requested: int) -> int:
+    """``data.num_workers``, at most the CPUs this process may run on (torch's own count), saying so.
+
+    More workers than CPUs only queue behind each other (torch warns of slowness and freezes); the results
+    do not change, since each sample's augmentation is seeded by its index, not by its worker.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested <= cpus:
+        return requested
+    log.info(f"data.num_workers={requested}, but this process may use {cpus} CPU(s): {cpus} loader workers")
+    return cpus
 
 
 class EpochTagged(Sampler):

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import re
+import shutil
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_USER_ERROR = 2
@@ -94,6 +101,50 @@ def one_line_errors() -> Iterator[None]:
         _fail(f"ConfigError: {_hydra_line(err)}", err)
 
 
+class RunDirMadeHere(Callback):
+    """Remembers the run dir of a single run that Hydra is about to make, and the parents it makes with it.
+
+    Hydra makes the run dir (with ``.hydra/`` and the job's log file) before the task runs, so a user error
+    that stops the run before it wrote anything of its own would leave an empty run dir behind for each
+    mistyped command: ``forget_unused_run_dir`` removes what this run made. A dir that was there before
+    (a run resumed in its own dir) is never touched.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(config.hydra.run.dir).absolute()
+        _made.clear()
+        if not run_dir.exists():
+            top = run_dir
+            while not top.parent.exists():
+                top = top.parent
+            _made.update(run_dir=run_dir, top=top)
+
+
+_made: dict[str, Path] = {}  # what RunDirMadeHere saw Hydra about to make in this process
+_HYDRAS_OWN = (".hydra", "config.yaml")  # and the job's log file: what a run writes before any work
+
+
+def forget_unused_run_dir() -> None:
+    """Remove the run dir that Hydra made for this run, and the parents it made, if the run wrote nothing
+    there but Hydra's record, its log and the resolved ``config.yaml``."""
+    run_dir, top = _made.pop("run_dir", None), _made.pop("top", None)
+    if run_dir is None or top is None or not run_dir.is_dir():
+        return
+    entries = list(run_dir.iterdir())
+    if any(p.name not in _HYDRAS_OWN and p.suffix != ".log" for p in entries):
+        return
+    for path in entries:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for folder in (run_dir, *run_dir.parents):
+        with contextlib.suppress(OSError):  # not empty: another run's
+            folder.rmdir()
+        if folder == top or folder.exists():
+            return
+
+
 def exit_preempted(err: Preempted) -> NoReturn:
     """End a preempted (exit 75: rerun or requeue to resume) or interrupted (exit 130) process."""
     print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
@@ -121,8 +172,11 @@ def _subclasses(cls: type) -> list[type]:
 
 
 def _fail(line: str, err: BaseException) -> NoReturn:
+    """End the process on a user error: its line (after the traceback, with HYDRA_FULL_ERROR=1), exit 2
+    either way; a run dir that Hydra made for this run and nothing else wrote into goes too."""
+    forget_unused_run_dir()
     if _FULL_TRACEBACK:
-        raise err
+        traceback.print_exception(err)
     print(line, file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 
@@ -133,6 +187,13 @@ def _hydra_line(err: BaseException) -> str:
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown and "+" in text:
         key = unknown.group(1)
+        closest = _closest_key(key, err.__cause__)
+        if closest:
+            value = re.search(rf"\+{re.escape(key)}=(.*)", text)
+            return (
+                f"{key} is not a config key — use {closest}={value.group(1).strip()} (the closest key; "
+                "python -m train --cfg job lists them all)"
+            )
         return (
             f"{key} is not a config key — check its spelling (python -m train --cfg job lists the keys), "
             f"or add a new key with +{key}=..."
@@ -148,3 +209,15 @@ def _hydra_line(err: BaseException) -> str:
         "; ".join(rest) if rest else "check the override's spelling (python -m train --help lists the groups)"
     )
     return f"{what} — {fix}"
+
+
+def _closest_key(key: str, cause: BaseException | None) -> str | None:
+    """The existing key next to ``key`` that its last part was most likely meant to be (by difflib), from
+    the config node that OmegaConf says lacks it; None where none is close."""
+    parent = getattr(cause, "parent_node", None)
+    if parent is None:
+        return None
+    head, _, leaf = key.rpartition(".")
+    names = [str(name) for name in parent]
+    found = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+    return f"{head}.{found[0]}" if found and head else found[0] if found else None

@@ -26,6 +26,8 @@ from t240dist.agent import resume_after_restart, write_run_config
 from t240dist.callbacks import (
     ContinueLog,
     ExactResume,
+    LongCpuRun,
+    ModelSize,
     NonFiniteGuard,
     Preemption,
     ProgressBar,
@@ -40,7 +42,7 @@ from t240dist.checkpoint import (
     load_checkpoint,
     resume_checkpoint,
 )
-from t240dist.config import global_rank, validate_run
+from t240dist.config import check_steps, global_rank, validate_run, world_size
 from t240dist.data import ImageDataModule
 from t240dist.distributed import DDP, cluster_plugins, ends_process_group, gather_ranks
 from t240dist.module import ClassifierModule
@@ -68,6 +70,7 @@ def fit_and_test(
     pl.seed_everything(conf["seed"], workers=True, verbose=False)
     data = ImageDataModule(conf["data"], conf["seed"])
     info = data.info
+    check_steps(conf, info.train_size, world_size())
     data_ready = time.perf_counter()
     trial = optuna_trial(conf["sweep"], run_dir)
     trainer, curves, checkpoint = build_trainer(conf, run_dir, [trial] if trial else None)
@@ -83,7 +86,7 @@ def fit_and_test(
     report.show_resume(resume)
     report.show_batch(batch)
     report.write_data_notes(info, run_dir)
-    report.log_hparams(trainer.logger, conf)
+    report.log_hparams(trainer.logger, conf, run_dir)
     with ends_process_group():
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         finished = _finished_before(resume, trainer, run_dir)
@@ -91,7 +94,10 @@ def fit_and_test(
             return finished
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
-        tested = trainer.test(module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module))
+        # verbose=False: Lightning's table of the test metrics says again what the run summary says
+        tested = trainer.test(
+            module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module), verbose=False
+        )
         ranks = gather_ranks(conf, report.device_name(trainer.strategy.root_device))
         backend = dist.get_backend() if dist.is_initialized() else None  # nccl, gloo; None: one process
 
@@ -148,6 +154,8 @@ def build_trainer(
         ExactResume(),
         Preemption(directory, run_dir),
         NonFiniteGuard(conf["nonfinite"]),
+        ModelSize(),
+        LongCpuRun(),
     ]
     callbacks += extra or []
     if conf["monitor"]["name"] == "nvml":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import difflib
 import json
 import time
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from t240dist.config import (
     validate_run,
     with_later_keys,
 )
-from t240dist.data import DataInfo, ImageDataModule, Normalisation, file_transform, load_rgb
+from t240dist.data import DataInfo, ImageDataModule, Normalisation, file_transform, load_rgb, loader_workers
 from t240dist.errors import ConfigError, UserError
 from t240dist.fit import build_trainer
 from t240dist.module import ClassifierModule
@@ -76,7 +77,7 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
         "device": report.device_name(trainer.strategy.root_device),
         "wall_s": time.perf_counter() - started,
     }
-    report.write_summary(summary, out_dir, name="eval")
+    report.write_summary(summary, out_dir, name="eval", also=(confusion.png,))
     return summary
 
 
@@ -95,7 +96,7 @@ def predict(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, A
     loader = DataLoader(
         ImageFiles(files, preprocess),
         batch_size=conf["data"]["batch_size"],
-        num_workers=conf["data"]["num_workers"],
+        num_workers=loader_workers(conf["data"]["num_workers"]),
         collate_fn=_decoded_and_failed,
         pin_memory=predictor.device.type == "cuda",
     )
@@ -242,6 +243,8 @@ def restore(cfg: DictConfig, overrides: list[str], options: type[EvaluateOptions
     own = plain(OmegaConf.masked_copy(cfg, list(options.model_fields)))
     check(options, own)
     path = Path(own["ckpt"])
+    if not path.is_file():
+        raise CheckpointError(f"ckpt={path} does not exist — {_checkpoint_hint(path)}")
     checkpoint = load_checkpoint(path, cfg.checkpoint.trust_unsigned is True, map_location="cpu")
     hp = checkpoint.get("hyper_parameters") or {}
     if "config" not in hp or "preprocess" not in hp:
@@ -262,6 +265,20 @@ def restore(cfg: DictConfig, overrides: list[str], options: type[EvaluateOptions
     conf = validate_run(stored)
     _check_one_device(conf["trainer"])
     return Restored(path, own, conf, hp, checkpoint["state_dict"])
+
+
+def _checkpoint_hint(missing: Path) -> str:
+    """A checkpoint to give instead of a missing one: the closest name in its folder (or in the
+    ``checkpoints/`` of a run dir), else the newest checkpoint of the runs under ./outputs."""
+    for folder in (missing.parent, missing.parent / "checkpoints"):  # a run dir given for its checkpoints/
+        near = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        if near:
+            closest = difflib.get_close_matches(missing.name, near, n=1, cutoff=0) or near
+            return f"{folder} holds {', '.join(near)}: ckpt={folder / closest[0]}"
+    runs = sorted(Path("outputs").glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if runs:
+        return f"the newest checkpoint under outputs/ is ckpt={runs[-1]}"
+    return "give a checkpoint of a run, e.g. ckpt=RUN_DIR/checkpoints/best.ckpt"
 
 
 def _run_keys(overrides: list[str], options: type[EvaluateOptions]) -> list[str]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
@@ -16,12 +18,21 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
+from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams
 
 from t240dist.data import DataInfo
 
+log = logging.getLogger(__name__)
+
 HPARAM_METRICS = ("test/acc", "test/loss", "val/acc", "val/loss", "train/loss")
+# What people compare runs by: the optimizer, learning rate, batch size, model and precision
+COMPARED = ("optim._target_", "optim.lr", "data.batch_size", "model.name", "trainer.precision")
 SHOWN_ITEMS = 10  # longer lists and dicts of a summary are written to its file, not printed
+# Summary entries that are paths, said whole on log lines of their own, never cut to fit a table cell:
+# those read or used, and those written (as "wrote PATH")
+PATHS = ("best_checkpoint", "resumed_from", "run_dir", "checkpoint", "input")
+WRITTEN = ("output",)
 
 
 def device_name(device: torch.device) -> str:
@@ -41,11 +52,11 @@ def show_config(conf: dict[str, Any], run_dir: Path) -> None:
 
 @rank_zero_only
 def show_batch(batch: dict[str, Any]) -> None:
-    """Print the effective batch size and the learning rate the scaling rule derived from it."""
+    """Say the effective batch size and the learning rate the scaling rule derived from it."""
     rule = batch["lr_scaling"]
     scaled = "" if rule == "none" else f" × ({batch['effective_batch_size']}/{batch['reference_batch_size']})"
     scaled += "^½" if rule == "sqrt" else ""
-    Console().print(
+    log.info(
         f"effective batch {batch['effective_batch_size']} = {batch['batch_size']} per device × "
         f"{batch['devices']} device(s) × {batch['num_nodes']} node(s) × {batch['accumulate_grad_batches']} "
         f"accumulation; lr {batch['base_lr']:g}{scaled} = {batch['lr']:g} (optim.lr_scaling={rule})"
@@ -55,13 +66,13 @@ def show_batch(batch: dict[str, Any]) -> None:
 @rank_zero_only
 def show_resume(path: Path | None) -> None:
     """Say where the run continues from."""
-    Console().print(f"resuming from {path}" if path else "starting fresh (no checkpoint to resume)")
+    log.info(f"resuming from {path}" if path else "starting fresh (no checkpoint to resume)")
 
 
 @rank_zero_only
 def show_finished(summary: dict[str, Any], max_epochs: int) -> None:
     """Say that a rerun found its run finished, and how to train it further."""
-    Console().print(
+    log.info(
         f"this run already finished: {summary['epochs']} epoch(s), step {summary['global_step']}, "
         f"test_acc {summary['test_acc']:.4f}; nothing trained — to train on, rerun with a higher "
         f"trainer.max_epochs (now {max_epochs})"
@@ -78,22 +89,53 @@ def write_data_notes(info: DataInfo, run_dir: Path) -> None:
 
 
 @rank_zero_only
-def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
+def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any], run_dir: Path) -> None:
     """Declare the run's hyperparameters and metric tags to TensorBoard's HParams tab.
 
-    The metric columns read the run's own scalar tags, so no value is logged twice.
+    The tab opens on five hyperparameter columns: those whose ``differs`` flag is set, by name (the plugin
+    sorts them so, and takes the flag from a run's experiment summary rather than comparing the runs when
+    runs carry one, as these do: the summary is what names the metric columns). The flag goes on the keys
+    people compare runs by (``COMPARED``) and on the keys this run's command line set, as Hydra recorded
+    them in ``.hydra/overrides.yaml`` (a sweep's trial: its swept values among them). The metric columns
+    read the run's own scalar tags, so no value is logged twice.
     """
-    summaries = hparams(_flatten(conf), dict.fromkeys(HPARAM_METRICS, 0.0))
+    flat = _flatten(conf)
+    flagged = set(COMPARED) | _overridden(flat, run_dir)
+    experiment, start, end = hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0))
+    plugin = experiment.value[0].metadata.plugin_data
+    content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+    for info in content.experiment.hparam_infos:
+        info.differs = info.name in flagged
+    plugin.content = content.SerializeToString()
     writer = logger.experiment._get_file_writer()
-    for summary in summaries:
+    for summary in (experiment, start, end):
         writer.add_summary(summary)
 
 
-@rank_zero_only
-def write_summary(summary: dict[str, Any], run_dir: Path, name: str = "run") -> None:
-    """Write ``<name>_summary.json`` (atomically) and print the summary table.
+def _overridden(flat: dict[str, Any], run_dir: Path) -> set[str]:
+    """The keys of ``flat`` that the run's command line set (a group choice, ``data=synthetic``, names
+    the group's ``name`` or ``_target_``); none for a run composed without Hydra's CLI."""
+    record = run_dir / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        return set()
+    keys = set()
+    for override in OverridesParser.create().parse_overrides(yaml.safe_load(record.read_text()) or []):
+        key = override.key_or_group
+        keys |= {name for name in (key, f"{key}.name", f"{key}._target_") if name in flat}
+    return keys
 
-    Lists and dicts of more than ``SHOWN_ITEMS`` entries (a confusion matrix, skipped files) stay in the file.
+
+@rank_zero_only
+def write_summary(
+    summary: dict[str, Any], run_dir: Path, name: str = "run", also: tuple[Path, ...] = ()
+) -> None:
+    """Write ``<name>_summary.json`` (atomically), print the summary table and say where things are.
+
+    The table fits the console (80 columns and up): values missing (None, empty) are left out, numbers
+    rounded, and lists and dicts of lists or of more than ``SHOWN_ITEMS`` entries (a confusion matrix,
+    the ranks, skipped files) stay in the file. Paths (``PATHS``; then what was written: ``WRITTEN``, the
+    summary file, the files in ``also``) follow as log lines of their own, whole, so they can be copied
+    and stay in the log.
     """
     path = run_dir / f"{name}_summary.json"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -102,14 +144,28 @@ def write_summary(summary: dict[str, Any], run_dir: Path, name: str = "run") -> 
     os.replace(tmp, path)
     table = Table(title=f"{name} summary", show_header=False)
     for key, value in summary.items():
-        if isinstance(value, float):
-            shown = f"{value:.4g}"
-        elif isinstance(value, list | dict) and len(value) > SHOWN_ITEMS:
-            shown = f"{len(value)} entries, in {path.name}"
-        else:
-            shown = str(value)
-        table.add_row(key, Text(shown))  # not markup: values may hold "[...]"
+        if key not in PATHS + WRITTEN and value not in (None, [], {}):
+            table.add_row(key, Text(_shown(value, path.name)))  # not markup: values may hold "[...]"
     Console().print(table)
+    for key in PATHS:
+        if summary.get(key):
+            log.info(f"{key}: {summary[key]}")
+    for written in (*(summary[key] for key in WRITTEN if summary.get(key)), path, *also):
+        log.info(f"wrote {written}")
+
+
+def _shown(value: Any, file: str) -> str:
+    """A summary value as the table shows it."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list | dict):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        if len(value) > SHOWN_ITEMS or any(isinstance(v, list | dict) for _, v in items):
+            return f"{len(value)} {'entry' if len(value) == 1 else 'entries'}, in {file}"
+        if isinstance(value, dict):
+            return ", ".join(f"{k}={_shown(v, file)}" for k, v in value.items())
+        return ", ".join(_shown(v, file) for v in value)
+    return str(value)
 
 
 def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -37,6 +38,7 @@ ERROR_FILE = "run_error.txt"  # a failed grid trial's error line, in its run dir
 COLUMNS = ("trial", "state", "objective", "test_acc", "val_acc", "overrides", "run_dir", "error")
 _STATE_ORDER = {"complete": 0, "pruned": 1}  # then fail, running, waiting (Optuna's trial states)
 
+_grid: dict[str, DictConfig] = {}  # the config of the grid sweep running in this process, once it started
 # The study of the Optuna sweeper running in this process (basic launcher): trials in this process report to
 # it directly, the only way to reach a study in memory.
 _shared: dict[str, Any] = {}
@@ -158,9 +160,29 @@ class SweepSummary(Callback):
             (run_dir / ERROR_FILE).write_text(error_line(job_return._return_value) + "\n")
         _write_basic_summary(config, show=False)
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not global_rank() and _basic_sweep(config):
+            _grid["config"] = config
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _grid.pop("config", None) is not None:
             _write_basic_summary(config, show=True)
+
+
+def with_grid_summary(app: Callable[[], Any]) -> Callable[[], None]:
+    """``app`` (an entry point's Hydra main) printing a grid sweep's table also when a failed trial ends
+    the multirun: Hydra's basic sweeper then raises that trial's error and never calls on_multirun_end."""
+
+    def run() -> None:
+        try:
+            app()
+        except BaseException:
+            config = _grid.pop("config", None)
+            if config is not None:
+                _write_basic_summary(config, show=True)
+            raise
+
+    return run
 
 
 def _basic_sweep(config: DictConfig) -> bool:
@@ -170,7 +192,7 @@ def _basic_sweep(config: DictConfig) -> bool:
 def _write_basic_summary(config: DictConfig, show: bool) -> None:
     sweep_dir = Path(config.hydra.sweep.dir).absolute()
     rows = [_row_of_run_dir(path.parent.parent) for path in sweep_dir.glob("**/.hydra/overrides.yaml")]
-    write_sweep_summary(rows, sweep_dir, config.sweep.direction, show)
+    write_sweep_summary(rows, sweep_dir, config.sweep.objective, config.sweep.direction, show)
 
 
 def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:
@@ -204,7 +226,7 @@ def run_metrics(run_dir: str | None) -> dict[str, Any]:
 
 
 def write_sweep_summary(
-    rows: list[dict[str, Any]], sweep_dir: Path, direction: str, show: bool = True
+    rows: list[dict[str, Any]], sweep_dir: Path, objective: str, direction: str, show: bool = True
 ) -> None:
     """Write ``sweep_summary.csv`` (completed trials best first, then pruned, then the rest); print it if
     ``show``."""
@@ -223,14 +245,35 @@ def write_sweep_summary(
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    if not show:
-        return
-    table = Table(title=f"sweep summary ({direction}) → {sweep_dir / SUMMARY_FILE}")
-    for column in COLUMNS:
+    if show:
+        show_sweep_summary(rows, sweep_dir / SUMMARY_FILE, objective, direction)
+
+
+def show_sweep_summary(rows: list[dict[str, Any]], csv_file: Path, objective: str, direction: str) -> None:
+    """Print the trials, best first, in a table that fits the console (80 columns and up): the overrides
+    that differ between trials (numbers rounded), each failed trial's error line below it, then the CSV's
+    path, whole, on a line of its own (the CSV has every trial's run dir and full overrides)."""
+    table = Table(title=f"sweep summary: {direction} {objective}", box=box.SIMPLE_HEAD)
+    for column in ("trial", "state", objective, "test_acc", "overrides"):
         table.add_column(column, overflow="fold")
+    shared = set.intersection(*(set(row["overrides"].split()) for row in rows)) if rows else set()
     for row in rows:
-        # Text, not markup: error lines quote paths such as "[/path/file.cc:561]"
-        values = (row.get(column) for column in COLUMNS)
-        cells = (f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "") for v in values)
-        table.add_row(*map(Text, cells))
-    Console().print(table)
+        varied = " ".join(_rounded(o) for o in row["overrides"].split() if o not in shared)
+        numbers = (f"{v:.4g}" if v is not None else "" for v in (row["objective"], row["test_acc"]))
+        table.add_row(Text(str(row["trial"])), Text(row["state"]), *map(Text, numbers), Text(varied))
+    console = Console()
+    console.print(table)
+    for row in rows:
+        if row["error"]:
+            # Text, not markup: error lines quote paths such as "[/path/file.cc:561]"
+            console.print(Text(f"trial {row['trial']} {row['state']}: {row['error']}"))
+    console.print(Text(f"wrote {csv_file}"), soft_wrap=True)
+
+
+def _rounded(override: str) -> str:
+    """``key=value`` with a number shown to 4 significant digits, as the table shows numbers."""
+    key, _, value = override.partition("=")
+    try:
+        return f"{key}={float(value):.4g}" if "." in value or "e" in value else override
+    except ValueError:
+        return override

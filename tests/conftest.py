@@ -67,6 +67,27 @@ def run_cli(
     )
 
 
+# What Lightning, torch and the libraries print that t240dist silences or answers better (t240dist.noise)
+NOISE = (
+    "💡 Tip",
+    "was configured so 100%",
+    "LeafSpec",
+    "Total FLOPs",
+    "ExperimentalWarning",
+    "Skipping constant folding",
+    "unused nodes",
+    "Our suggested max number of worker",
+)
+
+
+def fits_80_columns(output: str, paths: list[str]) -> None:
+    """Every line of a table or tree in ``output`` fits 80 columns, and each path is whole on one line."""
+    drawn = [line for line in output.splitlines() if any(c in line for c in "│┃┌└┏┗━─")]
+    assert drawn and max(len(line) for line in drawn) <= 80, max(drawn, key=len)
+    for path in paths:
+        assert any(path in line for line in output.splitlines()), path
+
+
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar tag in the run dir's event files, as (step, value) pairs."""
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import TINY, run_cli, scalars
+from conftest import NOISE, TINY, fits_80_columns, run_cli, scalars
 
 
 def test_default_run_trains_digits_to_097_and_reports(tmp_path: Path) -> None:
-    done = run_cli([f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    done = run_cli([f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, COLUMNS="80")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["test_acc"] >= 0.97 and summary["data"] == "digits" and summary["model"] == "small_cnn"
@@ -26,6 +27,16 @@ def test_default_run_trains_digits_to_097_and_reports(tmp_path: Path) -> None:
     assert "run summary" in out and "test_acc" in out  # the final table
     assert {"train/loss", "val/acc", "test/acc"} <= scalars(tmp_path / "run").keys()
     assert (tmp_path / "run" / ".hydra" / "overrides.yaml").is_file()
+
+    # quiet and readable: no noise; a table of 80 columns without empty rows or raw floats, paths whole
+    assert [line for line in out.splitlines() if any(noise in line for noise in NOISE)] == []
+    written = tmp_path / "run" / "run_summary.json"
+    fits_80_columns(done.stdout, [summary["best_checkpoint"], f"wrote {written}"])
+    assert not re.search(r"│ None +│", done.stdout) and "telemetry_host_s" not in done.stdout
+    assert f"data={startup['data']:.4g}, model_and_trainer={startup['model_and_trainer']:.4g}" in done.stdout
+    # the log file holds the run's log lines
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "starting fresh" in log and "model: 94.2 K parameters" in log and f"wrote {written}" in log
 
 
 def test_two_runs_started_together_get_their_own_run_dirs(tmp_path: Path) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
 
 import pytest
-from conftest import compose, run_cli
+from conftest import TINY, compose, run_cli
 
 from t240dist.config import CONF_PACKAGE, validate
 from t240dist.errors import ConfigError
@@ -43,6 +45,7 @@ from t240dist.errors import ConfigError
         (["nonfinite=bogus"], "nonfinite must be 'stop' or 'skip' (got 'bogus')"),
         (["model.compile=fast"], "model.compile: 'fast' is not a compile setting — use false, true, reduce"),
         (["trainer.limit_val_batches=0"], "trainer.limit_val_batches must be greater than 0 (got 0)"),
+        (["trainer.max_steps=0"], "trainer.max_steps: 0 trains nothing — use -1"),
         (["monitor.interval_s=0"], "monitor.interval_s must be greater than or equal to 0.01 (got 0)"),
         (
             ["model.compile=step"],
@@ -129,10 +132,44 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
             assert done.returncode == 2, done.stderr
             assert lines == [lines[-1]] and lines[-1].startswith(expected), done.stderr
             assert "Traceback" not in done.stdout + done.stderr
-            assert not (tmp_path / str(i) / "checkpoints").exists()  # no work was done
+            assert not (tmp_path / str(i)).exists()  # no work was done, and no empty run dir is left
 
 
-def test_hydra_full_error_gives_the_traceback(tmp_path: Path) -> None:
+def test_a_config_error_leaves_no_run_dir_but_keeps_one_that_was_there(tmp_path: Path) -> None:
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's")
+    fresh, kept = (
+        run_cli(["optim.lr=-1", *where], cwd=tmp_path)
+        for where in ([], [f"hydra.run.dir={earlier}", "data=cifar10", f"data.root={tmp_path / 'none'}"])
+    )
+    assert fresh.returncode == kept.returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]  # outputs/DATE/TIME went, parents too
+    assert (earlier / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's"
+    assert (earlier / ".hydra").is_dir()  # the rerun's own record, in the dir it was given
+
+
+def test_hydra_full_error_gives_the_traceback_and_still_exit_2(tmp_path: Path) -> None:
     done = run_cli(["optim.lr=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
-    assert done.returncode != 0
-    assert "Traceback" in done.stderr and "ConfigError" in done.stderr
+    assert done.returncode == 2
+    assert "Traceback" in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("ConfigError: optim.lr must be greater than 0")
+
+
+@pytest.mark.parametrize(
+    ("mistake", "error"),
+    [
+        (["optim.lrr=0.1"], "ConfigError: optim.lrr is not a config key — use optim.lr=0.1"),
+        (["model.name=nosuchnet"], "ConfigError: model.name: 'nosuchnet' is not a torchvision classifier"),
+        (["model=torchvision", "model.name=resnet19"], "— use model=torchvision model.name=resnet18"),
+    ],
+)
+def test_a_hint_leads_to_a_command_that_works(tmp_path: Path, mistake: list[str], error: str) -> None:
+    tiny = [a for a in TINY if a != "model.width=8"]  # a key of the small_cnn group only
+    done = run_cli([*mistake, *tiny], cwd=tmp_path)
+    assert done.returncode == 2 and error in done.stderr, done.stderr
+    fixed = re.search(r" — use (.+?)(?: \(|,|$)", done.stderr).group(1).split()  # the hint, whole
+    quick = ["trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    rerun = run_cli([*fixed, *tiny, *quick, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["global_step"] == 1

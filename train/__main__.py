@@ -31,4 +31,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     hydra_setup()
-    run_app(main)
+    run_app(sweep.with_grid_summary(main))

@@ -46,8 +46,21 @@ def main(task: str, config: Path) -> None:
         )
 
 
-def log_as_hydra_jobs_do() -> None:
-    """The log lines of a rank, as a Hydra job prints them (stdout, INFO): no Hydra runs here to set it up."""
+def log_as_hydra_jobs_do(run_dir: Path) -> None:
+    """The log lines of a rank, where the Hydra job that started it logs: its ``hydra.job_logging`` (the
+    console and the run's ``<job>.log``), read from the run dir's ``.hydra/hydra.yaml``; no Hydra runs
+    here to set it up. Without that record (a job started from the library), stdout at INFO."""
+    from t240dist import noise
+
+    noise.silence()
+    record = run_dir / ".hydra" / "hydra.yaml"
+    if record.is_file():
+        from hydra.core.utils import configure_log
+        from omegaconf import OmegaConf
+
+        hydra = OmegaConf.load(record).hydra
+        configure_log(hydra.job_logging, hydra.verbose)
+        return
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stdout,
@@ -58,5 +71,5 @@ def log_as_hydra_jobs_do() -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in TASKS:
         sys.exit("usage: python -m train.worker train|bench RUN_DIR/config.yaml (started by python -m train)")
-    log_as_hydra_jobs_do()
+    log_as_hydra_jobs_do(Path(sys.argv[2]).parent)
     main(sys.argv[1], Path(sys.argv[2]))

@@ -15,7 +15,6 @@ import logging
 import math
 import re
 import threading
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,10 +39,6 @@ log = logging.getLogger(__name__)
 # A trial that a killed or preempted sweep left unfinished is run again, once: one that kills the sweep itself
 # must not be retried forever.
 RERUN_INTERRUPTED = RetryHeartbeatStaleTrialCallback(max_retry=1)
-# Heartbeats and reruns of stale trials are "experimental" in optuna, and meant for Study.optimize, which a
-# sweeper that asks and tells does not use; the warnings would tell users nothing they can act on.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def run_study(
@@ -87,7 +82,7 @@ def run_study(
                     break
     finally:
         rows = [_row(trial) for trial in study.get_trials(deepcopy=False)]
-        sweep.write_sweep_summary(rows, Path(config.hydra.sweep.dir), settings.direction)
+        sweep.write_sweep_summary(rows, Path(config.hydra.sweep.dir), objective, settings.direction)
 
 
 def search_space(

@@ -1,0 +1,61 @@
+"""What t240dist silences of its stack's output, each line with the reason; the one place that does.
+
+Only lines that tell a user nothing true about their run, or that t240dist answers better, and each by
+its message (or, for a library's chatty internals, by its logger's level), so that anything else the
+stack says still reaches the user. Imports nothing heavy: entry points call ``silence`` before composing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+# (logger, message pattern): log lines dropped where they are emitted.
+_LOG_LINES = (
+    # an advertisement for a cloud service, printed by every Trainer that has no LitLogger
+    ("pytorch_lightning.utilities.rank_zero", r"💡 Tip: For seamless cloud logging"),
+    # conf/ gives every limit as 1.0 ("all batches"); Lightning says so for each limit that is given at all
+    (
+        "pytorch_lightning.utilities.rank_zero",
+        r"`Trainer\(limit_(train|val|test|predict)_batches=1\.0\)` was configured so 100%",
+    ),
+    # t240dist's one-line model summary (callbacks.ModelSize) stands in for Lightning's default table
+    ("pytorch_lightning.utilities.rank_zero", r"Trainer already configured with model summary callbacks"),
+)
+# Loggers whose INFO lines are a library's internals: the ONNX exporter's optimizer reports each of its
+# passes (11 lines an export); export reports what matters, the check against PyTorch (max_abs_diff).
+_QUIET_LOGGERS = ("onnxscript", "onnx_ir")
+# (message pattern, category name): warnings ignored.
+_WARNINGS = (
+    # Lightning 2.6's copy of torch's pytree builds the deprecated LeafSpec itself; nothing a user can change
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # Heartbeats and reruns of stale trials are "experimental" in optuna, and meant for Study.optimize, which
+    # a sweeper that asks and tells does not use (hydra_plugins/t240dist_optuna): nothing a user can act on
+    (r"RetryHeartbeatStaleTrialCallback is experimental", Warning),
+    (r"Argument ``heartbeat_\w+`` is an experimental feature", Warning),
+    (r"Heartbeat of storage is supposed to be used with Study.optimize", Warning),
+)
+
+
+def silence() -> None:
+    """Install the filters above in this process (again: no effect)."""
+    for logger, pattern in _LOG_LINES:
+        target = logging.getLogger(logger)
+        if not any(isinstance(f, _DropLines) and f.pattern.pattern == pattern for f in target.filters):
+            target.addFilter(_DropLines(pattern))
+    for logger in _QUIET_LOGGERS:
+        logging.getLogger(logger).setLevel(logging.WARNING)
+    for pattern, category in _WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+
+
+class _DropLines(logging.Filter):
+    """Drops the records whose message matches ``pattern``."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())

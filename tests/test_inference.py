@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, compose, run_cli
+from conftest import NOISE, TINY, compose, fits_80_columns, run_cli
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -62,8 +63,13 @@ def test_evaluate_reproduces_the_runs_test_accuracy_per_class_and_as_a_confusion
     run: dict, tmp_path: Path
 ) -> None:
     args = [f"ckpt={run['best_checkpoint']}", "data.batch_size=16", f"hydra.run.dir={tmp_path}"]
-    done = run_cli(args, cwd=tmp_path, entry="train.evaluate")
+    done = run_cli(args, cwd=tmp_path, entry="train.evaluate", COLUMNS="80")
     assert done.returncode == 0, done.stderr[-2000:]
+    # where it wrote, whole, in 80 columns and in its log
+    wrote = [f"wrote {tmp_path / 'eval_summary.json'}", f"wrote {tmp_path / 'confusion_matrix.png'}"]
+    fits_80_columns(done.stdout, [f"checkpoint: {run['best_checkpoint']}", *wrote])
+    assert all(line in (tmp_path / "evaluate.log").read_text() for line in wrote)
+    assert [line for line in done.stdout.splitlines() if any(noise in line for noise in NOISE)] == []
 
     summary = json.loads((tmp_path / "eval_summary.json").read_text())
     assert summary["test_acc"] == run["test_acc"] and summary["test_top5"] == run["test_top5"]
@@ -107,6 +113,40 @@ def test_tampered_and_unsigned_checkpoints_are_refused_with_one_line(run: dict, 
     trusted = [*overrides, "checkpoint.trust_unsigned=true"]
     summary = evaluate(compose_config(trusted, "evaluate"), trusted, tmp_path / "eval")
     assert summary["test_acc"] == run["test_acc"]
+
+
+def test_predict_says_where_it_wrote_in_80_columns_and_in_its_log(run: dict, tmp_path: Path) -> None:
+    _image_folder(tmp_path / "images")
+    args = [
+        f"ckpt={run['best_checkpoint']}",
+        f"input={tmp_path / 'images'}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    ]
+    done = run_cli([*args, "data.num_workers=4"], cwd=tmp_path, entry="train.predict", COLUMNS="80")
+    assert done.returncode == 0, done.stderr[-2000:]
+    wrote = [
+        f"wrote {tmp_path / 'out' / 'predictions.csv'}",
+        f"wrote {tmp_path / 'out' / 'predict_summary.json'}",
+    ]
+    fits_80_columns(done.stdout, wrote)
+    assert all(line in (tmp_path / "out" / "predict.log").read_text() for line in wrote)
+    assert [line for line in done.stdout.splitlines() if any(noise in line for noise in NOISE)] == []
+    assert "Our suggested max number of worker" not in done.stderr  # 4 workers, at most the CPUs
+
+
+def test_a_missing_checkpoint_is_answered_with_one_that_evaluates(run: dict, tmp_path: Path) -> None:
+    best = Path(run["best_checkpoint"])
+    typo = best.parent / "bset.ckpt"
+    done = run_cli([f"ckpt={typo}", f"hydra.run.dir={tmp_path / 'no'}"], cwd=tmp_path, entry="train.evaluate")
+    assert done.returncode == 2 and not (tmp_path / "no").exists()
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"CheckpointError: ckpt={typo} does not exist — {best.parent} holds best.ckpt,")
+    hint = line.split(": ckpt=")[-1]
+    again = run_cli(
+        [f"ckpt={hint}", f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path, entry="train.evaluate"
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "eval" / "eval_summary.json").read_text())["test_acc"] == run["test_acc"]
 
 
 def _image_folder(root: Path) -> list[Path]:
@@ -173,12 +213,17 @@ def test_predict_classifies_image_files_as_the_network_does_and_lists_unreadable
     assert float(row["prob_1"]) == pytest.approx(probs[0].item(), abs=0.02)
 
 
-def test_export_writes_an_onnx_model_that_onnx_runtime_runs_like_pytorch(run: dict, tmp_path: Path) -> None:
+def test_export_writes_an_onnx_model_that_onnx_runtime_runs_like_pytorch(
+    run: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     onnx = pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
     path = tmp_path / "model.onnx"
     overrides = [f"ckpt={run['best_checkpoint']}", f"output={path}", "check_images=8"]
-    summary = export(compose_config(overrides, "export"), overrides, tmp_path)
+    with caplog.at_level(logging.INFO):
+        summary = export(compose_config(overrides, "export"), overrides, tmp_path)
+    assert [r.name for r in caplog.records if r.name.startswith(("onnx", "torch.onnx"))] == []  # no chatter
+    assert f"wrote {path}" in caplog.messages
     assert summary["check_images"] == 8 and summary["max_abs_diff"] <= 1e-4
     assert json.loads((tmp_path / "export_summary.json").read_text()) == summary
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY, process_tree, run_cli, scalars
+from conftest import TINY, fits_80_columns, process_tree, run_cli, scalars
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -123,6 +124,7 @@ def test_optuna_records_a_pruned_and_a_nan_trial_and_the_sweep_goes_on(tmp_path:
     assert float(rows[1]["objective"]) == pytest.approx(pruned["val_loss"])  # the last value it reported
     assert rows[2]["error"] == "the objective val/loss is nan" and nan["epochs"] == 3
     assert "failed: the objective val/loss is nan" in done.stdout + done.stderr
+    assert "ExperimentalWarning" not in done.stderr  # optuna's, about heartbeats the sweeper does itself
 
 
 def _start(args: list[str], cwd: Path, name: str) -> subprocess.Popen:
@@ -231,7 +233,7 @@ def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_par
 
 
 def test_a_failed_grid_trial_is_summarised_with_its_error_and_the_others_still_run(tmp_path: Path) -> None:
-    done = run_cli(["-m", *TINY, "optim.lr=1e30,0.1"], cwd=tmp_path)
+    done = run_cli(["-m", *TINY, "optim.lr=1e30,0.1"], cwd=tmp_path, COLUMNS="80")
     diverged = "NonFiniteError: the loss became NaN/inf at step 1"
     assert done.returncode == 2  # the first error, once every trial has run
     assert done.stderr.strip().splitlines()[-1].startswith(diverged)
@@ -243,6 +245,11 @@ def test_a_failed_grid_trial_is_summarised_with_its_error_and_the_others_still_r
     ]
     assert rows[1]["error"].startswith(diverged)
     assert _run_summary(rows[0]["run_dir"])["lr"] == 0.1
+    # its table too, in 80 columns: each trial on one line with the override that differs
+    table = done.stdout[done.stdout.index("sweep summary: maximize val/acc") :]
+    fits_80_columns(table, [f"wrote {sweep_dir / 'sweep_summary.csv'}", f"trial 0 fail: {diverged}"])
+    assert re.search(r"\n +1 +complete +[\d.]+ +[\d.]+ +optim\.lr=0\.1 *\n", table)  # best first
+    assert re.search(r"\n +0 +fail +optim\.lr=1e\+30 *\n", table)  # no objective, no test_acc
 
 
 DDP_TRIALS = [
@@ -380,8 +387,9 @@ def test_an_error_line_with_brackets_is_printed_as_text(
         "RuntimeError: [/__w/pytorch/third_party/gloo/transport/tcp/pair.cc:561] Connection closed by peer"
     )
     row = dict.fromkeys(("trial", "objective", "test_acc", "val_acc", "overrides", "run_dir"))
-    write_sweep_summary([{**row, "trial": 0, "state": "fail", "error": error}], tmp_path, "maximize")
+    row = {**row, "trial": 0, "state": "fail", "error": error, "overrides": "optim.lr=0.1"}
+    write_sweep_summary([row], tmp_path, "val/acc", "maximize")
     printed = capsys.readouterr().out
-    assert "by peer" in printed  # printed (folded), where rich markup would have raised on "[/__w...]"
+    assert error in " ".join(printed.split())  # printed (wrapped), where rich markup would raise on "[/__w"
     [written] = csv.DictReader((tmp_path / "sweep_summary.csv").open())
     assert written["error"] == error

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose, scalars
+from conftest import TINY, compose, scalars
 from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.overrides import TorchFunctionMode
 
-from t240dist.config import validate
+from t240dist.config import check_steps, validate
 from t240dist.data import ImageDataModule
+from t240dist.errors import ConfigError
 from t240dist.module import ClassifierModule
 from t240dist.run import train
 
@@ -250,3 +256,87 @@ def test_workers_give_the_same_run_twice(tmp_path: Path) -> None:
     b = train(compose(overrides), run_dir=tmp_path / "b")
     c = train(compose([*overrides, "seed=1"]), run_dir=tmp_path / "c")
     assert a["test_loss"] == b["test_loss"] != c["test_loss"]
+
+
+PHOTOS = ["data=imagefolder", "data.image_size=16", "model.width=8", "trainer.max_epochs=1"]
+
+
+@pytest.mark.parametrize(
+    ("mistake", "error"),
+    [
+        ([*TINY, "data.batch_size=256"], "data.batch_size=256 is larger than the training split (128"),
+        ([*TINY, "trainer.limit_train_batches=0.1"], "trainer.limit_train_batches=0.1 keeps none of the 4"),
+        (PHOTOS, "data.batch_size=64 is larger than the training split (22 images), so the run would train"),
+    ],
+    ids=["batch", "limit", "24-photos"],
+)
+def test_a_run_that_would_train_nothing_stops_before_any_work_and_its_fix_trains(
+    tmp_path: Path, mistake: list[str], error: str, recwarn: pytest.WarningsRecorder
+) -> None:
+    write_image_tree(tmp_path / "photos", per_class=12, splits=False)  # 24 photos: 22 train, 2 validate
+    overrides = [*mistake, f"data.root={tmp_path / 'photos'}"] if mistake is PHOTOS else mistake
+    with pytest.raises(ConfigError) as stopped:
+        train(compose(overrides), run_dir=tmp_path / "run")
+    assert error in str(stopped.value)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.yaml"]  # no checkpoint, no event
+    fix = str(stopped.value).split(" — set ")[1].split(" or more")[0]
+    summary = train(compose([*overrides, fix, "trainer.enable_progress_bar=false"]), run_dir=tmp_path / "fix")
+    assert summary["global_step"] >= 1
+    # the image folder's 4 loader workers are at most the CPUs: torch has no worker count to warn about
+    assert not [w for w in recwarn if "suggested max number of worker" in str(w.message)]
+
+
+def test_each_rank_needs_a_whole_batch_of_its_shard(
+    tmp_path: Path, tiny: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank of a 2-rank job, as torchrun or the agent starts it
+    shard = r"\(128 images, 64 for each of 2 ranks\), .* — set data.batch_size=64$"
+    with pytest.raises(ConfigError, match=shard):
+        train(compose([*tiny, "data.batch_size=96"]), run_dir=tmp_path)
+
+
+def _readme_switches() -> list[str]:
+    """The overrides of the README's switches example (the bash block after "Switches")."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("Switches (timm-style)")[1].split("```bash\n")[1].split("```")[0]
+    return block.replace("\\\n", " ").split()[3:]  # after "python -m train"
+
+
+def test_an_ema_longer_than_the_run_warns_and_the_readmes_switches_do_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conf = validate(compose(["module.ema_decay=0.999"]))  # the default run: 380 steps of digits
+    train_size = ImageDataModule(conf["data"], conf["seed"]).info.train_size
+    with caplog.at_level(logging.WARNING, logger="t240dist"):
+        check_steps(conf, train_size, ranks=1)
+        assert caplog.messages == [
+            "module.ema_decay=0.999 averages the weights over about 1000 optimizer steps, more than the 380 "
+            "this run takes: validation, test and checkpoints would use weights close to the initial ones — "
+            "use module.ema_decay=0.99, or train longer"
+        ]
+        caplog.clear()
+        switches = _readme_switches()
+        assert any(s.startswith("module.ema_decay=") for s in switches)
+        check_steps(validate(compose(switches)), train_size, ranks=1)
+        assert caplog.messages == []
+
+
+def test_a_long_cpu_run_says_early_how_long_and_how_to_shorten_it(
+    tmp_path: Path, tiny: list[str], reap: list
+) -> None:
+    long = [*tiny, "trainer.max_epochs=100000", f"hydra.run.dir={tmp_path / 'run'}"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "train", *long],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    reap.append(run)
+    for line in run.stdout:
+        if "this run trains" in line:
+            break
+    note = re.search(r"this run trains (\d+) more steps on the CPU, .* — .* trainer\.max_epochs=(\d+) ", line)
+    assert note and int(note.group(1)) > 399_000 and 1 <= int(note.group(2)) < 100000, line

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY, compose, run_cli
+from conftest import NOISE, TINY, compose, run_cli
 from torch.utils.data import Dataset
 
 from t240dist.config import validate
@@ -42,6 +42,11 @@ def test_two_rank_run_is_one_job_with_one_run_dir(tmp_path: Path) -> None:
     assert done.stdout.count("run summary") == 1
     assert summary["effective_batch_size"] == 64 and summary["lr"] == 0.2  # 0.1 x 64/32, linear rule
     assert "effective batch 64 = 32 per device × 2 device(s) × 1 node(s) × 1 accumulation" in done.stdout
+    # the ranks log where the job's Hydra logging goes: the console and the run's train.log, quietly
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "starting fresh" in log and "`Trainer.fit` stopped" in log
+    assert f"wrote {tmp_path / 'run' / 'run_summary.json'}" in log
+    assert [line for line in (done.stdout + done.stderr).splitlines() if any(n in line for n in NOISE)] == []
 
 
 def test_multirun_over_two_ranks_runs_each_trial_once_with_the_same_params(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
@@ -94,13 +95,13 @@ def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any], run_dir: Path) 
 
     The tab opens on five hyperparameter columns: those whose ``differs`` flag is set, by name (the plugin
     sorts them so, and takes the flag from a run's experiment summary rather than comparing the runs when
-    runs carry one, as these do: the summary is what names the metric columns). The flag goes on the keys
-    people compare runs by (``COMPARED``) and on the keys this run's command line set, as Hydra recorded
-    them in ``.hydra/overrides.yaml`` (a sweep's trial: its swept values among them). The metric columns
-    read the run's own scalar tags, so no value is logged twice.
+    runs carry one, as these do: the summary is what names the metric columns). So the flag goes on at
+    most five keys: those a sweep varies, then those people compare runs by (``COMPARED``). The metric
+    columns read the run's own scalar tags, so no value is logged twice.
     """
     flat = _flatten(conf)
-    flagged = set(COMPARED) | _overridden(flat, run_dir)
+    swept = _swept(flat, run_dir)
+    flagged = {*swept, *[key for key in COMPARED if key not in swept][: max(0, 5 - len(swept))]}
     experiment, start, end = hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0))
     plugin = experiment.value[0].metadata.plugin_data
     content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
@@ -112,17 +113,22 @@ def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any], run_dir: Path) 
         writer.add_summary(summary)
 
 
-def _overridden(flat: dict[str, Any], run_dir: Path) -> set[str]:
-    """The keys of ``flat`` that the run's command line set (a group choice, ``data=synthetic``, names
-    the group's ``name`` or ``_target_``); none for a run composed without Hydra's CLI."""
-    record = run_dir / ".hydra" / "overrides.yaml"
-    if not record.is_file():
-        return set()
-    keys = set()
-    for override in OverridesParser.create().parse_overrides(yaml.safe_load(record.read_text()) or []):
-        key = override.key_or_group
-        keys |= {name for name in (key, f"{key}.name", f"{key}._target_") if name in flat}
-    return keys
+def _swept(flat: dict[str, Any], run_dir: Path) -> list[str]:
+    """The keys of ``flat`` that the sweep this run is a trial of varies: its sweep overrides
+    (``optim.lr=0.1,0.05``; a group's, ``model=a,b``, names its ``name`` or ``_target_``) and its
+    sweeper's search space, from the sweep's record (``multirun.yaml`` in the sweep dir above the run
+    dir); none for a run outside a sweep."""
+    record = next((p / "multirun.yaml" for p in run_dir.parents[:2] if (p / "multirun.yaml").is_file()), None)
+    if record is None:
+        return []
+    hydra = OmegaConf.to_container(OmegaConf.load(record).hydra, resolve=False)
+    overrides = OverridesParser.create().parse_overrides(hydra["overrides"]["task"])
+    varied = [
+        *(hydra["sweeper"].get("params") or {}),
+        *(o.key_or_group for o in overrides if o.is_sweep_override()),
+    ]
+    keys = (next((k for k in (key, f"{key}.name", f"{key}._target_") if k in flat), None) for key in varied)
+    return sorted({key for key in keys if key is not None})
 
 
 @rank_zero_only

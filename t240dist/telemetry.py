@@ -40,6 +40,12 @@ THROTTLE_REASONS = {
     "hw_thermal": 0x40,
     "hw_power_brake": 0x80,
 }
+# The gauges whose peak in a window (gpu/<metric>.max/<gpu>) says what their mean hides: a memory or
+# power spike, a hot moment, a burst of work. Clocks and the 0/100 throttle flags get none: a flag's mean
+# is already the share of the window it was up, its peak only 0 or 100.
+PEAKS = {"util_pct", "mem_bw_util_pct", "mem_used_gib", "proc_mem_gib", "power_w", "temp_c"}
+# What a GPU reads that never changes: said once (at start, and as TensorBoard text), never a series.
+CONSTANTS = {"mem_total_gib"}
 # The gauges charted across GPUs on the dashboard (tag gpu/<metric>/<gpu>), with their titles.
 CHARTS = {
     "util_pct": "GPU utilization %",
@@ -79,6 +85,7 @@ class GpuMonitor(pl.Callback):
         self._window_start = (0, 0, 0.0)  # (step, images, time) at the previous exchange
         self._warned: set[str] = set()
         self._written_at = -1  # the step of the latest points written
+        self._about_gpus: list[str] = []  # what each GPU is, said once, for TensorBoard's text tab
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         nvml = _load(self.cfg["library"])
@@ -146,6 +153,9 @@ class GpuMonitor(pl.Callback):
             if metrics and axis != self._written_at:
                 trainer.logger.log_metrics(metrics, step=axis)
                 self._written_at = axis
+            if self._about_gpus and isinstance(trainer.logger, TensorBoardLogger):
+                trainer.logger.experiment.add_text("gpus", "\n\n".join(self._about_gpus), axis)
+            self._about_gpus.clear()
         self.totals.host_s += time.perf_counter() - now  # what the training thread paid for telemetry
 
     def _metrics(self, ranks: list[dict[str, Any]], images_per_s: float) -> dict[str, float]:
@@ -205,14 +215,18 @@ class GpuMonitor(pl.Callback):
                 )
 
     def _report_news(self, label: str, window: dict[str, Any]) -> None:
-        """Print a GPU's metric availability the first time, and a lost GPU or metric once."""
+        """Say what a GPU is and which metrics it has the first time (in the log, and as TensorBoard text
+        for ``_exchange`` to write), and a lost GPU or metric once."""
         if window.get("available") is not None:
             missing = ", ".join(f"{m} ({why})" for m, why in sorted(window["missing"].items())) or "none"
-            print(
-                f"GPU telemetry {label} {window['name']} ({window['uuid']}): "
-                f"{', '.join(window['available'])}; not available: {missing}",
-                flush=True,
+            total = window["constants"].get("mem_total_gib")
+            memory = f", {total:.0f} GiB" if total is not None else ""
+            line = (
+                f"GPU telemetry {label} {window['name']} ({window['uuid']}{memory}): "
+                f"{', '.join(window['available'])}; not available: {missing}"
             )
+            log.info(line)
+            self._about_gpus.append(line)
         for news in window["news"]:
             self._warn_once(f"{label}:{news}", f"GPU {label}: {news}")
 
@@ -482,6 +496,7 @@ class _Gpu:
     sums: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     peaks: dict[str, float] = field(default_factory=dict)
+    constants: dict[str, float] = field(default_factory=dict)
     counters: dict[str, tuple[float, float]] = field(default_factory=dict)  # latest (time, value)
     first: dict[str, float] = field(default_factory=dict)  # counter values at the start of the run
     window_start: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -493,9 +508,13 @@ class _Gpu:
                 self.first.setdefault(name, float(value))
                 self.window_start.setdefault(name, (now, float(value)))
                 continue
+            if name in CONSTANTS:
+                self.constants[name] = value
+                continue
             self.sums[name] = self.sums.get(name, 0.0) + value
             self.counts[name] = self.counts.get(name, 0) + 1
-            self.peaks[name] = max(value, self.peaks.get(name, value))
+            if name in PEAKS:
+                self.peaks[name] = max(value, self.peaks.get(name, value))
 
     def fail(self, failed: dict[str, str | None]) -> None:
         """Drop the readers that failed (all of them, once the GPU is lost), with news of it."""
@@ -537,6 +556,7 @@ class _Gpu:
             "news": self.news,
             "available": None if self.reported else sorted(self.readers),
             "missing": self.missing,
+            "constants": self.constants,
         }
         self.reported, self.news = True, []
         self.reset_window()

@@ -60,8 +60,8 @@ def _run_summary(run_dir: str | Path) -> dict:
 
 
 def test_grid_sweep_gives_each_trial_a_run_dir_its_hparams_and_a_summary_best_first(tmp_path: Path) -> None:
-    tiny = [a for a in TINY if not a.startswith(("data.batch_size=", "trainer.max_epochs="))]
-    sweep = ["optim.lr=0.1,0.02", "data.batch_size=32,64", "trainer.max_epochs=1"]
+    tiny = [a for a in TINY if not a.startswith("trainer.max_epochs=")]
+    sweep = ["optim.lr=0.1,0.02", "module.label_smoothing=0,0.1", "trainer.max_epochs=1"]
     done = run_cli(["-m", *tiny, *sweep], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 
@@ -81,8 +81,17 @@ def test_grid_sweep_gives_each_trial_a_run_dir_its_hparams_and_a_summary_best_fi
         # the HParams table shows the last value of each metric tag: the run's final metrics
         assert scalars(run)["test/acc"][-1][1] == pytest.approx(summary["test_acc"])
         assert hparams["optim.lr"].number_value == pytest.approx(summary["lr"])
-        compared.add((hparams["optim.lr"].number_value, hparams["data.batch_size"].number_value))
-    assert compared == {(0.1, 32), (0.1, 64), (0.02, 32), (0.02, 64)}
+        compared.add((hparams["optim.lr"].number_value, hparams["module.label_smoothing"].number_value))
+        # the HParams tab opens on the swept keys, then on those people compare: five in all
+        first = {h.name for h in experiment.hparam_infos if h.differs}
+        assert first == {
+            "module.label_smoothing",
+            "optim.lr",
+            "optim._target_",
+            "data.batch_size",
+            "model.name",
+        }
+    assert compared == {(0.1, 0.0), (0.1, 0.1), (0.02, 0.0), (0.02, 0.1)}
 
     rows = _rows(sweep_dir)
     objectives = [float(r["objective"]) for r in rows]

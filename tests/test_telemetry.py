@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import fake_nvml
 import pytest
 from conftest import TINY, run_cli, scalars
 
-from t240dist.telemetry import NvmlSampler
+from t240dist.report import COMPARED
+from t240dist.telemetry import PEAKS, NvmlSampler
 
 TESTS = Path(__file__).parent
 GPUS = [{"uuid": f"GPU-{letter}", "name": f"Fake H100 {letter}"} for letter in "abc"]
@@ -146,11 +148,15 @@ def test_two_ranks_write_each_gpu_once_on_the_step_axis(
     }
     assert {v for _, v in tags["gpus/temp_c/min"]} == {40} and {v for _, v in tags["gpus/temp_c/max"]} == {42}
     assert {v for _, v in tags["gpus/slowest_rank"]} == {0}  # rank 0 computes on the slow-clocked GPU
+    # no constant series and no peak of a 0/100 flag: the GPU section holds what changes and means something
+    assert not [t for t in tags if "mem_total" in t]
+    peaks = {t.split("/")[1].removesuffix(".max") for t in tags if ".max/" in t}
+    assert peaks == PEAKS and {"throttled_pct", "sm_clock_mhz"}.isdisjoint(peaks)
     steps = [s for s, _ in tags["gpu/util_pct/rank0"]]
     assert steps == sorted(steps) and max(steps) <= max(s for s, _ in tags["train/loss"])
     assert all(v > 0 for _, v in tags["perf/energy_per_image_j"])
     assert done.stdout.count("GPU rank0 is a straggler: SM clock 1500 MHz vs 1980 MHz") == 1
-    assert len(re.findall(r"GPU telemetry rank\d Fake H100", done.stdout)) == 2
+    assert len(re.findall(r"GPU telemetry rank\d Fake H100 . \(GPU-.(, 80 GiB)\): ", done.stdout)) == 2
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["energy_j"] > 0 and summary["energy_per_image_j"] > 0
     assert summary["gpu_util_mean"] == pytest.approx(51) and summary["gpu_mem_peak_gib"] == 3
@@ -187,6 +193,15 @@ def test_a_tensorboard_server_serves_the_gpu_dashboard_and_training_curves(
         charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"]}
         assert charts["GPU utilization %"]["multiline"]["tag"] == ["^gpu/util_pct/"]
         assert "loss" in charts
+        # the GPUs' constants once, as text; the HParams tab opens on the keys people compare
+        about = _get(f"{url}/data/plugin/text/text?run=.&tag=gpus/text_summary")
+        assert "80 GiB" in about[0]["text"]
+        request = urllib.parse.quote(json.dumps({"experimentName": ""}))
+        experiment = _get(f"{url}/data/plugin/hparams/experiment?request={request}")
+        shown = [h["name"] for h in experiment["hparamInfos"][:5]]  # the columns the tab opens on
+        assert shown == sorted(COMPARED) and all(h["differs"] for h in experiment["hparamInfos"][:5])
+        assert not any(h["differs"] for h in experiment["hparamInfos"][5:])
+        assert [m["name"]["tag"] for m in experiment["metricInfos"]][:2] == ["test/acc", "test/loss"]
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -26,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -45,6 +45,9 @@ def run_study(
     settings: OptunaSweeperConf, launcher: Launcher, config: DictConfig, arguments: list[str]
 ) -> None:
     """Run the study to ``n_trials`` finished trials; write its summary in the sweep dir in any case."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")  # the sweep's record, as Hydra's basic sweeper keeps
     space, fixed = search_space(settings.params, arguments)
     storage = _storage(settings, launcher)
     study = open_study(settings, storage)
@@ -82,7 +85,7 @@ def run_study(
                     break
     finally:
         rows = [_row(trial) for trial in study.get_trials(deepcopy=False)]
-        sweep.write_sweep_summary(rows, Path(config.hydra.sweep.dir), objective, settings.direction)
+        sweep.write_sweep_summary(rows, sweep_dir, objective, settings.direction)
 
 
 def search_space(

@@ -46,24 +46,25 @@ THROTTLE_REASONS = {
 PEAKS = {"util_pct", "mem_bw_util_pct", "mem_used_gib", "proc_mem_gib", "power_w", "temp_c"}
 # What a GPU reads that never changes: said once (at start, and as TensorBoard text), never a series.
 CONSTANTS = {"mem_total_gib"}
-# The gauges charted across GPUs on the dashboard (tag gpu/<metric>/<gpu>), with their titles.
+# The gauges charted across GPUs on the dashboard (tag gpu/<metric>/<gpu>): their titles, and the reader
+# (READERS) that measures each, so that a GPU without it gets no empty chart.
 CHARTS = {
-    "util_pct": "GPU utilization %",
-    "mem_bw_util_pct": "memory-bandwidth utilization %",
-    "mem_used_gib": "memory used GiB",
-    "proc_mem_gib": "this job's memory GiB",
-    "power_w": "power W",
-    "energy_j": "energy J (since the start)",
-    "temp_c": "temperature °C",
-    "sm_clock_mhz": "SM clock MHz",
-    "mem_clock_mhz": "memory clock MHz",
-    "throttled_pct": "throttled % of samples",
-    "throttle_power_pct": "power-capped % of time",
-    "throttle_thermal_pct": "thermally capped % of time",
-    "pcie_tx_mib_s": "PCIe tx MiB/s",
-    "pcie_rx_mib_s": "PCIe rx MiB/s",
-    "sm_active_pct": "SM activity % (GPM)",
-    "tensor_active_pct": "tensor-core activity % (GPM)",
+    "util_pct": ("GPU utilization %", "utilization"),
+    "mem_bw_util_pct": ("memory-bandwidth utilization %", "utilization"),
+    "mem_used_gib": ("memory used GiB", "memory"),
+    "proc_mem_gib": ("this job's memory GiB", "process_memory"),
+    "power_w": ("power W", "power"),
+    "energy_j": ("energy J (since the start)", "energy"),
+    "temp_c": ("temperature °C", "temperature"),
+    "sm_clock_mhz": ("SM clock MHz", "clocks"),
+    "mem_clock_mhz": ("memory clock MHz", "clocks"),
+    "throttled_pct": ("throttled % of samples", "clock_events"),
+    "throttle_power_pct": ("power-capped % of time", "violations"),
+    "throttle_thermal_pct": ("thermally capped % of time", "violations"),
+    "pcie_tx_mib_s": ("PCIe tx MiB/s", "pcie"),
+    "pcie_rx_mib_s": ("PCIe rx MiB/s", "pcie"),
+    "sm_active_pct": ("SM activity % (GPM)", "gpm"),
+    "tensor_active_pct": ("tensor-core activity % (GPM)", "gpm"),
 }
 
 
@@ -102,7 +103,8 @@ class GpuMonitor(pl.Callback):
             if trainer.local_rank == 0:
                 log.warning("GPU telemetry off: %s — training goes on without it", failure)
         elif trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_custom_scalars(dashboard_layout())
+            readers = {name for gpu in self.sampler.gpus for name in gpu.readers}  # rank 0's GPUs have
+            trainer.logger.experiment.add_custom_scalars(dashboard_layout(readers))
         self._window_start = (trainer.global_step, 0, time.perf_counter())
 
     def on_train_batch_end(
@@ -595,8 +597,9 @@ class GpmActivity:
         return {"sm_active_pct": request.metrics[0].value, "tensor_active_pct": request.metrics[1].value}
 
 
-def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
-    """TensorBoard custom-scalars layout: one chart per GPU metric across all GPUs, beside training."""
+def dashboard_layout(readers: set[str]) -> dict[str, dict[str, list[Any]]]:
+    """TensorBoard custom-scalars layout: one chart per GPU metric that ``readers`` measure, across all
+    GPUs, beside training."""
     return {
         "training": {
             "loss": ["Multiline", [r"^train/loss$", r"^val/loss$"]],
@@ -604,7 +607,11 @@ def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
             "images/s": ["Multiline", [r"^perf/images_per_s$"]],
             "energy per image J": ["Multiline", [r"^perf/energy_per_image_j$"]],
         },
-        "GPUs": {title: ["Multiline", [rf"^gpu/{name}/"]] for name, title in CHARTS.items()},
+        "GPUs": {
+            title: ["Multiline", [rf"^gpu/{name}/"]]
+            for name, (title, reader) in CHARTS.items()
+            if reader in readers
+        },
     }
 
 

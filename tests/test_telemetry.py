@@ -192,7 +192,8 @@ def test_a_tensorboard_server_serves_the_gpu_dashboard_and_training_curves(
         layout = _get(f"{url}/data/plugin/custom_scalars/layout")
         charts = {c["title"]: c for cat in layout["category"] for c in cat["chart"]}
         assert charts["GPU utilization %"]["multiline"]["tag"] == ["^gpu/util_pct/"]
-        assert "loss" in charts
+        assert "loss" in charts and "power W" in charts
+        assert "SM activity % (GPM)" not in charts  # the fake GPUs have no GPM: no empty chart
         # the GPUs' constants once, as text; the HParams tab opens on the keys people compare
         about = _get(f"{url}/data/plugin/text/text?run=.&tag=gpus/text_summary")
         assert "80 GiB" in about[0]["text"]

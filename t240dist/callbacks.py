@@ -100,11 +100,11 @@ class LongCpuRun(pl.Callback):
             per_step = (now - self._first[1]) / self.TIMED_STEPS
             left = trainer.estimated_stepping_batches - step
             if per_step * left > self.LONG_S:
-                epochs = max(1, int(trainer.max_epochs * self.LONG_S / 2 / (per_step * left)))
+                steps = max(1, int(60 / per_step))  # about a minute of training
                 log.info(
                     f"this run trains {left} more steps on the CPU, {per_step:.2g} s each: about "
-                    f"{per_step * left / 60:.0f} min — for a first look, trainer.max_epochs={epochs} takes "
-                    "about a minute"
+                    f"{per_step * left / 60:.0f} min — for a first look, trainer.max_steps={steps} trains "
+                    f"for about {steps * per_step:.0f} s"
                 )
 
 

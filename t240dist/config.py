@@ -134,7 +134,13 @@ def check_steps(raw: dict[str, Any], train_size: int, ranks: int) -> None:
     batch, shard = data["batch_size"], train_size // ranks
     if shard < batch:
         split = f"{train_size} images" + (f", {shard} for each of {ranks} ranks" if ranks > 1 else "")
-        fix = f"set data.batch_size={_power_of_two_upto(shard)}" if shard else "use fewer ranks or more data"
+        fix = (
+            f"set data.batch_size={_power_of_two_upto(shard)}"
+            if shard
+            else f"use at most {train_size} ranks"
+            if train_size
+            else "give it training images"
+        )
         raise ConfigError(
             f"data.batch_size={batch} is larger than the training split ({split}), so the run would train "
             f"nothing — {fix}"

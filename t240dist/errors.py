@@ -188,8 +188,8 @@ def _hydra_line(err: BaseException) -> str:
     if unknown and "+" in text:
         key = unknown.group(1)
         closest = _closest_key(key, err.__cause__)
-        if closest:
-            value = re.search(rf"\+{re.escape(key)}=(.*)", text)
+        value = re.search(rf"\+{re.escape(key)}=(.*)", text)
+        if closest and value:
             return (
                 f"{key} is not a config key — use {closest}={value.group(1).strip()} (the closest key; "
                 "python -m train --cfg job lists them all)"

@@ -251,12 +251,12 @@ def write_sweep_summary(
 
 def show_sweep_summary(rows: list[dict[str, Any]], csv_file: Path, objective: str, direction: str) -> None:
     """Print the trials, best first, in a table that fits the console (80 columns and up): the overrides
-    that differ between trials (numbers rounded), each failed trial's error line below it, then the CSV's
-    path, whole, on a line of its own (the CSV has every trial's run dir and full overrides)."""
+    that differ between trials (all of one trial's), numbers rounded; then each failed trial's error line,
+    and the CSV's path, whole, on a line of its own (the CSV has every trial's run dir and full overrides)."""
     table = Table(title=f"sweep summary: {direction} {objective}", box=box.SIMPLE_HEAD)
     for column in ("trial", "state", objective, "test_acc", "overrides"):
         table.add_column(column, overflow="fold")
-    shared = set.intersection(*(set(row["overrides"].split()) for row in rows)) if rows else set()
+    shared = set.intersection(*(set(row["overrides"].split()) for row in rows)) if len(rows) > 1 else set()
     for row in rows:
         varied = " ".join(_rounded(o) for o in row["overrides"].split() if o not in shared)
         numbers = (f"{v:.4g}" if v is not None else "" for v in (row["objective"], row["test_acc"]))

@@ -288,6 +288,8 @@ def alias(path: Path, name: Path) -> None:
         tmp.unlink(missing_ok=True)
         os.link(path, tmp)
         os.replace(tmp, name)
+        # rename() between two links of one file does nothing and leaves both: ``name`` was ``path`` already
+        tmp.unlink(missing_ok=True)
     except OSError:
         tmp.unlink(missing_ok=True)
         write_atomically(name, path.read_bytes())

@@ -16,7 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import Checkpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
@@ -279,10 +279,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-class Preemption(pl.Callback):
+class Preemption(Checkpoint):
     """SIGTERM, SIGUSR1 (SLURM's ``--signal``), SIGUSR2 (submitit's) or Ctrl-C (SIGINT) set a flag; the run
     saves at the next step boundary and stops with ``Preempted`` (exit code 75), or ``Interrupted`` (130)
     for Ctrl-C. Nothing is done inside the signal handler, and a second Ctrl-C stops at once.
+
+    A ``Checkpoint`` callback, so that Lightning calls it after every other callback, as it calls its
+    savers: a step's state is whole only once every ``on_train_batch_end`` has run (EMA's update of the
+    averaged weights among them; saved before it, a resumed EMA run missed one update).
 
     A step boundary (``at_step_boundary``) ends an optimizer step and is not an epoch's last batch: a
     signal at the last batch is acted on one batch later, after the epoch's validation and saves. With

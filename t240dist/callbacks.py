@@ -17,7 +17,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Checkpoint, TQDMProgressBar
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist import sweep
@@ -178,12 +179,8 @@ def _seconds(start: Stamp, end: Stamp) -> float:
 
 
 class ContinueLog(pl.Callback):
-    """On resume, tells TensorBoard to drop points the interrupted run logged past the resumed step.
-
-    TensorBoard purges a run's events at or after the step of a ``SessionLog.START`` event, so the
-    curves continue without duplicated points. It is written at the first resumed step, once Lightning
-    has settled its step counter.
-    """
+    """On resume, tells TensorBoard to drop points the interrupted run logged past the resumed step
+    (``restart_curves``), at the first resumed step, once Lightning has settled its step counter."""
 
     def __init__(self) -> None:
         self._resumed = False
@@ -196,8 +193,17 @@ class ContinueLog(pl.Callback):
         if not self._resumed:
             return
         self._resumed = False
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        writer = trainer.logger.experiment._get_file_writer()
+        restart_curves(trainer.logger, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+@rank_zero_only
+def restart_curves(logger: Logger | None, step: int) -> None:
+    """Tell TensorBoard that the run goes on from ``step``: it drops the points at or after ``step`` that an
+    earlier attempt in this run dir logged (TensorBoard purges them at a ``SessionLog.START`` event), so the
+    curves show every step once. A run that starts from scratch does so at step 0, before anything else is
+    logged: an attempt stopped before its first save (SIGKILL, a lost node) may have left points."""
+    if isinstance(logger, TensorBoardLogger):
+        writer = logger.experiment._get_file_writer()
         writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 

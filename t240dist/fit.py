@@ -31,6 +31,7 @@ from t240dist.callbacks import (
     ProgressBar,
     TrainLog,
     optuna_trial,
+    restart_curves,
 )
 from t240dist.checkpoint import (
     BestCheckpoint,
@@ -83,6 +84,8 @@ def fit_and_test(
     report.show_resume(resume)
     report.show_batch(batch)
     report.write_data_notes(info, run_dir)
+    if resume is None:
+        restart_curves(trainer.logger, step=0)
     report.log_hparams(trainer.logger, conf)
     with ends_process_group():
         trainer.fit(module, datamodule=data, ckpt_path=resume)

@@ -115,6 +115,16 @@ def test_sigkill_during_saves_leaves_only_whole_checkpoints_and_auto_resume_fini
     tmp_path: Path, key: None
 ) -> None:
     run_dir = tmp_path / "run"
+    # first, an attempt killed before its first save, once its first curve points are on disk: the next
+    # starts from scratch, and they must not show twice
+    early = _steps_run(tmp_path, run_dir, "data.train_size=16384", "checkpoint.every_n_steps=0")
+    deadline = time.monotonic() + 120
+    while not (list(run_dir.glob("events.*")) and scalars(run_dir).get("train/loss")):
+        assert time.monotonic() < deadline, "no curve point on disk after 2 minutes"
+        time.sleep(0.2)
+    early.send_signal(signal.SIGKILL)
+    early.wait()
+    assert scalars(run_dir)["train/loss"] and not list(run_dir.glob("checkpoints/*.ckpt"))
     rng = random.Random(0)
     for _ in range(3):  # the run saves a checkpoint every step: kills land in and between saves
         process = _steps_run(tmp_path, run_dir, "data.train_size=4096")

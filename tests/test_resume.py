@@ -161,11 +161,12 @@ def sigterm_after(pattern: Path, min_step: int) -> Iterator[None]:
 def test_a_run_preempted_by_sigterm_and_rerun_matches_the_uninterrupted_run(
     uninterrupted: Uninterrupted, tmp_path: Path
 ) -> None:
-    """SIGTERM once the first epoch has ended and been saved: the run saves ``preempted-step*`` at the
-    next step boundary and stops; the rerun (``resume=auto``) continues from it."""
+    """SIGTERM in the second epoch, once a state of the first epoch's end or later is saved: the run saves
+    ``preempted-step*`` at the next step boundary and stops; the rerun (``resume=auto``) continues from it."""
     run_dir = tmp_path / "run"
-    epoch = uninterrupted.summary["global_step"] // int(uninterrupted.summary["epochs"])
-    with sigterm_after(run_dir / "checkpoints" / "*-step*.ckpt", min_step=epoch), pytest.raises(Preempted):
+    first_epoch = uninterrupted.summary["global_step"] // uninterrupted.summary["epochs"]
+    saved_then = run_dir / "checkpoints" / "*-step*.ckpt"
+    with sigterm_after(saved_then, min_step=first_epoch), pytest.raises(Preempted):
         train(compose(uninterrupted.overrides), run_dir=run_dir)
     [saved] = (run_dir / "checkpoints").glob("preempted-step*.ckpt")
     assert (run_dir / "checkpoints" / "last.ckpt").samefile(saved)
@@ -198,12 +199,9 @@ def test_resume_of_a_ddp_job_from_every_saved_state_matches_the_uninterrupted_jo
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((whole_dir / "run_summary.json").read_text())
     whole = Uninterrupted(overrides, whole_dir, summary, sorted(saved.iterdir()))
-    # an epoch's end (the best and the last then) and a recovery step in the second epoch
-    assert [copy.name for copy in whole.saved] == [
-        "00-epoch000-step000003",
-        "01-recovery-step000004",
-        "02-last",
-    ]
+    # an epoch's end (the best and the last then), a recovery step in the second epoch, the final state
+    names = [copy.name.split("-", 1)[1] for copy in whole.saved]
+    assert {"epoch000-step000003", "recovery-step000004"} <= set(names) and names[-1] == "last", names
 
     for copy in whole.saved[:-1]:
         resumed = train(compose(overrides), run_dir=copy)

@@ -59,6 +59,7 @@ def fit_and_test(
     ``rank_writes_config``: rank 0 saves the resolved config as ``config.yaml`` (the agent's workers find
     it written already, and read it).
     """
+    entered = time.perf_counter()  # after the imports of this module (Lightning, torchvision, ...)
     conf = resume_after_restart(validate_run(conf))  # any agent's restart: ours, or torchrun's
     # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
     if threading.current_thread() is threading.main_thread():
@@ -75,8 +76,9 @@ def fit_and_test(
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
     startup = {
-        "before_train": before_train,  # interpreter, imports, Hydra's compose
-        "data": data_ready - started,
+        "before_train": before_train,  # interpreter, the entry point's imports, Hydra's compose
+        "imports": entered - started,  # the training modules: Lightning, torchvision, ...
+        "data": data_ready - entered,  # the config's checks against this machine, the data
         "model_and_trainer": time.perf_counter() - data_ready,
     }
 
@@ -94,7 +96,9 @@ def fit_and_test(
             return finished
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
+        test_started = time.perf_counter()
         tested = trainer.test(module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module))
+        test_s = time.perf_counter() - test_started
         ranks = gather_ranks(conf, report.device_name(trainer.strategy.root_device))
         backend = dist.get_backend() if dist.is_initialized() else None  # nccl, gloo; None: one process
 
@@ -108,6 +112,12 @@ def fit_and_test(
         "train_s": curves.train_s,
         "train_images_per_s": curves.images_per_s,
         "startup_s": {**startup, "first_step": curves.first_step_s},  # first_step: compile, autotune, workers
+        "phases_s": {
+            "to_first_step": curves.to_first_step_s,  # from the process's start (imports included)
+            "validation": curves.validation_s,
+            "checkpoints": trainer.strategy.checkpoint_io.seconds,  # the training thread's share of saves
+            "test": test_s,
+        },
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,

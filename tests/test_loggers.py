@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import shutil
 import sys
 from pathlib import Path
@@ -61,7 +62,8 @@ def assert_same_points(got: Points, want: Points, tensorboard: bool = False) -> 
         assert steps == [s for s, _ in points] and len(set(steps)) == len(steps), key
         if key != TIMED:
             values = [v for _, v in points]
-            assert [v for _, v in got[key]] == (pytest.approx(values, rel=1e-6) if tensorboard else values), key
+            expected = pytest.approx(values, rel=1e-6) if tensorboard else values
+            assert [v for _, v in got[key]] == expected, key
 
 
 def test_every_logger_receives_the_same_curves_metrics_and_hyperparameters(tmp_path: Path) -> None:
@@ -106,7 +108,7 @@ def test_a_resumed_run_holds_each_step_once_in_every_logger(
     want = scalars(run_dir), csv_points(run_dir), mlflow_run(uri, run_dir)[1]
     assert len(copies) == 5  # recovery at step 3, epoch 0, recovery at step 6, epoch 1, the final state
 
-    for saved, later in zip(copies, copies[1:], strict=False):
+    for saved, later in itertools.pairwise(copies):
         for folder in (run_dir, store):
             shutil.rmtree(folder)
         shutil.copytree(later / "run", run_dir, ignore=shutil.ignore_patterns("checkpoints"))

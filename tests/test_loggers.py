@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -42,6 +43,10 @@ def mlflow_run(uri: str, run_dir: Path) -> tuple[Any, Points]:
     """The MLflow run of ``run_dir`` (the only one with its tag) and every metric's history, by step."""
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("file:"):
+        os.environ.setdefault(
+            "MLFLOW_ALLOW_FILE_STORE", "true"
+        )  # MLflow 3 opens a folder store only if asked
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("t240dist")
     runs = client.search_runs([experiment.experiment_id], f"tags.`{RUN_DIR_TAG}` = '{run_dir.absolute()}'")

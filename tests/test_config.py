@@ -66,6 +66,23 @@ from t240dist.errors import ConfigError
             "but image folders are decoded lazily from disk — set data.on_gpu=false",
         ),
         (
+            ["+trainer.use_distributed_sampler=true"],
+            "trainer.use_distributed_sampler is t240dist's to set: t240dist's data module shards every split",
+        ),
+        (["+trainer.plugins=[]"], "trainer.plugins is t240dist's to set: t240dist's plugins sign"),
+        (
+            ["+trainer.benchmrk=true"],
+            "not an argument of Lightning's Trainer — did you mean +trainer.benchmark=true?",
+        ),
+        (["+trainer.accumulate=2"], "did you mean trainer.accumulate_grad_batches=2?"),
+        (["+trainer.val_check_intervals=[0.5]"], "did you mean +trainer.val_check_interval=[0.5]?"),
+        (["trainer.profiler=pytorch"], "trainer.profiler must be 'simple' or 'advanced' (got 'pytorch')"),
+        (["early_stopping.patience=0"], "early_stopping.patience must be greater than 0 (got 0)"),
+        (
+            ["logger=csv", "logger.csv.flush_logs_every_n_steps=0"],
+            "logger.csv.flush_logs_every_n_steps must be",
+        ),
+        (
             ["data=cifar10", "data.augment.crop=resized", "data.on_gpu=true"],
             "data.on_gpu: true makes batches on the device, which has no random-resized crop — "
             "set data.augment.crop=pad or none, or data.on_gpu=auto",
@@ -130,6 +147,19 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
             assert lines == [lines[-1]] and lines[-1].startswith(expected), done.stderr
             assert "Traceback" not in done.stdout + done.stderr
             assert not (tmp_path / str(i) / "checkpoints").exists()  # no work was done
+
+
+def test_config_errors_and_the_config_print_import_no_torch(tmp_path: Path) -> None:
+    """Issue 19's start-up goal holds with the logger and debug groups and +trainer arguments."""
+    for args in (
+        ["optim.lr=-1"],
+        ["+trainer.logger=csv"],
+        ["--cfg", "job", "logger=[tensorboard,csv,mlflow]", "debug=fdr", "+trainer.benchmark=true"],
+    ):
+        done = run_cli([*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, PYTHONPROFILEIMPORTTIME="1")
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        assert done.returncode in (0, 2) and "hydra" in imported, done.stderr[-2000:]
+        assert not imported & {"torch", "pytorch_lightning", "mlflow"}, args
 
 
 def test_hydra_full_error_gives_the_traceback(tmp_path: Path) -> None:

@@ -125,18 +125,21 @@ def check_machine(raw: dict[str, Any]) -> None:
 def with_later_keys(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored run config (a checkpoint's) completed with the keys it lacks because t240dist added them
     later, at their defaults in conf/: from the file of the stored group option (``data/cifar10.yaml``
-    for ``data.name=cifar10``) and from config.yaml. Stored values are never changed."""
+    for ``data.name=cifar10``; ``trainer/default.yaml`` for a group whose options share one), from the
+    default option of a group added later (``logger``), and from config.yaml. Stored values are never
+    changed."""
     conf = files(CONF_PACKAGE)
+    top = OmegaConf.to_container(OmegaConf.create((conf / "config.yaml").read_text()))
+    chosen = dict(next(iter(entry.items())) for entry in top["defaults"] if isinstance(entry, dict))
+    for group, option in chosen.items():
+        if group not in stored and option is not None:
+            stored[group] = OmegaConf.to_container(
+                OmegaConf.create((conf / group / f"{option}.yaml").read_text())
+            )
     for group, node in stored.items():
-        option = conf / group / f"{node.get('name')}.yaml" if isinstance(node, dict) else None
+        option = conf / group / f"{node.get('name', 'default')}.yaml" if isinstance(node, dict) else None
         if option is not None and option.is_file():
             _fill(node, OmegaConf.to_container(OmegaConf.create(option.read_text())))
-    top = OmegaConf.to_container(OmegaConf.create((conf / "config.yaml").read_text()))
-    for entry in top["defaults"]:  # groups added later (logger): their default option
-        group, option = next(iter(entry.items())) if isinstance(entry, dict) else (None, None)
-        option_file = conf / str(group) / f"{option}.yaml"
-        if option is not None and group not in stored and option_file.is_file():
-            stored[group] = OmegaConf.to_container(OmegaConf.create(option_file.read_text()))
     _fill(stored, {k: v for k, v in top.items() if k not in ("defaults", "hydra")})
     return stored
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import compose, run_cli
 
-from t240dist.config import CONF_PACKAGE, validate
+from t240dist.config import CONF_PACKAGE, plain, validate, validate_run, with_later_keys
 from t240dist.errors import ConfigError
 
 
@@ -147,6 +147,15 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
             assert lines == [lines[-1]] and lines[-1].startswith(expected), done.stderr
             assert "Traceback" not in done.stdout + done.stderr
             assert not (tmp_path / str(i) / "checkpoints").exists()  # no work was done
+
+
+def test_a_checkpoints_config_from_before_the_logger_group_validates_with_the_defaults() -> None:
+    """A checkpoint's stored config lacks the keys added since (evaluate, predict and export read it)."""
+    stored = plain(compose(["trainer=ddp", "data=synthetic"]))
+    del stored["logger"], stored["early_stopping"], stored["trainer"]["profiler"]
+    conf = validate_run(with_later_keys(stored))
+    assert conf["logger"] == {"tensorboard": {}} and conf["early_stopping"]["patience"] is None
+    assert conf["trainer"]["profiler"] is None and conf["trainer"]["strategy"] == "ddp"
 
 
 def test_config_errors_and_the_config_print_import_no_torch(tmp_path: Path) -> None:

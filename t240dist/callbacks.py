@@ -17,17 +17,19 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import EarlyStopping, TQDMProgressBar
+from pytorch_lightning.trainer.states import TrainerFn
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist import sweep
 from t240dist.agent import is_submitit_requeue
-from t240dist.checkpoint import at_step_boundary
+from t240dist.checkpoint import at_step_boundary, written
 from t240dist.data import ImageDataModule
 from t240dist.distributed import Agreed
 from t240dist.errors import Interrupted, NonFiniteError, Preempted, resume_hint
 from t240dist.loggers import log_metrics, tensorboard
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event
+from t240dist.run import process_age_s
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +70,18 @@ class TrainLog(pl.Callback):
     work leaves the GPU idle. ThroughputMonitor synchronises after every batch, and LearningRateMonitor
     splits the lr into one tag per parameter group. ``images_per_s`` leaves out the first step, which
     carries the one-off costs (compilation, autotuning, the workers' first batch) reported as
-    ``first_step_s``. Validation time is excluded.
+    ``first_step_s``. Validation, and the checkpoints saved after an epoch's validation, are left out of
+    training time; the time in validation is ``validation_s``.
     """
 
     def __init__(self) -> None:
         self.images = 0
         self.train_s = 0.0
+        self.validation_s = 0.0  # validation inside fit (sanity checks left out)
         self.first_step_s: float | None = None  # from the start of fit's training to the first step's end
+        self.to_first_step_s: float | None = None  # from this process's start to the first step's end
+        self._epoch_done = False  # the epoch's last batch ran: what follows its validation is not training
+        self._validation_start = 0.0
         self.last_loss: float | None = None  # the latest written train/loss
         self._after_first = (0, 0.0)  # (images, train_s) at the first step's end
         self._train_start = 0.0
@@ -93,15 +100,19 @@ class TrainLog(pl.Callback):
         self._start(trainer, pl_module)  # a run resumed mid-epoch starts with no on_train_epoch_start
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_done = False
         self._start(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training:
+        if _validating_in_fit(trainer):
             self._stop(trainer, pl_module)
+            self._validation_start = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training:
-            self._start(trainer, pl_module)
+        if _validating_in_fit(trainer):
+            self.validation_s += time.perf_counter() - self._validation_start
+            if not self._epoch_done:  # a validation inside the epoch: training goes on
+                self._start(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop(trainer, pl_module)
@@ -122,9 +133,11 @@ class TrainLog(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.images += len(batch[1]) * trainer.world_size
+        self._epoch_done = batch_idx + 1 >= trainer.num_training_batches
         if self.first_step_s is None:
             self._stop(trainer, pl_module)  # one sync, once: the first step's work is done
             self.first_step_s = time.perf_counter() - self._train_start
+            self.to_first_step_s = process_age_s()
             self._after_first = (self.images, self.train_s)
             self._clock = time.perf_counter()  # the logged window goes on: the curve shows what happened
         # A logging step's curves (ClassifierModule.training_step); rank 0 alone writes, as Lightning does
@@ -168,6 +181,12 @@ class TrainLog(pl.Callback):
         self.train_s += time.perf_counter() - self._clock
         self._clock = None
         self._write(trainer, wait=True)
+
+
+def _validating_in_fit(trainer: pl.Trainer) -> bool:
+    """Whether this validation runs inside fit (not a sanity check, not ``trainer.validate``). During fit's
+    validation the stage is VALIDATING, so ``trainer.training`` is False there."""
+    return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
 
 def _seconds(start: Stamp, end: Stamp) -> float:
@@ -328,6 +347,7 @@ class Preemption(pl.Callback):
             # stop right here: a graceful stop would run epoch-end hooks and save as if the epoch ended
             path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
             trainer.save_checkpoint(path, weights_only=False)  # the whole state (and no note about it)
+            written(trainer)
             for signum in self.received:
                 if is_submitit_requeue(self._previous.get(signum)):
                     self._previous[signum](signum, None)  # requeues and exits on rank 0; returns elsewhere

@@ -69,10 +69,30 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 
 def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
     """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema
-    and this machine."""
+    and this machine; return it with its ``auto`` settings decided for this machine (``decide_auto``)."""
     check_run(raw)
     check_machine(raw)
-    return raw
+    return decide_auto(raw)
+
+
+def decide_auto(raw: dict[str, Any]) -> dict[str, Any]:
+    """The run config with what ``auto`` means on this machine: ``trainer.precision`` is bf16-mixed on a GPU
+    that computes in bf16 (Ampere and later), else 32-true; ``model.compile`` is the fast path, step, where
+    a step can be replayed (one GPU, no conflict of ``_step_graph_conflicts``), else false. Every rank of a
+    job on like machines decides alike; the run's config.yaml and checkpoints record the decision."""
+    import torch
+
+    trainer, model = raw["trainer"], raw["model"]
+    gpu = trainer["accelerator"] != "cpu" and torch.cuda.is_available()
+    precision = trainer["precision"]
+    if precision == "auto":
+        precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+    decided = {**raw, "trainer": {**trainer, "precision": precision}}
+    compiled = model["compile"]
+    if compiled == "auto":
+        several = trainer["devices"] == "auto" and torch.cuda.device_count() > 1
+        compiled = "step" if gpu and not several and not _step_graph_conflicts(decided) else False
+    return {**decided, "model": {**model, "compile": compiled}}
 
 
 def check_run(raw: dict[str, Any]) -> None:
@@ -324,18 +344,15 @@ Data = Annotated[
 ]
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "step")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "step", "auto")
 
 
 def _compile_setting(value: Any) -> Any:
-    """``model.compile``: false, true (torch.compile's default mode) or a torch.compile mode name."""
+    """``model.compile``: false, true (torch.compile's default mode), a torch.compile mode name, step (the
+    fast path) or auto (step where it can run, else false)."""
     if isinstance(value, bool) or value in COMPILE_MODES:
         return value
-    raise ValueError(
-        f"'{value}' is not a compile setting — use false, true, "
-        + ", ".join(COMPILE_MODES[1:-1])
-        + f" or {COMPILE_MODES[-1]}"
-    )
+    raise ValueError(f"'{value}' is not a compile setting — use false, true, {', '.join(COMPILE_MODES[1:])}")
 
 
 CompileSetting = Annotated[bool | str, BeforeValidator(_compile_setting)]
@@ -453,7 +470,7 @@ class Trainer(Strict):
     strategy: Literal["auto", "ddp"]
     collective_timeout_s: PositiveInt
     max_restarts: NonNegativeInt
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"]
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
     max_epochs: PositiveInt
     max_steps: Annotated[int, Field(ge=-1)]
     limit_train_batches: Limit
@@ -657,8 +674,13 @@ def _range_fix(error: dict[str, Any]) -> str:
 
 def _check_step_graph(raw: dict[str, Any]) -> None:
     """``model.compile=step`` replays one captured step: refuse what a fixed replay cannot do."""
-    if raw["model"]["compile"] != "step":
-        return
+    if raw["model"]["compile"] == "step":
+        for what, fix in _step_graph_conflicts(raw):
+            raise ConfigError(f"model.compile=step cannot replay a step with {what} — set {fix}")
+
+
+def _step_graph_conflicts(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """What of the run a fixed replay of one captured step cannot do, each with its fix."""
     trainer, module = raw["trainer"], raw["module"]
     conflicts = [
         (
@@ -683,19 +705,17 @@ def _check_step_graph(raw: dict[str, Any]) -> None:
             "trainer.devices=1, or model.compile=reduce-overhead with DDP",
         ),
     ]
-    for conflict, what, fix in conflicts:
-        if conflict:
-            raise ConfigError(f"model.compile=step cannot replay a step with {what} — set {fix}")
+    return [(what, fix) for conflict, what, fix in conflicts if conflict]
 
 
-def trainer_extras(trainer: dict[str, Any]) -> dict[str, Any]:
+def _trainer_extras(trainer: dict[str, Any]) -> dict[str, Any]:
     """The ``+trainer.NAME=VALUE`` keys: Lightning Trainer arguments that t240dist passes on as they are."""
     return {name: value for name, value in trainer.items() if name not in Trainer.model_fields}
 
 
 def _check_trainer_extras(trainer: dict[str, Any]) -> None:
     """Refuse Trainer arguments that t240dist sets itself, saying why and what to use instead."""
-    for name in trainer_extras(trainer):
+    for name in _trainer_extras(trainer):
         if name in OWNED_TRAINER_ARGS:
             why, fix = OWNED_TRAINER_ARGS[name]
             raise ConfigError(f"trainer.{name} is t240dist's to set: {why} — {fix}")
@@ -707,7 +727,7 @@ def _check_trainer_arguments(trainer: dict[str, Any]) -> None:
     Here, not in ``check_run``: the names come from the Trainer's signature, and the config is checked
     before Lightning (and torch) are imported.
     """
-    extras = trainer_extras(trainer)
+    extras = _trainer_extras(trainer)
     if not extras:
         return
     import inspect

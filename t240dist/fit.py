@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.profilers import AdvancedProfiler, PassThroughProfiler, Profiler, SimpleProfiler
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from t240dist import report, sweep
 from t240dist.agent import resume_after_restart, write_run_config
@@ -44,7 +45,7 @@ from t240dist.checkpoint import (
 from t240dist.config import global_rank, validate_run
 from t240dist.data import ImageDataModule
 from t240dist.distributed import DDP, cluster_plugins, ends_process_group, gather_ranks
-from t240dist.errors import CheckpointError
+from t240dist.errors import CheckpointError, ConfigError
 from t240dist.loggers import build_loggers
 from t240dist.module import ClassifierModule
 from t240dist.optim import scaled_lr
@@ -65,11 +66,12 @@ def fit_and_test(
     ``rank_writes_config``: rank 0 saves the resolved config as ``config.yaml`` (the agent's workers find
     it written already, and read it).
     """
+    entered = time.perf_counter()  # after the imports of this module (Lightning, torchvision, ...)
     conf = resume_after_restart(validate_run(conf))  # any agent's restart: ours, or torchrun's
     # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    debug = fast_dev_run(conf)
+    debug = _fast_dev_run(conf)
     if debug:  # a debug run saves nothing: it neither resumes a run nor writes its summary over one's
         if any((run_dir / "checkpoints").glob("*.ckpt")):
             raise CheckpointError(
@@ -91,8 +93,9 @@ def fit_and_test(
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
     startup = {
-        "before_train": before_train,  # interpreter, imports, Hydra's compose
-        "data": data_ready - started,
+        "before_train": before_train,  # interpreter, the entry point's imports, Hydra's compose
+        "imports": entered - started,  # the training modules: Lightning, torchvision, ...
+        "data": data_ready - entered,  # the config's checks against this machine, the data
         "model_and_trainer": time.perf_counter() - data_ready,
     }
 
@@ -108,7 +111,9 @@ def fit_and_test(
             return finished
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
+        test_started = time.perf_counter()
         tested = trainer.test(module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module))
+        test_s = time.perf_counter() - test_started
         ranks = gather_ranks(conf, report.device_name(trainer.strategy.root_device))
         backend = dist.get_backend() if dist.is_initialized() else None  # nccl, gloo; None: one process
 
@@ -123,6 +128,12 @@ def fit_and_test(
         "train_s": curves.train_s,
         "train_images_per_s": curves.images_per_s,
         "startup_s": {**startup, "first_step": curves.first_step_s},  # first_step: compile, autotune, workers
+        "phases_s": {
+            "to_first_step": curves.to_first_step_s,  # from the process's start (imports included)
+            "validation": curves.validation_s,
+            "checkpoints": trainer.strategy.checkpoint_io.seconds,  # the training thread's share of saves
+            "test": test_s,
+        },
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
@@ -187,19 +198,27 @@ def build_trainer(
     if trainer_cfg["enable_progress_bar"]:
         callbacks.append(ProgressBar(trainer_cfg["log_every_n_steps"], curves))
     profiler = _profiler(trainer_cfg.pop("profiler"), run_dir)
-    trainer = pl.Trainer(
-        **trainer_cfg,
-        logger=build_loggers(conf["logger"], run_dir, resumed=resume is not None),
-        callbacks=callbacks,
-        default_root_dir=run_dir,
-        use_distributed_sampler=False,  # ImageDataModule shards the data itself
-        plugins=[SignedCheckpointIO(conf["checkpoint"]["trust_unsigned"]), *cluster_plugins()],
-        profiler=profiler,
-    )
+    try:
+        trainer = pl.Trainer(
+            **trainer_cfg,
+            logger=build_loggers(conf["logger"], run_dir, resumed=resume is not None),
+            callbacks=callbacks,
+            default_root_dir=run_dir,
+            use_distributed_sampler=False,  # ImageDataModule shards the data itself
+            plugins=[SignedCheckpointIO(conf["checkpoint"]["trust_unsigned"]), *cluster_plugins()],
+            profiler=profiler,
+        )
+    except (
+        MisconfigurationException
+    ) as err:  # a +trainer value that Lightning refuses (t240dist's are checked)
+        raise ConfigError(
+            f"Lightning's Trainer refused a trainer value: {str(err).splitlines()[0]} — fix it "
+            "(python -m train --cfg job shows them)"
+        ) from None
     return trainer, curves, savers[0]
 
 
-def fast_dev_run(conf: dict[str, Any]) -> str | None:
+def _fast_dev_run(conf: dict[str, Any]) -> str | None:
     """``trainer.fast_dev_run=N`` as people read it (debug=fdr sets it), or None for a run that trains."""
     batches = conf["trainer"].get("fast_dev_run")  # a +trainer key: Lightning takes true or a number
     return f"trainer.fast_dev_run={batches}" if batches else None

@@ -252,6 +252,8 @@ def restore(cfg: DictConfig, overrides: list[str], options: type[EvaluateOptions
         )
     stored = with_later_keys(copy.deepcopy(hp["config"]))
     stored["resume"] = "never"
+    if stored["model"]["compile"] == "step":  # the training step's fast path: inference has no such step
+        stored["model"]["compile"] = False
     stored["trainer"].update(devices=1, num_nodes=1, strategy="auto")  # a DDP run is scored on one device
     for key in _run_keys(overrides, options):
         node = OmegaConf.select(cfg, key)

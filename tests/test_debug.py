@@ -3,6 +3,7 @@ given as +trainer.NAME=VALUE: real short runs, and command-line errors whose hin
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -16,7 +17,7 @@ from conftest import TINY, compose, run_cli, scalars
 from test_loggers import csv_points
 
 from t240dist.checkpoint import SignedCheckpointIO
-from t240dist.errors import CheckpointError
+from t240dist.errors import CheckpointError, ConfigError
 from t240dist.run import train
 
 # TINY without its max_epochs, which a command-line override would hold against a preset's
@@ -80,6 +81,7 @@ def test_early_stopping_stops_on_the_monitored_metric_resumes_exactly_and_reruns
 
     def save_and_copy(self: SignedCheckpointIO, checkpoint: dict, path: Any, **kwargs: Any) -> None:
         save(self, checkpoint, path, **kwargs)
+        self.flush()  # the checkpoint written; the copy is made before training goes on
         copies.append(tmp_path / "saved" / f"{len(copies):02d}")
         shutil.copytree(run_dir, copies[-1])
 
@@ -106,18 +108,28 @@ def test_any_trainer_argument_reaches_lightnings_trainer(
     seen: list[dict[str, object]] = []  # the keyword arguments of every Trainer the run makes
     original = pl.Trainer
 
+    @functools.wraps(original)  # its signature stays the Trainer's, which the config is checked against
     def recorded(*args: object, **kwargs: object) -> pl.Trainer:
         seen.append(kwargs)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pl, "Trainer", recorded)
-    extras = ["+trainer.val_check_interval=0.5", "+trainer.benchmark=false", "+trainer.detect_anomaly=true"]
-    train(compose([*TINY, *extras]), tmp_path / "half")
-    assert [seen[0][k] for k in ("val_check_interval", "benchmark", "detect_anomaly")] == [0.5, False, True]
-    assert [s for s, _ in scalars(tmp_path / "half")["val/acc"]] == [1, 3, 5, 7]  # twice an epoch
+    extras = {
+        "val_check_interval": 0.5,
+        "benchmark": False,
+        "detect_anomaly": True,
+        "max_time": "00:01:00:00",
+    }
+    overrides = [f"+trainer.{name}={str(value).lower()}" for name, value in extras.items()]
+    summary = train(compose([*TINY, *overrides]), tmp_path)
+    assert {name: seen[0][name] for name in extras} == extras
+    assert [s for s, _ in scalars(tmp_path)["val/acc"]] == [1, 3, 5, 7]  # twice an epoch
+    assert summary["global_step"] == 8
 
-    timed = train(compose([*TINY, "+trainer.max_time=00:00:00:00"]), tmp_path / "timed")
-    assert timed["global_step"] == 1  # Lightning's Timer stops after the first step
+    with pytest.raises(
+        ConfigError, match=r"^Lightning's Trainer refused a trainer value: `Timer\(duration='1h'\)`"
+    ):
+        train(compose([*TINY, "+trainer.max_time=1h"]), tmp_path / "refused")
 
 
 # The commands a hint names: +trainer.NAME=VALUE, trainer.NAME=VALUE, debug=X, logger=X or 'logger=[...]'

@@ -103,6 +103,7 @@ def test_a_resumed_run_holds_each_step_once_in_every_logger(
 
     def save_and_copy(self: SignedCheckpointIO, checkpoint: dict, path: Any, **kwargs: Any) -> None:
         save(self, checkpoint, path, **kwargs)
+        self.flush()  # the checkpoint written; the copy is made before training goes on
         copies.append(tmp_path / "saved" / f"{len(copies):02d}")
         shutil.copytree(run_dir, copies[-1] / "run")
         shutil.copytree(store, copies[-1] / "store")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import compose, scalars
@@ -22,16 +21,20 @@ TIMED = "perf/images_per_s"  # its values are timings: only its steps must match
 
 
 def snapshot_every_save(monkeypatch: pytest.MonkeyPatch, run_dir: Path, into: Path) -> list[Path]:
-    """Copy ``run_dir`` after each checkpoint save into ``into/NN``; returns the list it fills."""
-    copies: list[Path] = []
-    save = SignedCheckpointIO.save_checkpoint
+    """Copy ``run_dir`` after each checkpoint is written into ``into/NN``; returns the list it fills.
 
-    def save_and_copy(self: SignedCheckpointIO, checkpoint: dict, path: Any, **kwargs: Any) -> None:
-        save(self, checkpoint, path, **kwargs)
-        copies.append(into / f"{len(copies):02d}-{Path(path).stem}")
+    The copy is made in the checkpoint writer's thread, as the write ends: training may have gone on
+    meanwhile, as it does when a run is killed after a save.
+    """
+    copies: list[Path] = []
+    write = SignedCheckpointIO.write
+
+    def write_and_copy(self: SignedCheckpointIO, checkpoint: dict, path: Path) -> None:
+        write(self, checkpoint, path)
+        copies.append(into / f"{len(copies):02d}-{path.stem}")
         shutil.copytree(run_dir, copies[-1])
 
-    monkeypatch.setattr(SignedCheckpointIO, "save_checkpoint", save_and_copy)
+    monkeypatch.setattr(SignedCheckpointIO, "write", write_and_copy)
     return copies
 
 

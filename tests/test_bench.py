@@ -102,7 +102,7 @@ def test_job_bench_times_both_whole_jobs_as_processes_and_reports_their_phases(t
         "trainer.max_epochs=2",
         "bench.task=job",
         "bench.repeats=1",
-        "bench.job_variants=[monitor=off]",
+        "bench.job_variants=['monitor=off']",
         f"hydra.run.dir={tmp_path / 'bench'}",
     ]
     done = run_cli(overrides, cwd=tmp_path, entry="train.bench")

@@ -20,7 +20,7 @@ from t240dist.errors import ConfigError
         (["data.batch_size=0"], "data.batch_size must be greater than 0 (got 0)"),
         (
             ["trainer.precision=fp8"],
-            "trainer.precision must be '32-true', 'bf16-mixed' or '16-mixed' (got 'fp8')",
+            "trainer.precision must be 'auto', '32-true', 'bf16-mixed' or '16-mixed' (got 'fp8')",
         ),
         (
             ["model=torchvision", "model.name=nosuchnet"],

@@ -16,8 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.callbacks import Checkpoint, TQDMProgressBar
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, TQDMProgressBar
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
@@ -28,6 +27,7 @@ from t240dist.checkpoint import at_step_boundary, written
 from t240dist.data import ImageDataModule
 from t240dist.distributed import Agreed
 from t240dist.errors import Interrupted, NonFiniteError, Preempted, resume_hint
+from t240dist.loggers import log_metrics, tensorboard
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event
 from t240dist.run import process_age_s
@@ -124,8 +124,8 @@ class TrainLog(pl.Callback):
         # Every point up to the saved step is on disk before the checkpoint is: a run killed after a save
         # and resumed from it loses no point (the save waits for the GPU anyway)
         self._write(trainer, wait=True)
-        if trainer.logger is not None:
-            trainer.logger.save()
+        for logger in trainer.loggers:
+            logger.save()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: BaseException) -> None:
         self._write(trainer, wait=True)  # a stopped run (preempted, NaN) keeps the points up to its last step
@@ -163,14 +163,14 @@ class TrainLog(pl.Callback):
             metrics = dict(zip(TRAIN_CURVES, curves.tolist(), strict=True))
             metrics["train/lr"] = lr
             metrics["perf/images_per_s"] = (images - images0) / _seconds(stamp0, stamp)
-            trainer.logger.log_metrics(metrics, step=step)
+            log_metrics(trainer, metrics, step)
             self.last_loss = metrics["train/loss"]
             self._window = (images, stamp)
             self._pending.pop(0)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clock = time.perf_counter()
-        if trainer.is_global_zero and trainer.logger is not None:
+        if trainer.is_global_zero and trainer.loggers:
             stamp = timing_event() if pl_module.device.type == "cuda" else self._clock
             self._window = (self.images, stamp)
 
@@ -199,30 +199,32 @@ def _seconds(start: Stamp, end: Stamp) -> float:
 
 class ContinueLog(pl.Callback):
     """On resume, tells TensorBoard to drop points the interrupted run logged past the resumed step
-    (``restart_curves``), at the first resumed step, once Lightning has settled its step counter."""
+    (``restart_curves``), at the first resumed step, once Lightning has settled its step counter. (CSV and
+    MLflow cannot forget points: ``t240dist.loggers``.)"""
 
     def __init__(self) -> None:
         self._resumed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logs = isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero
+        logs = tensorboard(trainer) is not None and trainer.is_global_zero
         self._resumed = logs and trainer.ckpt_path is not None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not self._resumed:
             return
         self._resumed = False
-        restart_curves(trainer.logger, trainer.fit_loop.epoch_loop._batches_that_stepped)
+        restart_curves(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 @rank_zero_only
-def restart_curves(logger: Logger | None, step: int) -> None:
+def restart_curves(trainer: pl.Trainer, step: int) -> None:
     """Tell TensorBoard that the run goes on from ``step``: it drops the points at or after ``step`` that an
     earlier attempt in this run dir logged (TensorBoard purges them at a ``SessionLog.START`` event), so the
     curves show every step once. A run that starts from scratch does so at step 0, before anything else is
     logged: an attempt stopped before its first save (SIGKILL, a lost node) may have left points."""
-    if isinstance(logger, TensorBoardLogger):
-        writer = logger.experiment._get_file_writer()
+    logger = tensorboard(trainer)
+    if logger is not None:
+        writer = logger.experiment.file_writer
         writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
@@ -373,6 +375,30 @@ class Preemption(Checkpoint):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class EarlyStop(EarlyStopping):
+    """Lightning's EarlyStopping on the checkpoints' metric (``checkpoint.monitor`` and ``checkpoint.mode``).
+
+    Its state (best score, validations without improvement) is saved in every checkpoint, so a resumed run
+    stops where the uninterrupted one would. A rerun of a run it stopped trains nothing (Lightning would
+    start the next epoch), and the patience of the config, not the checkpoint's, decides: a rerun with a
+    larger ``early_stopping.patience`` trains on.
+    """
+
+    def __init__(self, checkpoint: dict[str, Any], patience: int, min_delta: float) -> None:
+        super().__init__(
+            monitor=checkpoint["monitor"], mode=checkpoint["mode"], patience=patience, min_delta=min_delta
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.wait_count >= self.patience:
+            trainer.should_stop = True
 
 
 def optuna_trial(cfg: dict[str, Any], run_dir: Path) -> OptunaTrial | None:

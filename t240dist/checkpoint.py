@@ -232,7 +232,7 @@ class FinalCheckpoint(pl.Callback):
         self.trained = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.trained:
+        if self.trained and not trainer.fast_dev_run:  # Lightning's checkpoints skip a fast_dev_run too
             trainer.save_checkpoint(self.path, weights_only=False)
             written(trainer)  # every rank may read the best checkpoint next, to test it
 

@@ -9,6 +9,9 @@ that ask torch about this machine and torchvision about its models come after (`
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import json
 import os
 import secrets
 from datetime import datetime
@@ -95,6 +98,8 @@ def decide_auto(raw: dict[str, Any]) -> dict[str, Any]:
 def check_run(raw: dict[str, Any]) -> None:
     """Every check of a plain run config that needs no torch: types, ranges, keys, options, combinations."""
     check(RunConfig, raw)
+    _check_trainer_extras(raw["trainer"])
+    _check_loggers(raw["logger"])
     _check_step_graph(raw)
     _check_launch(raw["trainer"])
     if raw["resume"] not in ("auto", "never") and not Path(raw["resume"]).is_file():
@@ -109,6 +114,7 @@ def check_machine(raw: dict[str, Any]) -> None:
     import torch
     import torchvision
 
+    _check_trainer_arguments(raw["trainer"])
     name = raw["model"]["name"]
     known = torchvision.models.list_models(module=torchvision.models)
     if name != "small_cnn" and name not in known:
@@ -139,13 +145,21 @@ def check_machine(raw: dict[str, Any]) -> None:
 def with_later_keys(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored run config (a checkpoint's) completed with the keys it lacks because t240dist added them
     later, at their defaults in conf/: from the file of the stored group option (``data/cifar10.yaml``
-    for ``data.name=cifar10``) and from config.yaml. Stored values are never changed."""
+    for ``data.name=cifar10``; ``trainer/default.yaml`` for a group whose options share one), from the
+    default option of a group added later (``logger``), and from config.yaml. Stored values are never
+    changed."""
     conf = files(CONF_PACKAGE)
+    top = OmegaConf.to_container(OmegaConf.create((conf / "config.yaml").read_text()))
+    chosen = dict(next(iter(entry.items())) for entry in top["defaults"] if isinstance(entry, dict))
+    for group, option in chosen.items():
+        if group not in stored and option is not None:
+            stored[group] = OmegaConf.to_container(
+                OmegaConf.create((conf / group / f"{option}.yaml").read_text())
+            )
     for group, node in stored.items():
-        option = conf / group / f"{node.get('name')}.yaml" if isinstance(node, dict) else None
+        option = conf / group / f"{node.get('name', 'default')}.yaml" if isinstance(node, dict) else None
         if option is not None and option.is_file():
             _fill(node, OmegaConf.to_container(OmegaConf.create(option.read_text())))
-    top = OmegaConf.to_container(OmegaConf.create((conf / "config.yaml").read_text()))
     _fill(stored, {k: v for k, v in top.items() if k not in ("defaults", "hydra")})
     return stored
 
@@ -469,6 +483,67 @@ class Trainer(Strict):
     accumulate_grad_batches: PositiveInt
     deterministic: bool
     enable_progress_bar: bool
+    profiler: Literal["simple", "advanced"] | None
+
+    # Any other key is an argument of Lightning's Trainer, given as +trainer.NAME=VALUE and passed on as it
+    # is: its name is checked against the Trainer's signature once Lightning is loaded (check_machine).
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+# Arguments of Lightning's Trainer that t240dist sets itself: why, and what to use instead.
+OWNED_TRAINER_ARGS = {
+    "logger": (
+        "t240dist builds the loggers",
+        "pick them with logger=csv, logger=mlflow or 'logger=[tensorboard,csv]'",
+    ),
+    "callbacks": (
+        "t240dist's callbacks checkpoint, resume and log the run",
+        "use checkpoint.*, early_stopping.patience=N, monitor=... and logger=...",
+    ),
+    "enable_checkpointing": (
+        "resume and the run's test read t240dist's checkpoints",
+        "use checkpoint.save_top_k and checkpoint.every_n_steps, or debug=fdr for a run that saves nothing",
+    ),
+    "default_root_dir": ("the run dir is Hydra's", "use hydra.run.dir=DIR"),
+    "plugins": (
+        "t240dist's plugins sign the checkpoints and find the SLURM or torchrun environment",
+        "use trainer.precision for mixed precision",
+    ),
+    "use_distributed_sampler": (
+        "t240dist's data module shards every split across ranks itself, so that a resume is exact",
+        "leave it out",
+    ),
+    "barebones": (
+        "it switches off the logging, checkpoints and callbacks that a run relies on",
+        "use debug=fdr or debug=limit for a quick run",
+    ),
+}
+
+
+class TensorBoardLog(Strict):
+    """No settings: event files in the run dir."""
+
+
+class CsvLog(Strict):
+    flush_logs_every_n_steps: PositiveInt
+
+
+class MlflowLog(Strict):
+    tracking_uri: str
+    experiment_name: str
+
+
+class Loggers(Strict):
+    """The logger group: one or more of its options (logger=csv, 'logger=[tensorboard,csv]')."""
+
+    tensorboard: TensorBoardLog | None = None
+    csv: CsvLog | None = None
+    mlflow: MlflowLog | None = None
+
+
+class EarlyStopping(Strict):
+    patience: PositiveInt | None
+    min_delta: NonNegativeFloat
 
 
 class Checkpoint(Strict):
@@ -526,7 +601,9 @@ class RunConfig(Strict):
     sched: Sched
     trainer: Trainer
     checkpoint: Checkpoint
+    early_stopping: EarlyStopping
     monitor: Monitor
+    logger: Loggers
     module: Module
 
 
@@ -629,6 +706,62 @@ def _step_graph_conflicts(raw: dict[str, Any]) -> list[tuple[str, str]]:
         ),
     ]
     return [(what, fix) for conflict, what, fix in conflicts if conflict]
+
+
+def _trainer_extras(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The ``+trainer.NAME=VALUE`` keys: Lightning Trainer arguments that t240dist passes on as they are."""
+    return {name: value for name, value in trainer.items() if name not in Trainer.model_fields}
+
+
+def _check_trainer_extras(trainer: dict[str, Any]) -> None:
+    """Refuse Trainer arguments that t240dist sets itself, saying why and what to use instead."""
+    for name in _trainer_extras(trainer):
+        if name in OWNED_TRAINER_ARGS:
+            why, fix = OWNED_TRAINER_ARGS[name]
+            raise ConfigError(f"trainer.{name} is t240dist's to set: {why} — {fix}")
+
+
+def _check_trainer_arguments(trainer: dict[str, Any]) -> None:
+    """Each ``+trainer.NAME`` must be an argument of Lightning's Trainer: else name the closest one.
+
+    Here, not in ``check_run``: the names come from the Trainer's signature, and the config is checked
+    before Lightning (and torch) are imported.
+    """
+    extras = _trainer_extras(trainer)
+    if not extras:
+        return
+    import inspect
+
+    import pytorch_lightning as pl
+
+    known = list(inspect.signature(pl.Trainer).parameters)
+    for name, value in extras.items():
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        if not close:
+            raise ConfigError(
+                f"trainer.{name} is not an argument of Lightning's Trainer — see its arguments with "
+                "python -c 'import inspect, pytorch_lightning as pl; print(inspect.signature(pl.Trainer))'"
+            )
+        guess = close[0]
+        if guess in OWNED_TRAINER_ARGS:
+            fix = f"did you mean trainer.{guess}? {' — '.join(OWNED_TRAINER_ARGS[guess])}"
+        else:
+            plus = "" if guess in Trainer.model_fields else "+"
+            fix = f"did you mean {plus}trainer.{guess}={_cli_value(value)}?"
+        raise ConfigError(f"trainer.{name} is not an argument of Lightning's Trainer — {fix}")
+
+
+def _cli_value(value: Any) -> str:
+    """A value as it is typed on the command line (true, null, 0.5, [0,1], text)."""
+    return value if isinstance(value, str) else json.dumps(value).replace(" ", "")
+
+
+def _check_loggers(loggers: dict[str, Any]) -> None:
+    """MLflow's package must be installed (found without importing it: importing takes seconds)."""
+    if loggers.get("mlflow") and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("logger=mlflow needs the mlflow package — pip install 't240dist[mlflow]'")
 
 
 def _listed(devices: int | str | list[int]) -> int:

@@ -9,6 +9,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -18,13 +19,14 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import EMAWeightAveraging
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.profilers import PassThroughProfiler
+from pytorch_lightning.profilers import AdvancedProfiler, PassThroughProfiler, Profiler, SimpleProfiler
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from t240dist import report, sweep
 from t240dist.agent import resume_after_restart, write_run_config
 from t240dist.callbacks import (
     ContinueLog,
+    EarlyStop,
     ExactResume,
     NonFiniteGuard,
     Preemption,
@@ -44,11 +46,17 @@ from t240dist.checkpoint import (
 from t240dist.config import global_rank, validate_run
 from t240dist.data import ImageDataModule
 from t240dist.distributed import DDP, cluster_plugins, ends_process_group, gather_ranks
+from t240dist.errors import CheckpointError, ConfigError
+from t240dist.loggers import build_loggers
 from t240dist.module import ClassifierModule
 from t240dist.optim import scaled_lr
 from t240dist.telemetry import GpuMonitor, Totals
 
 CallbackT = TypeVar("CallbackT", bound=pl.Callback)
+
+# Under overfit_batches ImageDataModule's training order is not shuffled; Lightning still says it turns
+# shuffling off, because that sampler is not a SequentialSampler (and puts one in its place).
+warnings.filterwarnings("ignore", message="You requested to overfit but enabled train dataloader shuffling")
 
 
 def fit_and_test(
@@ -64,7 +72,17 @@ def fit_and_test(
     # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", conf["checkpoint"]["trust_unsigned"])
+    debug = _fast_dev_run(conf)
+    if debug:  # a debug run saves nothing: it neither resumes a run nor writes its summary over one's
+        if any((run_dir / "checkpoints").glob("*.ckpt")):
+            raise CheckpointError(
+                f"{debug} saves nothing, but {run_dir} holds a run's checkpoints — give the debug run a "
+                "hydra.run.dir of its own"
+            )
+        resume = None
+    else:
+        trust_unsigned = conf["checkpoint"]["trust_unsigned"]
+        resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", trust_unsigned)
     if rank_writes_config and global_rank() == 0:
         write_run_config(conf, run_dir)
     pl.seed_everything(conf["seed"], workers=True, verbose=False)
@@ -72,7 +90,7 @@ def fit_and_test(
     info = data.info
     data_ready = time.perf_counter()
     trial = optuna_trial(conf["sweep"], run_dir)
-    trainer, curves, checkpoint = build_trainer(conf, run_dir, [trial] if trial else None)
+    trainer, curves, checkpoint = build_trainer(conf, run_dir, [trial] if trial else None, resume)
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
     startup = {
@@ -87,8 +105,8 @@ def fit_and_test(
     report.show_batch(batch)
     report.write_data_notes(info, run_dir)
     if resume is None:
-        restart_curves(trainer.logger, step=0)
-    report.log_hparams(trainer.logger, conf)
+        restart_curves(trainer, step=0)
+    report.log_hparams(trainer.loggers, conf)
     with ends_process_group():
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         finished = _finished_before(resume, trainer, run_dir)
@@ -103,6 +121,7 @@ def fit_and_test(
         backend = dist.get_backend() if dist.is_initialized() else None  # nccl, gloo; None: one process
 
     summary = {
+        **({"debug_run": f"{debug}: a check that the run works; nothing saved or logged"} if debug else {}),
         "test_acc": tested[0]["test/acc"],
         "test_top5": tested[0].get("test/top5"),
         "test_loss": tested[0]["test/loss"],
@@ -139,6 +158,7 @@ def fit_and_test(
         "resumed_from": str(resume) if resume else None,
         "run_dir": str(run_dir),
         "pruned_at_epoch": trial.pruned_at if trial else None,
+        "stopped_early_at_epoch": _stopped_early(trainer),
         "ranks": ranks,
         "versions": {"torch": torch.__version__, "lightning": pl.__version__},
     }
@@ -148,9 +168,13 @@ def fit_and_test(
 
 
 def build_trainer(
-    conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None
+    conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None, resume: Path | None = None
 ) -> tuple[pl.Trainer, TrainLog, BestCheckpoint]:
-    """The Trainer of every run (training and benchmark alike), with its logger and callbacks."""
+    """The Trainer of every run (training and benchmark alike), with its loggers and callbacks.
+
+    ``resume``: the checkpoint the run continues from, if any (the loggers continue its curves). Every
+    ``+trainer.NAME`` key of the config is passed to Lightning's Trainer as it is.
+    """
     curves = TrainLog()
     directory = run_dir / "checkpoints"
     savers = checkpoint_callbacks(conf["checkpoint"], directory)
@@ -167,6 +191,8 @@ def build_trainer(
         callbacks.append(GpuMonitor(conf["monitor"]))
     if conf["module"]["ema_decay"] is not None:
         callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
+    if conf["early_stopping"]["patience"] is not None:
+        callbacks.append(EarlyStop(conf["checkpoint"], **conf["early_stopping"]))
     trainer_cfg = dict(conf["trainer"])
     timeout = timedelta(seconds=trainer_cfg.pop("collective_timeout_s"))
     trainer_cfg.pop("max_restarts")  # the agent's
@@ -174,17 +200,40 @@ def build_trainer(
         trainer_cfg["strategy"] = DDP(timeout=timeout)
     if trainer_cfg["enable_progress_bar"]:
         callbacks.append(ProgressBar(trainer_cfg["log_every_n_steps"], curves))
-    logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
-    trainer = pl.Trainer(
-        **trainer_cfg,
-        logger=logger,
-        callbacks=callbacks,
-        default_root_dir=run_dir,
-        use_distributed_sampler=False,  # ImageDataModule shards the data itself
-        plugins=[SignedCheckpointIO(conf["checkpoint"]["trust_unsigned"]), *cluster_plugins()],
-        profiler=NoProfiler(),
-    )
+    profiler = _profiler(trainer_cfg.pop("profiler"), run_dir)
+    try:
+        trainer = pl.Trainer(
+            **trainer_cfg,
+            logger=build_loggers(conf["logger"], run_dir, resumed=resume is not None),
+            callbacks=callbacks,
+            default_root_dir=run_dir,
+            use_distributed_sampler=False,  # ImageDataModule shards the data itself
+            plugins=[SignedCheckpointIO(conf["checkpoint"]["trust_unsigned"]), *cluster_plugins()],
+            profiler=profiler,
+        )
+    except (
+        MisconfigurationException
+    ) as err:  # a +trainer value that Lightning refuses (t240dist's are checked)
+        raise ConfigError(
+            f"Lightning's Trainer refused a trainer value: {str(err).splitlines()[0]} — fix it "
+            "(python -m train --cfg job shows them)"
+        ) from None
     return trainer, curves, savers[0]
+
+
+def _fast_dev_run(conf: dict[str, Any]) -> str | None:
+    """``trainer.fast_dev_run=N`` as people read it (debug=fdr sets it), or None for a run that trains."""
+    batches = conf["trainer"].get("fast_dev_run")  # a +trainer key: Lightning takes true or a number
+    return f"trainer.fast_dev_run={batches}" if batches else None
+
+
+def _profiler(name: str | None, run_dir: Path) -> Profiler:
+    """Lightning's simple or advanced profiler, writing its report to ``<run dir>/<stage>-profile.txt``;
+    without one, ``NoProfiler``."""
+    if name is None:
+        return NoProfiler()
+    kind = {"simple": SimpleProfiler, "advanced": AdvancedProfiler}[name]
+    return kind(dirpath=run_dir, filename="profile")
 
 
 class NoProfiler(PassThroughProfiler):
@@ -233,6 +282,12 @@ def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any
 def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
     """The trainer's callback of type ``kind`` (build_trainer adds at most one of each), or None."""
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
+def _stopped_early(trainer: pl.Trainer) -> int | None:
+    """The epoch that early stopping ended training at; None if it did not (or was off)."""
+    stopper = _callback(trainer, EarlyStop)
+    return stopper.stopped_epoch if stopper is not None and stopper.wait_count >= stopper.patience else None
 
 
 def _best_weights(conf: dict[str, Any], checkpoint: BestCheckpoint, module: ClassifierModule) -> str | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import yaml
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.syntax import Syntax
@@ -61,10 +61,15 @@ def show_resume(path: Path | None) -> None:
 @rank_zero_only
 def show_finished(summary: dict[str, Any], max_epochs: int) -> None:
     """Say that a rerun found its run finished, and how to train it further."""
+    stopped = summary.get("stopped_early_at_epoch")
+    more = (
+        f"a larger early_stopping.patience (early stopping ended it at epoch {stopped})"
+        if stopped is not None
+        else f"a higher trainer.max_epochs (now {max_epochs})"
+    )
     Console().print(
         f"this run already finished: {summary['epochs']} epoch(s), step {summary['global_step']}, "
-        f"test_acc {summary['test_acc']:.4f}; nothing trained — to train on, rerun with a higher "
-        f"trainer.max_epochs (now {max_epochs})"
+        f"test_acc {summary['test_acc']:.4f}; nothing trained — to train on, rerun with {more}"
     )
 
 
@@ -78,15 +83,19 @@ def write_data_notes(info: DataInfo, run_dir: Path) -> None:
 
 
 @rank_zero_only
-def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any]) -> None:
-    """Declare the run's hyperparameters and metric tags to TensorBoard's HParams tab.
+def log_hparams(loggers: list[Logger], conf: dict[str, Any]) -> None:
+    """Give every logger the run's config, flattened (``optim.lr``): TensorBoard as its HParams tab.
 
-    The metric columns read the run's own scalar tags, so no value is logged twice.
+    The HParams tab's metric columns read the run's own scalar tags, so no value is logged twice.
     """
-    summaries = hparams(_flatten(conf), dict.fromkeys(HPARAM_METRICS, 0.0))
-    writer = logger.experiment._get_file_writer()
-    for summary in summaries:
-        writer.add_summary(summary)
+    flat = _flatten(conf)
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(flat)
+            continue
+        writer = logger.experiment.file_writer
+        for summary in hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0)):
+            writer.add_summary(summary)
 
 
 @rank_zero_only
@@ -113,7 +122,7 @@ def write_summary(summary: dict[str, Any], run_dir: Path, name: str = "run") -> 
 
 
 def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested config into ``group.key`` entries of types TensorBoard accepts."""
+    """Flatten nested config into ``group.key`` entries of types every logger accepts."""
     flat: dict[str, Any] = {}
     for key, value in node.items():
         name = f"{prefix}{key}"

@@ -73,6 +73,8 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """
     bench = OmegaConf.to_container(cfg.bench)
     train_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"])
+    if train_cfg.model.compile == "auto":  # eager here; the fast path is its own row (bench.fast_path)
+        train_cfg.model.compile = False
     conf = validate(train_cfg)
     device = _join_ranks(conf["trainer"])
     data = ImageDataModule(conf["data"], conf["seed"])

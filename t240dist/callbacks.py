@@ -16,19 +16,22 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.callbacks import ModelSummary, TQDMProgressBar
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, ModelSummary, TQDMProgressBar
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from t240dist import sweep
 from t240dist.agent import is_submitit_requeue
-from t240dist.checkpoint import at_step_boundary
+from t240dist.checkpoint import at_step_boundary, written
 from t240dist.data import ImageDataModule
 from t240dist.distributed import Agreed
 from t240dist.errors import Interrupted, NonFiniteError, Preempted, resume_hint
+from t240dist.loggers import log_metrics, tensorboard
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event
+from t240dist.run import process_age_s
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +129,18 @@ class TrainLog(pl.Callback):
     work leaves the GPU idle. ThroughputMonitor synchronises after every batch, and LearningRateMonitor
     splits the lr into one tag per parameter group. ``images_per_s`` leaves out the first step, which
     carries the one-off costs (compilation, autotuning, the workers' first batch) reported as
-    ``first_step_s``. Validation time is excluded.
+    ``first_step_s``. Validation, and the checkpoints saved after an epoch's validation, are left out of
+    training time; the time in validation is ``validation_s``.
     """
 
     def __init__(self) -> None:
         self.images = 0
         self.train_s = 0.0
+        self.validation_s = 0.0  # validation inside fit (sanity checks left out)
         self.first_step_s: float | None = None  # from the start of fit's training to the first step's end
+        self.to_first_step_s: float | None = None  # from this process's start to the first step's end
+        self._epoch_done = False  # the epoch's last batch ran: what follows its validation is not training
+        self._validation_start = 0.0
         self.last_loss: float | None = None  # the latest written train/loss
         self._after_first = (0, 0.0)  # (images, train_s) at the first step's end
         self._train_start = 0.0
@@ -151,15 +159,19 @@ class TrainLog(pl.Callback):
         self._start(trainer, pl_module)  # a run resumed mid-epoch starts with no on_train_epoch_start
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_done = False
         self._start(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training:
+        if _validating_in_fit(trainer):
             self._stop(trainer, pl_module)
+            self._validation_start = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.training:
-            self._start(trainer, pl_module)
+        if _validating_in_fit(trainer):
+            self.validation_s += time.perf_counter() - self._validation_start
+            if not self._epoch_done:  # a validation inside the epoch: training goes on
+                self._start(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop(trainer, pl_module)
@@ -170,8 +182,8 @@ class TrainLog(pl.Callback):
         # Every point up to the saved step is on disk before the checkpoint is: a run killed after a save
         # and resumed from it loses no point (the save waits for the GPU anyway)
         self._write(trainer, wait=True)
-        if trainer.logger is not None:
-            trainer.logger.save()
+        for logger in trainer.loggers:
+            logger.save()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, err: BaseException) -> None:
         self._write(trainer, wait=True)  # a stopped run (preempted, NaN) keeps the points up to its last step
@@ -180,9 +192,11 @@ class TrainLog(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.images += len(batch[1]) * trainer.world_size
+        self._epoch_done = batch_idx + 1 >= trainer.num_training_batches
         if self.first_step_s is None:
             self._stop(trainer, pl_module)  # one sync, once: the first step's work is done
             self.first_step_s = time.perf_counter() - self._train_start
+            self.to_first_step_s = process_age_s()
             self._after_first = (self.images, self.train_s)
             self._clock = time.perf_counter()  # the logged window goes on: the curve shows what happened
         # A logging step's curves (ClassifierModule.training_step); rank 0 alone writes, as Lightning does
@@ -207,14 +221,14 @@ class TrainLog(pl.Callback):
             metrics = dict(zip(TRAIN_CURVES, curves.tolist(), strict=True))
             metrics["train/lr"] = lr
             metrics["perf/images_per_s"] = (images - images0) / _seconds(stamp0, stamp)
-            trainer.logger.log_metrics(metrics, step=step)
+            log_metrics(trainer, metrics, step)
             self.last_loss = metrics["train/loss"]
             self._window = (images, stamp)
             self._pending.pop(0)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clock = time.perf_counter()
-        if trainer.is_global_zero and trainer.logger is not None:
+        if trainer.is_global_zero and trainer.loggers:
             stamp = timing_event() if pl_module.device.type == "cuda" else self._clock
             self._window = (self.images, stamp)
 
@@ -228,6 +242,12 @@ class TrainLog(pl.Callback):
         self._write(trainer, wait=True)
 
 
+def _validating_in_fit(trainer: pl.Trainer) -> bool:
+    """Whether this validation runs inside fit (not a sanity check, not ``trainer.validate``). During fit's
+    validation the stage is VALIDATING, so ``trainer.training`` is False there."""
+    return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+
 def _seconds(start: Stamp, end: Stamp) -> float:
     """Seconds between two stamps of the same kind (CUDA events both, or host times both)."""
     if isinstance(start, torch.cuda.Event):
@@ -236,26 +256,33 @@ def _seconds(start: Stamp, end: Stamp) -> float:
 
 
 class ContinueLog(pl.Callback):
-    """On resume, tells TensorBoard to drop points the interrupted run logged past the resumed step.
-
-    TensorBoard purges a run's events at or after the step of a ``SessionLog.START`` event, so the
-    curves continue without duplicated points. It is written at the first resumed step, once Lightning
-    has settled its step counter.
-    """
+    """On resume, tells TensorBoard to drop points the interrupted run logged past the resumed step
+    (``restart_curves``), at the first resumed step, once Lightning has settled its step counter. (CSV and
+    MLflow cannot forget points: ``t240dist.loggers``.)"""
 
     def __init__(self) -> None:
         self._resumed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logs = isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero
+        logs = tensorboard(trainer) is not None and trainer.is_global_zero
         self._resumed = logs and trainer.ckpt_path is not None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not self._resumed:
             return
         self._resumed = False
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        writer = trainer.logger.experiment._get_file_writer()
+        restart_curves(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+@rank_zero_only
+def restart_curves(trainer: pl.Trainer, step: int) -> None:
+    """Tell TensorBoard that the run goes on from ``step``: it drops the points at or after ``step`` that an
+    earlier attempt in this run dir logged (TensorBoard purges them at a ``SessionLog.START`` event), so the
+    curves show every step once. A run that starts from scratch does so at step 0, before anything else is
+    logged: an attempt stopped before its first save (SIGKILL, a lost node) may have left points."""
+    logger = tensorboard(trainer)
+    if logger is not None:
+        writer = logger.experiment.file_writer
         writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
@@ -337,10 +364,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-class Preemption(pl.Callback):
+class Preemption(Checkpoint):
     """SIGTERM, SIGUSR1 (SLURM's ``--signal``), SIGUSR2 (submitit's) or Ctrl-C (SIGINT) set a flag; the run
     saves at the next step boundary and stops with ``Preempted`` (exit code 75), or ``Interrupted`` (130)
     for Ctrl-C. Nothing is done inside the signal handler, and a second Ctrl-C stops at once.
+
+    A ``Checkpoint`` callback, so that Lightning calls it after every other callback, as it calls its
+    savers: a step's state is whole only once every ``on_train_batch_end`` has run (EMA's update of the
+    averaged weights among them; saved before it, a resumed EMA run missed one update).
 
     A step boundary (``at_step_boundary``) ends an optimizer step and is not an epoch's last batch: a
     signal at the last batch is acted on one batch later, after the epoch's validation and saves. With
@@ -386,6 +417,7 @@ class Preemption(pl.Callback):
             # stop right here: a graceful stop would run epoch-end hooks and save as if the epoch ended
             path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
             trainer.save_checkpoint(path, weights_only=False)  # the whole state (and no note about it)
+            written(trainer)
             for signum in self.received:
                 if is_submitit_requeue(self._previous.get(signum)):
                     self._previous[signum](signum, None)  # requeues and exits on rank 0; returns elsewhere
@@ -401,6 +433,30 @@ class Preemption(pl.Callback):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+class EarlyStop(EarlyStopping):
+    """Lightning's EarlyStopping on the checkpoints' metric (``checkpoint.monitor`` and ``checkpoint.mode``).
+
+    Its state (best score, validations without improvement) is saved in every checkpoint, so a resumed run
+    stops where the uninterrupted one would. A rerun of a run it stopped trains nothing (Lightning would
+    start the next epoch), and the patience of the config, not the checkpoint's, decides: a rerun with a
+    larger ``early_stopping.patience`` trains on.
+    """
+
+    def __init__(self, checkpoint: dict[str, Any], patience: int, min_delta: float) -> None:
+        super().__init__(
+            monitor=checkpoint["monitor"], mode=checkpoint["mode"], patience=patience, min_delta=min_delta
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.wait_count >= self.patience:
+            trainer.should_stop = True
 
 
 def optuna_trial(cfg: dict[str, Any], run_dir: Path) -> OptunaTrial | None:

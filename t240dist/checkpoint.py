@@ -4,6 +4,8 @@ A checkpoint stays a plain ``torch.save`` zip file (``torch.load(path, weights_o
 it); its sha256 and an HMAC-SHA256 under a key kept outside the run dir ride in the zip's comment field,
 which zip readers skip. Writes go to a temp file in the destination directory, are fsynced, and replace
 the final name atomically, so a kill or a full disk never leaves a half-written file under that name.
+They happen in a background thread, in the order they were asked for, from a copy of the state taken
+when it was asked for: training goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import os
 import re
 import secrets
 import struct
+import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from t240dist.errors import CheckpointError
@@ -44,24 +50,89 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 
 
 class SignedCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with atomic, fsynced, signed writes and verified reads."""
+    """Lightning's checkpoint IO with atomic, fsynced, signed writes, done in a background thread, and
+    verified reads.
+
+    A save copies the state's tensors where they are (on the GPU: a queued copy, no wait) and queues the
+    write; serialising, signing, writing and fsyncing (~0.35 s an epoch for ResNet-18 on an H200's host)
+    no longer hold up training. Removals and ``after_writes`` actions join the same queue, so a top-k file
+    is removed, and ``best.ckpt`` renamed, only after the writes asked for before them. A failed write
+    (a full disk) is raised on the training thread at the next save or ``flush``, and nothing queued after
+    it is done. Loading, the end of fit (``teardown``) and ``written`` wait for the queue.
+
+    Hand-written rather than Lightning's experimental AsyncCheckpointIO, which removes rotated top-k files
+    at once, while their writes may still be queued, and cannot queue other work behind a write.
+    """
 
     def __init__(self, trust_unsigned: bool) -> None:
         self.trust_unsigned = trust_unsigned
+        self.seconds = 0.0  # the training thread's time in saves: the copy of the state and the queueing
+        self._writer: ThreadPoolExecutor | None = None
+        self._queued: list[Future] = []
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        """Write ``path``; ``last.ckpt`` beside it then names the same file: the newest save is the last."""
+        started = time.perf_counter()
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().clone())
+        self._queue(self.write, snapshot, Path(path))
+        self.seconds += time.perf_counter() - started
+
+    def write(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """Write ``path`` now; ``last.ckpt`` beside it then names the same file: the newest save is last."""
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        path = Path(path)
         write_atomically(path, sign(buffer.getvalue(), checkpoint_key()))
         if path.name != LAST:
             alias(path, path.with_name(LAST))
 
+    def remove_checkpoint(self, path: Any) -> None:
+        self._queue(super().remove_checkpoint, path)
+
+    def after_writes(self, action: Callable[[], None]) -> None:
+        """Do ``action`` in the writer once every save asked for so far is written."""
+        self._queue(action)
+
+    def flush(self) -> None:
+        """Wait until everything queued is done; raise the first failure."""
+        queued, self._queued = self._queued, []
+        for future in queued:
+            future.result()
+
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: Any = None
     ) -> dict[str, Any]:
+        self.flush()
         return load_checkpoint(Path(path), self.trust_unsigned, map_location)
+
+    def teardown(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    def _queue(self, action: Callable[..., None], *args: Any) -> None:
+        """Queue ``action(*args)`` behind the earlier work; first raise what failed of that work."""
+        for done in [f for f in self._queued if f.done()]:
+            self._queued.remove(done)
+            done.result()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t240dist-checkpoints")
+        earlier = list(self._queued)
+
+        def after_earlier() -> None:
+            if not any(f.exception() for f in earlier):  # nothing after a failed write
+                action(*args)
+
+        self._queued.append(self._writer.submit(after_earlier))
+
+
+def written(trainer: pl.Trainer) -> None:
+    """Return once every checkpoint asked for is on disk, on every rank (rank 0 writes them all)."""
+    checkpoint_io = trainer.strategy.checkpoint_io
+    if isinstance(checkpoint_io, SignedCheckpointIO):
+        checkpoint_io.flush()
+    trainer.strategy.barrier("t240dist-checkpoints-written")
 
 
 def checkpoint_callbacks(cfg: dict[str, Any], directory: Path) -> list[pl.Callback]:
@@ -115,8 +186,10 @@ class BestCheckpoint(RunDirCheckpoint):
 
     def _name_best(self, trainer: pl.Trainer) -> None:
         best = Path(self.best_model_path) if self.best_model_path else None
-        if trainer.is_global_zero and best is not None and best.is_file():
-            alias(best, best.with_name(BEST))
+        if trainer.is_global_zero and best is not None:
+            trainer.strategy.checkpoint_io.after_writes(
+                lambda: best.is_file() and alias(best, best.with_name(BEST))
+            )
 
 
 class RecoveryCheckpoint(RunDirCheckpoint):
@@ -159,8 +232,15 @@ class FinalCheckpoint(pl.Callback):
         self.trained = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.trained:
+        if self.trained and not trainer.fast_dev_run:  # Lightning's checkpoints skip a fast_dev_run too
             trainer.save_checkpoint(self.path, weights_only=False)
+            written(trainer)  # every rank may read the best checkpoint next, to test it
+
+
+def _name_if_there(path: Path, name: str) -> None:
+    """Let ``name`` beside ``path`` be that file, if it exists (a moved run dir may have lost it)."""
+    if path.is_file():
+        alias(path, path.with_name(name))
 
 
 def at_step_boundary(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -195,12 +275,15 @@ def resume_checkpoint(resume: str, directory: Path, trust_unsigned: bool) -> Pat
         step = re.search(r"step(\d+)", path.name)
         return path.stat().st_mtime_ns, path.name == LAST, int(step.group(1)) if step else -1
 
-    for path in sorted(directory.glob("*.ckpt"), key=newest, reverse=True):
+    found = sorted(directory.glob("*.ckpt"), key=newest, reverse=True)
+    for path in found:
         try:
             verify(path.read_bytes(), path, trust_unsigned)
         except CheckpointError as err:
             log.warning("resume=auto skips %s", err)
             continue
+        if path.name == LAST:  # the save's own name, which the next save does not take over
+            return next((other for other in found if other != path and other.samefile(path)), path)
         return path
     return None
 
@@ -288,6 +371,8 @@ def alias(path: Path, name: Path) -> None:
         tmp.unlink(missing_ok=True)
         os.link(path, tmp)
         os.replace(tmp, name)
+        # rename() between two links of one file does nothing and leaves both: ``name`` was ``path`` already
+        tmp.unlink(missing_ok=True)
     except OSError:
         tmp.unlink(missing_ok=True)
         write_atomically(name, path.read_bytes())

@@ -10,6 +10,8 @@ that ask torch about this machine and torchvision about its models come after (`
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import json
 import logging
 import math
 import os
@@ -71,10 +73,30 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 
 def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
     """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema
-    and this machine."""
+    and this machine; return it with its ``auto`` settings decided for this machine (``decide_auto``)."""
     check_run(raw)
     check_machine(raw)
-    return raw
+    return decide_auto(raw)
+
+
+def decide_auto(raw: dict[str, Any]) -> dict[str, Any]:
+    """The run config with what ``auto`` means on this machine: ``trainer.precision`` is bf16-mixed on a GPU
+    that computes in bf16 (Ampere and later), else 32-true; ``model.compile`` is the fast path, step, where
+    a step can be replayed (one GPU, no conflict of ``_step_graph_conflicts``), else false. Every rank of a
+    job on like machines decides alike; the run's config.yaml and checkpoints record the decision."""
+    import torch
+
+    trainer, model = raw["trainer"], raw["model"]
+    gpu = trainer["accelerator"] != "cpu" and torch.cuda.is_available()
+    precision = trainer["precision"]
+    if precision == "auto":
+        precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+    decided = {**raw, "trainer": {**trainer, "precision": precision}}
+    compiled = model["compile"]
+    if compiled == "auto":
+        several = trainer["devices"] == "auto" and torch.cuda.device_count() > 1
+        compiled = "step" if gpu and not several and not _step_graph_conflicts(decided) else False
+    return {**decided, "model": {**model, "compile": compiled}}
 
 
 def check_run(raw: dict[str, Any]) -> None:
@@ -83,6 +105,8 @@ def check_run(raw: dict[str, Any]) -> None:
     if isinstance(model, dict) and "width" in model and model.get("name") != "small_cnn":
         raise ConfigError(f"model.name: {unknown_model(str(model.get('name')))}")  # in the small_cnn group
     check(RunConfig, raw)
+    _check_trainer_extras(raw["trainer"])
+    _check_loggers(raw["logger"])
     _check_step_graph(raw)
     _check_launch(raw["trainer"])
     if raw["resume"] not in ("auto", "never") and not Path(raw["resume"]).is_file():
@@ -97,6 +121,7 @@ def check_machine(raw: dict[str, Any]) -> None:
     import torch
     import torchvision
 
+    _check_trainer_arguments(raw["trainer"])
     name = raw["model"]["name"]
     if name != "small_cnn" and name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(f"model.name: {unknown_model(name)}")
@@ -189,13 +214,21 @@ def unknown_model(name: str) -> str:
 def with_later_keys(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored run config (a checkpoint's) completed with the keys it lacks because t240dist added them
     later, at their defaults in conf/: from the file of the stored group option (``data/cifar10.yaml``
-    for ``data.name=cifar10``) and from config.yaml. Stored values are never changed."""
+    for ``data.name=cifar10``; ``trainer/default.yaml`` for a group whose options share one), from the
+    default option of a group added later (``logger``), and from config.yaml. Stored values are never
+    changed."""
     conf = files(CONF_PACKAGE)
+    top = OmegaConf.to_container(OmegaConf.create((conf / "config.yaml").read_text()))
+    chosen = dict(next(iter(entry.items())) for entry in top["defaults"] if isinstance(entry, dict))
+    for group, option in chosen.items():
+        if group not in stored and option is not None:
+            stored[group] = OmegaConf.to_container(
+                OmegaConf.create((conf / group / f"{option}.yaml").read_text())
+            )
     for group, node in stored.items():
-        option = conf / group / f"{node.get('name')}.yaml" if isinstance(node, dict) else None
+        option = conf / group / f"{node.get('name', 'default')}.yaml" if isinstance(node, dict) else None
         if option is not None and option.is_file():
             _fill(node, OmegaConf.to_container(OmegaConf.create(option.read_text())))
-    top = OmegaConf.to_container(OmegaConf.create((conf / "config.yaml").read_text()))
     _fill(stored, {k: v for k, v in top.items() if k not in ("defaults", "hydra")})
     return stored
 
@@ -390,18 +423,15 @@ Data = Annotated[
 ]
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "step")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "step", "auto")
 
 
 def _compile_setting(value: Any) -> Any:
-    """``model.compile``: false, true (torch.compile's default mode) or a torch.compile mode name."""
+    """``model.compile``: false, true (torch.compile's default mode), a torch.compile mode name, step (the
+    fast path) or auto (step where it can run, else false)."""
     if isinstance(value, bool) or value in COMPILE_MODES:
         return value
-    raise ValueError(
-        f"'{value}' is not a compile setting — use false, true, "
-        + ", ".join(COMPILE_MODES[1:-1])
-        + f" or {COMPILE_MODES[-1]}"
-    )
+    raise ValueError(f"'{value}' is not a compile setting — use false, true, {', '.join(COMPILE_MODES[1:])}")
 
 
 CompileSetting = Annotated[bool | str, BeforeValidator(_compile_setting)]
@@ -516,7 +546,7 @@ class Trainer(Strict):
     strategy: Literal["auto", "ddp"]
     collective_timeout_s: PositiveInt
     max_restarts: NonNegativeInt
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"]
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
     max_epochs: PositiveInt
     max_steps: Annotated[int, Field(ge=-1), AfterValidator(_some_steps)]
     limit_train_batches: Limit
@@ -529,6 +559,67 @@ class Trainer(Strict):
     accumulate_grad_batches: PositiveInt
     deterministic: bool
     enable_progress_bar: bool
+    profiler: Literal["simple", "advanced"] | None
+
+    # Any other key is an argument of Lightning's Trainer, given as +trainer.NAME=VALUE and passed on as it
+    # is: its name is checked against the Trainer's signature once Lightning is loaded (check_machine).
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+# Arguments of Lightning's Trainer that t240dist sets itself: why, and what to use instead.
+OWNED_TRAINER_ARGS = {
+    "logger": (
+        "t240dist builds the loggers",
+        "pick them with logger=csv, logger=mlflow or 'logger=[tensorboard,csv]'",
+    ),
+    "callbacks": (
+        "t240dist's callbacks checkpoint, resume and log the run",
+        "use checkpoint.*, early_stopping.patience=N, monitor=... and logger=...",
+    ),
+    "enable_checkpointing": (
+        "resume and the run's test read t240dist's checkpoints",
+        "use checkpoint.save_top_k and checkpoint.every_n_steps, or debug=fdr for a run that saves nothing",
+    ),
+    "default_root_dir": ("the run dir is Hydra's", "use hydra.run.dir=DIR"),
+    "plugins": (
+        "t240dist's plugins sign the checkpoints and find the SLURM or torchrun environment",
+        "use trainer.precision for mixed precision",
+    ),
+    "use_distributed_sampler": (
+        "t240dist's data module shards every split across ranks itself, so that a resume is exact",
+        "leave it out",
+    ),
+    "barebones": (
+        "it switches off the logging, checkpoints and callbacks that a run relies on",
+        "use debug=fdr or debug=limit for a quick run",
+    ),
+}
+
+
+class TensorBoardLog(Strict):
+    """No settings: event files in the run dir."""
+
+
+class CsvLog(Strict):
+    flush_logs_every_n_steps: PositiveInt
+
+
+class MlflowLog(Strict):
+    tracking_uri: str
+    experiment_name: str
+
+
+class Loggers(Strict):
+    """The logger group: one or more of its options (logger=csv, 'logger=[tensorboard,csv]')."""
+
+    tensorboard: TensorBoardLog | None = None
+    csv: CsvLog | None = None
+    mlflow: MlflowLog | None = None
+
+
+class EarlyStopping(Strict):
+    patience: PositiveInt | None
+    min_delta: NonNegativeFloat
 
 
 class Checkpoint(Strict):
@@ -586,7 +677,9 @@ class RunConfig(Strict):
     sched: Sched
     trainer: Trainer
     checkpoint: Checkpoint
+    early_stopping: EarlyStopping
     monitor: Monitor
+    logger: Loggers
     module: Module
 
 
@@ -657,8 +750,13 @@ def _range_fix(error: dict[str, Any]) -> str:
 
 def _check_step_graph(raw: dict[str, Any]) -> None:
     """``model.compile=step`` replays one captured step: refuse what a fixed replay cannot do."""
-    if raw["model"]["compile"] != "step":
-        return
+    if raw["model"]["compile"] == "step":
+        for what, fix in _step_graph_conflicts(raw):
+            raise ConfigError(f"model.compile=step cannot replay a step with {what} — set {fix}")
+
+
+def _step_graph_conflicts(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """What of the run a fixed replay of one captured step cannot do, each with its fix."""
     trainer, module = raw["trainer"], raw["module"]
     conflicts = [
         (
@@ -683,9 +781,63 @@ def _check_step_graph(raw: dict[str, Any]) -> None:
             "trainer.devices=1, or model.compile=reduce-overhead with DDP",
         ),
     ]
-    for conflict, what, fix in conflicts:
-        if conflict:
-            raise ConfigError(f"model.compile=step cannot replay a step with {what} — set {fix}")
+    return [(what, fix) for conflict, what, fix in conflicts if conflict]
+
+
+def _trainer_extras(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The ``+trainer.NAME=VALUE`` keys: Lightning Trainer arguments that t240dist passes on as they are."""
+    return {name: value for name, value in trainer.items() if name not in Trainer.model_fields}
+
+
+def _check_trainer_extras(trainer: dict[str, Any]) -> None:
+    """Refuse Trainer arguments that t240dist sets itself, saying why and what to use instead."""
+    for name in _trainer_extras(trainer):
+        if name in OWNED_TRAINER_ARGS:
+            why, fix = OWNED_TRAINER_ARGS[name]
+            raise ConfigError(f"trainer.{name} is t240dist's to set: {why} — {fix}")
+
+
+def _check_trainer_arguments(trainer: dict[str, Any]) -> None:
+    """Each ``+trainer.NAME`` must be an argument of Lightning's Trainer: else name the closest one.
+
+    Here, not in ``check_run``: the names come from the Trainer's signature, and the config is checked
+    before Lightning (and torch) are imported.
+    """
+    extras = _trainer_extras(trainer)
+    if not extras:
+        return
+    import inspect
+
+    import pytorch_lightning as pl
+
+    known = list(inspect.signature(pl.Trainer).parameters)
+    for name, value in extras.items():
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        if not close:
+            raise ConfigError(
+                f"trainer.{name} is not an argument of Lightning's Trainer — see its arguments with "
+                "python -c 'import inspect, pytorch_lightning as pl; print(inspect.signature(pl.Trainer))'"
+            )
+        guess = close[0]
+        if guess in OWNED_TRAINER_ARGS:
+            fix = f"did you mean trainer.{guess}? {' — '.join(OWNED_TRAINER_ARGS[guess])}"
+        else:
+            plus = "" if guess in Trainer.model_fields else "+"
+            fix = f"did you mean {plus}trainer.{guess}={_cli_value(value)}?"
+        raise ConfigError(f"trainer.{name} is not an argument of Lightning's Trainer — {fix}")
+
+
+def _cli_value(value: Any) -> str:
+    """A value as it is typed on the command line (true, null, 0.5, [0,1], text)."""
+    return value if isinstance(value, str) else json.dumps(value).replace(" ", "")
+
+
+def _check_loggers(loggers: dict[str, Any]) -> None:
+    """MLflow's package must be installed (found without importing it: importing takes seconds)."""
+    if loggers.get("mlflow") and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("logger=mlflow needs the mlflow package — pip install 't240dist[mlflow]'")
 
 
 def _listed(devices: int | str | list[int]) -> int:

@@ -161,10 +161,12 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _resumed_order(self, dataset: Dataset) -> tuple[DistributedSampler, int]:
         """This rank's shuffled share of the training samples, reshuffled by ``set_epoch`` and set to the
-        epoch of ``resume_at``, and the batches of that epoch to leave out (once)."""
+        epoch of ``resume_at``, and the batches of that epoch to leave out (once). Not shuffled under
+        Lightning's ``overfit_batches``: every epoch trains on the same first batches."""
         trainer = self.trainer
         ranks = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else _ONE_RANK
-        order = DistributedSampler(dataset, shuffle=True, seed=self.seed, drop_last=True, **ranks)
+        shuffle = not (trainer and trainer.overfit_batches)
+        order = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed, drop_last=True, **ranks)
         (epoch, skip), self._resume = self._resume, (0, 0)
         order.set_epoch(epoch)
         return order, skip
@@ -228,8 +230,9 @@ class EpochSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, epoch = key
+    def __getitem__(self, key: tuple[int, int] | int) -> Any:
+        # an index alone: under overfit_batches Lightning puts a SequentialSampler in EpochTagged's place
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         cpu = torch.default_generator  # not torch.manual_seed: it also queues CUDA seeding, slowly
         saved = cpu.get_state()
         cpu.manual_seed(_seed_of(self.seed, epoch, index))

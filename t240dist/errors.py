@@ -29,6 +29,8 @@ EXIT_RANK_DIED = 1  # a rank of the job died: the job failed; a rerun resumes fr
 # inherit both, and print one line too unless the user asked for tracebacks.
 _SET_BY_US = "T240DIST_SET_HYDRA_FULL_ERROR"
 _FULL_TRACEBACK = os.environ.get("HYDRA_FULL_ERROR") == "1" and _SET_BY_US not in os.environ
+# Lightning's debugging arguments and the debug presets (conf/debug/) that set them.
+_DEBUG_PRESETS = {"trainer.fast_dev_run": "debug=fdr", "trainer.overfit_batches": "debug=overfit"}
 
 
 class UserError(Exception):
@@ -187,6 +189,13 @@ def _hydra_line(err: BaseException) -> str:
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown and "+" in text:
         key = unknown.group(1)
+        append = re.search(r"use (\+\S+)", text)
+        if key.startswith("trainer.") and append:  # a Lightning Trainer argument that t240dist does not set
+            preset = _DEBUG_PRESETS.get(key)
+            return (
+                f"{key} is not one of t240dist's trainer keys — pass it to Lightning's Trainer with "
+                f"{append.group(1)}" + (f", or use {preset}" if preset else "")
+            )
         closest = _closest_key(key, err.__cause__)
         value = re.search(rf"\+{re.escape(key)}=(.*)", text)
         if closest and value:

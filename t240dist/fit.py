@@ -18,13 +18,14 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import EMAWeightAveraging
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.profilers import PassThroughProfiler
+from pytorch_lightning.profilers import AdvancedProfiler, PassThroughProfiler, Profiler, SimpleProfiler
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from t240dist import report, sweep
 from t240dist.agent import resume_after_restart, write_run_config
 from t240dist.callbacks import (
     ContinueLog,
+    EarlyStop,
     ExactResume,
     LongCpuRun,
     ModelSize,
@@ -33,6 +34,7 @@ from t240dist.callbacks import (
     ProgressBar,
     TrainLog,
     optuna_trial,
+    restart_curves,
 )
 from t240dist.checkpoint import (
     BestCheckpoint,
@@ -45,6 +47,8 @@ from t240dist.checkpoint import (
 from t240dist.config import check_steps, global_rank, validate_run, world_size
 from t240dist.data import ImageDataModule
 from t240dist.distributed import DDP, cluster_plugins, ends_process_group, gather_ranks
+from t240dist.errors import CheckpointError, ConfigError
+from t240dist.loggers import build_loggers
 from t240dist.module import ClassifierModule
 from t240dist.optim import scaled_lr
 from t240dist.telemetry import GpuMonitor, Totals
@@ -60,11 +64,22 @@ def fit_and_test(
     ``rank_writes_config``: rank 0 saves the resolved config as ``config.yaml`` (the agent's workers find
     it written already, and read it).
     """
+    entered = time.perf_counter()  # after the imports of this module (Lightning, torchvision, ...)
     conf = resume_after_restart(validate_run(conf))  # any agent's restart: ours, or torchrun's
     # A file-size limit must surface as EFBIG (and a one-line CheckpointError), not kill the process.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", conf["checkpoint"]["trust_unsigned"])
+    debug = _fast_dev_run(conf)
+    if debug:  # a debug run saves nothing: it neither resumes a run nor writes its summary over one's
+        if any((run_dir / "checkpoints").glob("*.ckpt")):
+            raise CheckpointError(
+                f"{debug} saves nothing, but {run_dir} holds a run's checkpoints — give the debug run a "
+                "hydra.run.dir of its own"
+            )
+        resume = None
+    else:
+        trust_unsigned = conf["checkpoint"]["trust_unsigned"]
+        resume = resume_checkpoint(conf["resume"], run_dir / "checkpoints", trust_unsigned)
     if rank_writes_config and global_rank() == 0:
         write_run_config(conf, run_dir)
     pl.seed_everything(conf["seed"], workers=True, verbose=False)
@@ -73,12 +88,13 @@ def fit_and_test(
     check_steps(conf, info.train_size, world_size())
     data_ready = time.perf_counter()
     trial = optuna_trial(conf["sweep"], run_dir)
-    trainer, curves, checkpoint = build_trainer(conf, run_dir, [trial] if trial else None)
+    trainer, curves, checkpoint = build_trainer(conf, run_dir, [trial] if trial else None, resume)
     batch = _effective_batch(conf, trainer)
     module = ClassifierModule.from_config({**conf, "optim": {**conf["optim"], "lr": batch["lr"]}}, info)
     startup = {
-        "before_train": before_train,  # interpreter, imports, Hydra's compose
-        "data": data_ready - started,
+        "before_train": before_train,  # interpreter, the entry point's imports, Hydra's compose
+        "imports": entered - started,  # the training modules: Lightning, torchvision, ...
+        "data": data_ready - entered,  # the config's checks against this machine, the data
         "model_and_trainer": time.perf_counter() - data_ready,
     }
 
@@ -86,7 +102,9 @@ def fit_and_test(
     report.show_resume(resume)
     report.show_batch(batch)
     report.write_data_notes(info, run_dir)
-    report.log_hparams(trainer.logger, conf, run_dir)
+    if resume is None:
+        restart_curves(trainer, step=0)
+    report.log_hparams(trainer.loggers, conf, run_dir)
     with ends_process_group():
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         finished = _finished_before(resume, trainer, run_dir)
@@ -94,14 +112,17 @@ def fit_and_test(
             return finished
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
+        test_started = time.perf_counter()
         # verbose=False: Lightning's table of the test metrics says again what the run summary says
         tested = trainer.test(
             module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module), verbose=False
         )
+        test_s = time.perf_counter() - test_started
         ranks = gather_ranks(conf, report.device_name(trainer.strategy.root_device))
         backend = dist.get_backend() if dist.is_initialized() else None  # nccl, gloo; None: one process
 
     summary = {
+        **({"debug_run": f"{debug}: a check that the run works; nothing saved or logged"} if debug else {}),
         "test_acc": tested[0]["test/acc"],
         "test_top5": tested[0].get("test/top5"),
         "test_loss": tested[0]["test/loss"],
@@ -111,6 +132,12 @@ def fit_and_test(
         "train_s": curves.train_s,
         "train_images_per_s": curves.images_per_s,
         "startup_s": {**startup, "first_step": curves.first_step_s},  # first_step: compile, autotune, workers
+        "phases_s": {
+            "to_first_step": curves.to_first_step_s,  # from the process's start (imports included)
+            "validation": curves.validation_s,
+            "checkpoints": trainer.strategy.checkpoint_io.seconds,  # the training thread's share of saves
+            "test": test_s,
+        },
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "world_size": trainer.world_size,
@@ -132,6 +159,7 @@ def fit_and_test(
         "resumed_from": str(resume) if resume else None,
         "run_dir": str(run_dir),
         "pruned_at_epoch": trial.pruned_at if trial else None,
+        "stopped_early_at_epoch": _stopped_early(trainer),
         "ranks": ranks,
         "versions": {"torch": torch.__version__, "lightning": pl.__version__},
     }
@@ -141,9 +169,13 @@ def fit_and_test(
 
 
 def build_trainer(
-    conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None
+    conf: dict[str, Any], run_dir: Path, extra: list[pl.Callback] | None = None, resume: Path | None = None
 ) -> tuple[pl.Trainer, TrainLog, BestCheckpoint]:
-    """The Trainer of every run (training and benchmark alike), with its logger and callbacks."""
+    """The Trainer of every run (training and benchmark alike), with its loggers and callbacks.
+
+    ``resume``: the checkpoint the run continues from, if any (the loggers continue its curves). Every
+    ``+trainer.NAME`` key of the config is passed to Lightning's Trainer as it is.
+    """
     curves = TrainLog()
     directory = run_dir / "checkpoints"
     savers = checkpoint_callbacks(conf["checkpoint"], directory)
@@ -162,6 +194,8 @@ def build_trainer(
         callbacks.append(GpuMonitor(conf["monitor"]))
     if conf["module"]["ema_decay"] is not None:
         callbacks.append(EMAWeightAveraging(decay=conf["module"]["ema_decay"]))
+    if conf["early_stopping"]["patience"] is not None:
+        callbacks.append(EarlyStop(conf["checkpoint"], **conf["early_stopping"]))
     trainer_cfg = dict(conf["trainer"])
     timeout = timedelta(seconds=trainer_cfg.pop("collective_timeout_s"))
     trainer_cfg.pop("max_restarts")  # the agent's
@@ -169,17 +203,40 @@ def build_trainer(
         trainer_cfg["strategy"] = DDP(timeout=timeout)
     if trainer_cfg["enable_progress_bar"]:
         callbacks.append(ProgressBar(trainer_cfg["log_every_n_steps"], curves))
-    logger = TensorBoardLogger(save_dir=run_dir, name="", version="", default_hp_metric=False)
-    trainer = pl.Trainer(
-        **trainer_cfg,
-        logger=logger,
-        callbacks=callbacks,
-        default_root_dir=run_dir,
-        use_distributed_sampler=False,  # ImageDataModule shards the data itself
-        plugins=[SignedCheckpointIO(conf["checkpoint"]["trust_unsigned"]), *cluster_plugins()],
-        profiler=NoProfiler(),
-    )
+    profiler = _profiler(trainer_cfg.pop("profiler"), run_dir)
+    try:
+        trainer = pl.Trainer(
+            **trainer_cfg,
+            logger=build_loggers(conf["logger"], run_dir, resumed=resume is not None),
+            callbacks=callbacks,
+            default_root_dir=run_dir,
+            use_distributed_sampler=False,  # ImageDataModule shards the data itself
+            plugins=[SignedCheckpointIO(conf["checkpoint"]["trust_unsigned"]), *cluster_plugins()],
+            profiler=profiler,
+        )
+    except (
+        MisconfigurationException
+    ) as err:  # a +trainer value that Lightning refuses (t240dist's are checked)
+        raise ConfigError(
+            f"Lightning's Trainer refused a trainer value: {str(err).splitlines()[0]} — fix it "
+            "(python -m train --cfg job shows them)"
+        ) from None
     return trainer, curves, savers[0]
+
+
+def _fast_dev_run(conf: dict[str, Any]) -> str | None:
+    """``trainer.fast_dev_run=N`` as people read it (debug=fdr sets it), or None for a run that trains."""
+    batches = conf["trainer"].get("fast_dev_run")  # a +trainer key: Lightning takes true or a number
+    return f"trainer.fast_dev_run={batches}" if batches else None
+
+
+def _profiler(name: str | None, run_dir: Path) -> Profiler:
+    """Lightning's simple or advanced profiler, writing its report to ``<run dir>/<stage>-profile.txt``;
+    without one, ``NoProfiler``."""
+    if name is None:
+        return NoProfiler()
+    kind = {"simple": SimpleProfiler, "advanced": AdvancedProfiler}[name]
+    return kind(dirpath=run_dir, filename="profile")
 
 
 class NoProfiler(PassThroughProfiler):
@@ -228,6 +285,12 @@ def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any
 def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
     """The trainer's callback of type ``kind`` (build_trainer adds at most one of each), or None."""
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
+def _stopped_early(trainer: pl.Trainer) -> int | None:
+    """The epoch that early stopping ended training at; None if it did not (or was off)."""
+    stopper = _callback(trainer, EarlyStop)
+    return stopper.stopped_epoch if stopper is not None and stopper.wait_count >= stopper.patience else None
 
 
 def _best_weights(conf: dict[str, Any], checkpoint: BestCheckpoint, module: ClassifierModule) -> str | None:

@@ -42,6 +42,7 @@ from t240dist.config import (
 from t240dist.data import DataInfo, ImageDataModule, Normalisation, file_transform, load_rgb, loader_workers
 from t240dist.errors import ConfigError, UserError
 from t240dist.fit import build_trainer
+from t240dist.loggers import log_metrics, tensorboard
 from t240dist.module import ClassifierModule
 
 AUTOCAST = {"32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # trainer.precision
@@ -53,7 +54,7 @@ class ExportError(UserError):
 
 def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """Score a checkpoint with the Trainer's test loop (the metrics of training), per-class accuracy and a
-    confusion matrix; write ``eval_summary.json``, ``confusion_matrix.png`` and TensorBoard events."""
+    confusion matrix; write ``eval_summary.json``, ``confusion_matrix.png`` and the metrics to the loggers."""
     started = time.perf_counter()
     restored = restore(cfg, overrides, EvaluateOptions)
     conf = restored.conf
@@ -254,6 +255,8 @@ def restore(cfg: DictConfig, overrides: list[str], options: type[EvaluateOptions
         )
     stored = with_later_keys(copy.deepcopy(hp["config"]))
     stored["resume"] = "never"
+    if stored["model"]["compile"] == "step":  # the training step's fast path: inference has no such step
+        stored["model"]["compile"] = False
     stored["trainer"].update(devices=1, num_nodes=1, strategy="auto")  # a DDP run is scored on one device
     for key in _run_keys(overrides, options):
         node = OmegaConf.select(cfg, key)
@@ -311,7 +314,7 @@ def _check_one_device(trainer: dict[str, Any]) -> None:
 
 class ConfusionMatrix(pl.Callback):
     """Counts (true, predicted) class pairs in the test loop from the logits ``test_step`` returns, on the
-    device; at the end draws the matrix (PNG and TensorBoard image) and logs the per-class accuracies."""
+    device; at the end draws the matrix (PNG, and TensorBoard's image) and logs the per-class accuracies."""
 
     def __init__(self, class_names: list[str], png: Path) -> None:
         self.names, self.png = class_names, png
@@ -339,11 +342,11 @@ class ConfusionMatrix(pl.Callback):
         figure = self._figure()
         self.png.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(self.png, dpi=100)
-        writer = trainer.logger.experiment
-        writer.add_figure("test/confusion_matrix", figure, trainer.global_step)
-        for name, acc in zip(self.names, self.class_acc, strict=True):
-            if acc is not None:
-                writer.add_scalar(f"test/class_acc/{name}", acc, trainer.global_step)
+        if (board := tensorboard(trainer)) is not None:
+            board.experiment.add_figure("test/confusion_matrix", figure, trainer.global_step)
+        accuracies = zip(self.names, self.class_acc, strict=True)
+        per_class = {f"test/class_acc/{name}": acc for name, acc in accuracies if acc is not None}
+        log_metrics(trainer, per_class, trainer.global_step)
 
     def _figure(self) -> Figure:
         """torchmetrics' drawing of the matrix; counts and class names only while they stay legible.

@@ -30,6 +30,9 @@ _QUIET_LOGGERS = ("onnxscript", "onnx_ir")
 _WARNINGS = (
     # Lightning 2.6's copy of torch's pytree builds the deprecated LeafSpec itself; nothing a user can change
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # under overfit_batches ImageDataModule's training order is not shuffled; Lightning still says it turns
+    # shuffling off, because that sampler is not a SequentialSampler (and puts one in its place)
+    (r"You requested to overfit but enabled train dataloader shuffling", Warning),
     # Heartbeats and reruns of stale trials are "experimental" in optuna, and meant for Study.optimize, which
     # a sweeper that asks and tells does not use (hydra_plugins/t240dist_optuna): nothing a user can act on
     (r"RetryHeartbeatStaleTrialCallback is experimental", Warning),

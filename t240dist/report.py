@@ -12,7 +12,7 @@ import torch
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.syntax import Syntax
@@ -73,10 +73,15 @@ def show_resume(path: Path | None) -> None:
 @rank_zero_only
 def show_finished(summary: dict[str, Any], max_epochs: int) -> None:
     """Say that a rerun found its run finished, and how to train it further."""
+    stopped = summary.get("stopped_early_at_epoch")
+    more = (
+        f"a larger early_stopping.patience (early stopping ended it at epoch {stopped})"
+        if stopped is not None
+        else f"a higher trainer.max_epochs (now {max_epochs})"
+    )
     log.info(
         f"this run already finished: {summary['epochs']} epoch(s), step {summary['global_step']}, "
-        f"test_acc {summary['test_acc']:.4f}; nothing trained — to train on, rerun with a higher "
-        f"trainer.max_epochs (now {max_epochs})"
+        f"test_acc {summary['test_acc']:.4f}; nothing trained — to train on, rerun with {more}"
     )
 
 
@@ -90,27 +95,30 @@ def write_data_notes(info: DataInfo, run_dir: Path) -> None:
 
 
 @rank_zero_only
-def log_hparams(logger: TensorBoardLogger, conf: dict[str, Any], run_dir: Path) -> None:
-    """Declare the run's hyperparameters and metric tags to TensorBoard's HParams tab.
+def log_hparams(loggers: list[Logger], conf: dict[str, Any], run_dir: Path) -> None:
+    """Give every logger the run's config, flattened (``optim.lr``): TensorBoard as its HParams tab.
 
-    The tab opens on five hyperparameter columns: those whose ``differs`` flag is set, by name (the plugin
-    sorts them so, and takes the flag from a run's experiment summary rather than comparing the runs when
-    runs carry one, as these do: the summary is what names the metric columns). So the flag goes on at
+    The HParams tab opens on five hyperparameter columns: those whose ``differs`` flag is set, by name (the
+    plugin sorts them so, and takes the flag from a run's experiment summary rather than comparing the runs
+    when runs carry one, as these do: the summary is what names the metric columns). So the flag goes on at
     most five keys: those a sweep varies, then those people compare runs by (``COMPARED``). The metric
     columns read the run's own scalar tags, so no value is logged twice.
     """
     flat = _flatten(conf)
     swept = _swept(flat, run_dir)
     flagged = {*swept, *[key for key in COMPARED if key not in swept][: max(0, 5 - len(swept))]}
-    experiment, start, end = hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0))
-    plugin = experiment.value[0].metadata.plugin_data
-    content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
-    for info in content.experiment.hparam_infos:
-        info.differs = info.name in flagged
-    plugin.content = content.SerializeToString()
-    writer = logger.experiment._get_file_writer()
-    for summary in (experiment, start, end):
-        writer.add_summary(summary)
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(flat)
+            continue
+        experiment, start, end = hparams(flat, dict.fromkeys(HPARAM_METRICS, 0.0))
+        plugin = experiment.value[0].metadata.plugin_data
+        content = plugin_data_pb2.HParamsPluginData.FromString(plugin.content)
+        for info in content.experiment.hparam_infos:
+            info.differs = info.name in flagged
+        plugin.content = content.SerializeToString()
+        for summary in (experiment, start, end):
+            logger.experiment.file_writer.add_summary(summary)
 
 
 def _swept(flat: dict[str, Any], run_dir: Path) -> list[str]:
@@ -175,7 +183,7 @@ def _shown(value: Any, file: str) -> str:
 
 
 def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested config into ``group.key`` entries of types TensorBoard accepts."""
+    """Flatten nested config into ``group.key`` entries of types every logger accepts."""
     flat: dict[str, Any] = {}
     for key, value in node.items():
         name = f"{prefix}{key}"

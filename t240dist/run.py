@@ -26,7 +26,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, Any]:
     ``run_dir`` defaults to Hydra's output dir of the running job.
     """
     started = time.perf_counter()
-    before_train = _process_age_s()
+    before_train = process_age_s()
     conf = plain(cfg)
     check_run(conf)
     run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
@@ -45,7 +45,7 @@ def train_rank(config: Path) -> dict[str, Any]:
     """One rank of a job that ``train`` started through the elastic agent: the resolved config in
     ``config``, trained in its run dir."""
     started = time.perf_counter()
-    before_train = _process_age_s()
+    before_train = process_age_s()
     from t240dist.agent import stop_when_orphaned
     from t240dist.fit import fit_and_test
 
@@ -54,7 +54,7 @@ def train_rank(config: Path) -> dict[str, Any]:
     return fit_and_test(conf, config.parent, started, before_train, rank_writes_config=False)
 
 
-def _process_age_s() -> float | None:
+def process_age_s() -> float | None:
     """Seconds since this process started (from /proc on Linux; None elsewhere): the start-up cost that
     comes before ``train`` is called, imports and config composition included."""
     try:

@@ -4,7 +4,7 @@ Each rank samples the GPUs it computes on in a thread of its own (NVML's ctypes 
 nothing is queried on the step path). About every ``slow_interval_s``, at a step that rank 0 picks from
 the step rate so that every window holds a read of the slow counters, the ranks send their window
 aggregates to rank 0 over a CPU (gloo) group, so the GPU streams are never touched; rank 0 writes
-per-GPU series, the spread across GPUs and energy per image to TensorBoard at the trainer's global
+per-GPU series, the spread across GPUs and energy per image to every logger at the trainer's global
 step, and warns about stragglers and throttling. Metrics a GPU does not support are dropped one by one
 at start, and said so.
 """
@@ -25,9 +25,9 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from pytorch_lightning.loggers import TensorBoardLogger
 
 from t240dist.errors import ConfigError
+from t240dist.loggers import log_metrics, tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ CHARTS = {
 
 
 class GpuMonitor(pl.Callback):
-    """Samples this rank's GPUs with :class:`NvmlSampler` and has rank 0 write every GPU to TensorBoard.
+    """Samples this rank's GPUs with :class:`NvmlSampler` and has rank 0 write every GPU to every logger.
 
     The ranks exchange their windows at the same global steps without asking each other: rank 0 picks
     the next exchange step from the measured step time (about every ``interval_s``) and sends it along.
@@ -102,9 +102,9 @@ class GpuMonitor(pl.Callback):
             self.sampler = None  # the rank still takes part in the exchanges, with nothing to send
             if trainer.local_rank == 0:
                 log.warning("GPU telemetry off: %s — training goes on without it", failure)
-        elif trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
+        elif trainer.is_global_zero and (board := tensorboard(trainer)) is not None:
             readers = {name for gpu in self.sampler.gpus for name in gpu.readers}  # rank 0's GPUs have
-            trainer.logger.experiment.add_custom_scalars(dashboard_layout(readers))
+            board.experiment.add_custom_scalars(dashboard_layout(readers))
         self._window_start = (trainer.global_step, 0, time.perf_counter())
 
     def on_train_batch_end(
@@ -149,14 +149,14 @@ class GpuMonitor(pl.Callback):
             dist.all_gather_object(ranks, mine, group=self._group)
         self._next_step = ranks[0]["next_step"]  # rank 0's proposal, so every rank agrees
         self._window_start = (step, self._images, now)
-        if trainer.is_global_zero and trainer.logger is not None:
+        if trainer.is_global_zero and trainer.loggers:
             metrics = self._metrics(ranks, (self._images - images0) / max(now - t0, 1e-9))
             axis = trainer.fit_loop.epoch_loop._batches_that_stepped - last
             if metrics and axis != self._written_at:
-                trainer.logger.log_metrics(metrics, step=axis)
+                log_metrics(trainer, metrics, axis)
                 self._written_at = axis
-            if self._about_gpus and isinstance(trainer.logger, TensorBoardLogger):
-                trainer.logger.experiment.add_text("gpus", "\n\n".join(self._about_gpus), axis)
+            if self._about_gpus and (board := tensorboard(trainer)) is not None:
+                board.experiment.add_text("gpus", "\n\n".join(self._about_gpus), axis)
             self._about_gpus.clear()
         self.totals.host_s += time.perf_counter() - now  # what the training thread paid for telemetry
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,23 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def assert_same_end(run_dir: Path, whole_dir: Path, since: int = 0) -> None:
+    """The run in ``run_dir`` ended as the one in ``whole_dir``: the same weights (``model_fingerprint``),
+    test metrics and curves from step ``since`` on, every tag at every step once with equal values
+    (``perf/images_per_s``, a timing: equal steps)."""
+    got, want = (json.loads((d / "run_summary.json").read_text()) for d in (run_dir, whole_dir))
+    keys = ("model_fingerprint", "test_acc", "test_loss")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+    curves = scalars(run_dir)
+    expected = {tag: [(s, v) for s, v in points if s >= since] for tag, points in scalars(whole_dir).items()}
+    assert curves.keys() == {tag for tag, points in expected.items() if points}
+    for tag, points in curves.items():
+        if tag == "perf/images_per_s":
+            assert [s for s, _ in points] == [s for s, _ in expected[tag]], tag
+        else:
+            assert points == expected[tag], tag
 
 
 def process_tree(root: int) -> dict[int, dict[str, str]]:

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, run_cli
+from datasets_on_disk import write_cifar
 
 from t240dist.bench import PLAIN, SINGLE, run_bench, run_predict_bench
 from t240dist.config import compose_config
+from t240dist.data import ImageDataModule
+from t240dist.whole_job_bench import write_class_coloured_cifar
 
 
 def test_bench_times_both_loops_and_writes_bench_json(tmp_path: Path) -> None:
@@ -83,3 +86,58 @@ def test_ddp_bench_times_ddp_loops_and_their_scaling(tmp_path: Path) -> None:
     assert loops[SINGLE]["images_per_s"] == pytest.approx(32e3 / loops[SINGLE]["ms_per_step"])
     assert loops[SINGLE]["ratio_to_hand_written"] is None and loops[SINGLE]["scaling"] is None
     assert done.stdout.count("scaling") == 1  # one table, from rank 0
+
+
+def test_job_bench_times_both_whole_jobs_as_processes_and_reports_their_phases(tmp_path: Path) -> None:
+    """t240dist's real ``python -m train`` and the hand-written whole-job script, each a process of its own,
+    on the same CIFAR-format data (torchvision's ResNet-18 stem keeps it small on a CPU)."""
+    root = tmp_path / "cifar"
+    root.mkdir()
+    write_cifar(root, per_batch=40)
+    overrides = [
+        "experiment=cifar10_resnet18",
+        "model.cifar_stem=false",
+        f"data.root={root}",
+        "data.batch_size=32",
+        "trainer.max_epochs=2",
+        "bench.task=job",
+        "bench.repeats=1",
+        "bench.job_variants=['monitor=off']",
+        f"hydra.run.dir={tmp_path / 'bench'}",
+    ]
+    done = run_cli(overrides, cwd=tmp_path, entry="train.bench")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert result["task"] == "job" and result["epochs"] == 2 and result["repeats"] == 1
+    assert set(result["sides"]) == {"hand-written", "t240dist", "t240dist monitor=off"}
+    assert not any(o.startswith(("bench.", "hydra.run.")) for o in result["overrides"])
+    for name, row in result["sides"].items():
+        [run] = result["runs"][name]
+        assert 0 < run["to_first_step_s"] < run["wall_s"], name
+        assert run["train_images_per_s"] > 0 and run["test_acc"] >= 0, name
+        assert all(run[k] > 0 for k in ("validation_s", "checkpoint_s", "test_s")), name
+        assert run["gpu_util_mean"] is None  # no GPU here
+        assert row["wall_s"] == run["wall_s"]
+        ratio = result["ratios"][name]
+        assert ratio["wall"] == pytest.approx(run["wall_s"] / result["sides"]["hand-written"]["wall_s"])
+    assert result["ratios"]["hand-written"]["train_images_per_s"] == 1.0
+    # each t240dist side is a real run of the benchmark's own overrides, in a run dir of its own
+    summary = json.loads((tmp_path / "bench" / "t240dist-0" / "run_summary.json").read_text())
+    assert summary["model"] == "resnet18" and summary["epochs"] == 2 and summary["data"] == "cifar10"
+    assert "whole job" in done.stdout
+
+
+def test_job_bench_refuses_what_the_hand_written_job_cannot_mirror(tmp_path: Path) -> None:
+    done = run_cli(["bench.task=job", "module.mixup_alpha=0.2"], cwd=tmp_path, entry="train.bench")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ConfigError: bench.task=job: the hand-written job has no data.name=digits — use one of cifar10 "
+        "(experiment=cifar10_resnet18 is the preset it mirrors)"
+    )
+
+
+def test_made_cifar_data_loads_as_cifar_10_with_every_class(tmp_path: Path) -> None:
+    write_class_coloured_cifar(tmp_path, seed=0, train=500, test=100)
+    data = ImageDataModule(compose_config(["data=cifar10", f"data.root={tmp_path}"])["data"], seed=0)
+    assert data.info.train_size == 450 and data.info.num_classes == 10
+    assert set(data.test_set.labels.tolist()) == set(range(10))

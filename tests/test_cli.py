@@ -18,9 +18,14 @@ def test_default_run_trains_digits_to_097_and_reports(tmp_path: Path) -> None:
     assert summary["test_acc"] >= 0.97 and summary["data"] == "digits" and summary["model"] == "small_cnn"
     assert summary["devices"] == ["cpu"]
     startup = summary["startup_s"]
-    assert set(startup) == {"before_train", "data", "model_and_trainer", "first_step"}
+    assert set(startup) == {"before_train", "imports", "data", "model_and_trainer", "first_step"}
     assert startup["before_train"] > 0.5 and all(v > 0 for v in startup.values())  # imports take seconds
-    assert startup["data"] + startup["model_and_trainer"] + startup["first_step"] < summary["wall_s"]
+    assert sum(startup.values()) - startup["before_train"] < summary["wall_s"]
+    phases = summary["phases_s"]
+    assert set(phases) == {"to_first_step", "validation", "checkpoints", "test"}
+    assert all(v > 0 for v in phases.values())
+    assert phases["to_first_step"] > sum(startup.values())  # from the process's start; fit's set-up too
+    assert phases["validation"] + summary["train_s"] < summary["wall_s"]
     out = done.stdout + done.stderr
     assert "config" in out and "optim" in out and "lr: 0.1" in out  # the composed config tree
     assert "Epoch 19" in out  # the progress bar

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose, run_cli
 
-from t240dist.config import CONF_PACKAGE, validate
+from t240dist.config import CONF_PACKAGE, plain, validate, validate_run, with_later_keys
 from t240dist.errors import ConfigError
 
 
@@ -22,7 +22,7 @@ from t240dist.errors import ConfigError
         (["data.batch_size=0"], "data.batch_size must be greater than 0 (got 0)"),
         (
             ["trainer.precision=fp8"],
-            "trainer.precision must be '32-true', 'bf16-mixed' or '16-mixed' (got 'fp8')",
+            "trainer.precision must be 'auto', '32-true', 'bf16-mixed' or '16-mixed' (got 'fp8')",
         ),
         (
             ["model=torchvision", "model.name=nosuchnet"],
@@ -67,6 +67,23 @@ from t240dist.errors import ConfigError
         (
             ["data=imagefolder", "data.root=/data", "data.on_gpu=true"],
             "but image folders are decoded lazily from disk — set data.on_gpu=false",
+        ),
+        (
+            ["+trainer.use_distributed_sampler=true"],
+            "trainer.use_distributed_sampler is t240dist's to set: t240dist's data module shards every split",
+        ),
+        (["+trainer.plugins=[]"], "trainer.plugins is t240dist's to set: t240dist's plugins sign"),
+        (
+            ["+trainer.benchmrk=true"],
+            "not an argument of Lightning's Trainer — did you mean +trainer.benchmark=true?",
+        ),
+        (["+trainer.accumulate=2"], "did you mean trainer.accumulate_grad_batches=2?"),
+        (["+trainer.val_check_intervals=[0.5]"], "did you mean +trainer.val_check_interval=[0.5]?"),
+        (["trainer.profiler=pytorch"], "trainer.profiler must be 'simple' or 'advanced' (got 'pytorch')"),
+        (["early_stopping.patience=0"], "early_stopping.patience must be greater than 0 (got 0)"),
+        (
+            ["logger=csv", "logger.csv.flush_logs_every_n_steps=0"],
+            "logger.csv.flush_logs_every_n_steps must be",
         ),
         (
             ["data=cifar10", "data.augment.crop=resized", "data.on_gpu=true"],
@@ -147,6 +164,28 @@ def test_a_config_error_leaves_no_run_dir_but_keeps_one_that_was_there(tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]  # outputs/DATE/TIME went, parents too
     assert (earlier / "checkpoints" / "last.ckpt").read_bytes() == b"an earlier run's"
     assert (earlier / ".hydra").is_dir()  # the rerun's own record, in the dir it was given
+
+
+def test_a_checkpoints_config_from_before_the_logger_group_validates_with_the_defaults() -> None:
+    """A checkpoint's stored config lacks the keys added since (evaluate, predict and export read it)."""
+    stored = plain(compose(["trainer=ddp", "data=synthetic"]))
+    del stored["logger"], stored["early_stopping"], stored["trainer"]["profiler"]
+    conf = validate_run(with_later_keys(stored))
+    assert conf["logger"] == {"tensorboard": {}} and conf["early_stopping"]["patience"] is None
+    assert conf["trainer"]["profiler"] is None and conf["trainer"]["strategy"] == "ddp"
+
+
+def test_config_errors_and_the_config_print_import_no_torch(tmp_path: Path) -> None:
+    """Issue 19's start-up goal holds with the logger and debug groups and +trainer arguments."""
+    for args in (
+        ["optim.lr=-1"],
+        ["+trainer.logger=csv"],
+        ["--cfg", "job", "logger=[tensorboard,csv,mlflow]", "debug=fdr", "+trainer.benchmark=true"],
+    ):
+        done = run_cli([*args, f"hydra.run.dir={tmp_path}"], cwd=tmp_path, PYTHONPROFILEIMPORTTIME="1")
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+        assert done.returncode in (0, 2) and "hydra" in imported, done.stderr[-2000:]
+        assert not imported & {"torch", "pytorch_lightning", "mlflow"}, args
 
 
 def test_hydra_full_error_gives_the_traceback_and_still_exit_2(tmp_path: Path) -> None:

@@ -1,50 +1,53 @@
 """Exact resume, as a property: a run resumed from any state it saved ends as the uninterrupted run ends.
 
 One uninterrupted run keeps a copy of its run dir as it stands after every save (``last.ckpt`` is
-overwritten, recovery checkpoints rotate); then each copy is resumed with ``resume=auto``, as a rerun of
-the same command would, and must end with the uninterrupted run's weights, test metrics and curves.
+overwritten, recovery checkpoints rotate; tests/snapshots.py). Then, each time in a fresh copy: every
+saved state is resumed with ``resume=auto``, as a rerun of the same command would; the best checkpoint,
+an older state than the last, with ``resume=PATH`` into a new run dir and into the finished run's own;
+and a run stopped by a real SIGTERM is rerun from its ``preempted-step*`` checkpoint. Each must end with
+the uninterrupted run's weights, test metrics and curves. The same holds for a job of 2 DDP ranks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import compose, scalars
+from conftest import assert_same_end, compose, wait_for_checkpoint
 from datasets_on_disk import write_cifar
+from snapshots import copy_after_every_write
 
 from t240dist.checkpoint import KEY_ENV, CheckpointError, SignedCheckpointIO, load_checkpoint
+from t240dist.errors import Preempted
 from t240dist.run import train
 
-TIMED = "perf/images_per_s"  # its values are timings: only its steps must match
+
+@dataclass
+class Uninterrupted:
+    """A run trained without a stop, and copies of its run dir after each of its saves, in order."""
+
+    overrides: list[str]
+    run_dir: Path
+    summary: dict[str, Any]
+    saved: list[Path]
 
 
-def snapshot_every_save(monkeypatch: pytest.MonkeyPatch, run_dir: Path, into: Path) -> list[Path]:
-    """Copy ``run_dir`` after each checkpoint save into ``into/NN``; returns the list it fills."""
-    copies: list[Path] = []
-    save = SignedCheckpointIO.save_checkpoint
-
-    def save_and_copy(self: SignedCheckpointIO, checkpoint: dict, path: Any, **kwargs: Any) -> None:
-        save(self, checkpoint, path, **kwargs)
-        copies.append(into / f"{len(copies):02d}-{Path(path).stem}")
-        shutil.copytree(run_dir, copies[-1])
-
-    monkeypatch.setattr(SignedCheckpointIO, "save_checkpoint", save_and_copy)
-    return copies
-
-
-def assert_same_curves(resumed: Path, whole: Path) -> None:
-    """Every tag at every step once, with equal values (timings: equal steps)."""
-    got, want = scalars(resumed), scalars(whole)
-    assert got.keys() == want.keys()
-    for tag, points in want.items():
-        if tag == TIMED:
-            assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
-        else:
-            assert got[tag] == points, tag
+def assert_ends_as(resumed: dict[str, Any], run_dir: Path, whole: Uninterrupted, since: int = 0) -> None:
+    """The run resumed in ``run_dir`` ended as the uninterrupted run, its curves from step ``since`` on."""
+    assert resumed["resumed_from"] is not None
+    assert_same_end(run_dir, whole.run_dir, since)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ BASE = [
 ]
 
 CASES = {
-    "plain": [],
+    "plain": ["seed=1"],  # whose best epoch is the first (every case's best is older than its last state)
     "workers2-cutmix-adamw-onecycle": [
         "data.num_workers=2",
         "module.cutmix_alpha=1.0",
@@ -91,26 +94,122 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_resume_from_every_saved_state_matches_the_uninterrupted_run(
-    case: str, cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(KEY_ENV, "test-key")
-    overrides = [*BASE, f"data.root={cifar}", *CASES[case]]
-    whole_dir = tmp_path / "whole"
-    copies = snapshot_every_save(monkeypatch, whole_dir, tmp_path / "saved")
-    whole = train(compose(overrides), run_dir=whole_dir)
-    monkeypatch.undo()
-    monkeypatch.setenv(KEY_ENV, "test-key")
-    names = {copy.name.split("-", 1)[1].split("-step")[0] for copy in copies}
-    assert {"recovery", "last"} <= names and any(n.startswith("epoch") for n in names), names
+@pytest.fixture(scope="module", params=list(CASES))
+def uninterrupted(
+    request: pytest.FixtureRequest, cifar: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Uninterrupted]:
+    root = tmp_path_factory.mktemp(request.param)
+    overrides = [*BASE, f"data.root={cifar}", *CASES[request.param]]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_ENV, "test-key")
+        with pytest.MonkeyPatch.context() as saving:
+            saving.setattr(
+                SignedCheckpointIO, "write", copy_after_every_write(root / "whole", root / "saved")
+            )
+            summary = train(compose(overrides), run_dir=root / "whole")
+        yield Uninterrupted(overrides, root / "whole", summary, sorted((root / "saved").iterdir()))
 
-    for copy in copies[:-1]:  # the last copy is the finished run (a rerun of it: see the test below)
+
+def test_resume_from_every_saved_state_matches_the_uninterrupted_run(uninterrupted: Uninterrupted) -> None:
+    names = {copy.name.split("-", 1)[1].split("-step")[0] for copy in uninterrupted.saved}
+    assert {"recovery", "last"} <= names and any(n.startswith("epoch") for n in names), names
+    for copy in uninterrupted.saved[:-1]:  # the last copy is the finished run (a rerun of it: see below)
+        assert_ends_as(train(compose(uninterrupted.overrides), run_dir=copy), copy, uninterrupted)
+
+
+def test_resume_from_the_best_checkpoint_older_than_the_last_matches_the_uninterrupted_run(
+    uninterrupted: Uninterrupted, tmp_path: Path
+) -> None:
+    """``resume=PATH`` of the best checkpoint: into a new run dir (``hydra.run.dir=runs/r2
+    resume=runs/r1/checkpoints/best.ckpt``), whose curves start where it resumed, and into a copy of the
+    finished run's own dir, whose later checkpoints and curve points it replaces."""
+    best = uninterrupted.run_dir / "checkpoints" / "best.ckpt"
+    step = load_checkpoint(best, trust_unsigned=False)["global_step"]
+    assert step < uninterrupted.summary["global_step"], (
+        "the best is the last state: pick a case whose val/loss rises"
+    )
+
+    resumed = train(compose([*uninterrupted.overrides, f"resume={best}"]), run_dir=tmp_path / "r2")
+    assert_ends_as(resumed, tmp_path / "r2", uninterrupted, since=step)
+
+    again = shutil.copytree(uninterrupted.run_dir, tmp_path / "again")
+    resumed = train(
+        compose([*uninterrupted.overrides, f"resume={again}/checkpoints/best.ckpt"]), run_dir=again
+    )
+    assert_ends_as(resumed, again, uninterrupted)
+
+
+@contextmanager
+def sigterm_after(pattern: Path, min_step: int) -> Iterator[None]:
+    """Send this process SIGTERM, as a scheduler would, once a checkpoint matching ``pattern`` of step
+    ``min_step`` or later exists (from a thread: the run itself is not told). One that came after the run
+    ended would be ignored."""
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def send() -> None:
+        wait_for_checkpoint(pattern, min_step)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        yield
+    finally:
+        sender.join()
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_run_preempted_by_sigterm_and_rerun_matches_the_uninterrupted_run(
+    uninterrupted: Uninterrupted, tmp_path: Path
+) -> None:
+    """SIGTERM in the second epoch, once a state of the first epoch's end or later is saved: the run saves
+    ``preempted-step*`` at the next step boundary and stops; the rerun (``resume=auto``) continues from it."""
+    run_dir = tmp_path / "run"
+    first_epoch = uninterrupted.summary["global_step"] // uninterrupted.summary["epochs"]
+    saved_then = run_dir / "checkpoints" / "*-step*.ckpt"
+    with sigterm_after(saved_then, min_step=first_epoch), pytest.raises(Preempted):
+        train(compose(uninterrupted.overrides), run_dir=run_dir)
+    [saved] = (run_dir / "checkpoints").glob("preempted-step*.ckpt")
+    assert (run_dir / "checkpoints" / "last.ckpt").samefile(saved)
+
+    resumed = train(compose(uninterrupted.overrides), run_dir=run_dir)
+    assert resumed["resumed_from"] == str(saved)
+    assert_ends_as(resumed, run_dir, uninterrupted)
+
+
+SNAPSHOTS = Path(__file__).with_name("snapshots.py")
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=2"]  # 3 steps an epoch on 2 ranks
+
+
+def test_resume_of_a_ddp_job_from_every_saved_state_matches_the_uninterrupted_job(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2 ranks over gloo. The uninterrupted job runs under torchrun, its rank 0 keeping a copy of the run dir
+    after each save (tests/snapshots.py); each copy is resumed as users run a DDP job, through the elastic
+    agent: both launchers must train the same model, from the same config."""
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*BASE, f"data.root={cifar}", *DDP]
+    whole_dir, saved = tmp_path / "whole", tmp_path / "saved"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*torchrun, str(SNAPSHOTS), str(whole_dir), str(saved), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((whole_dir / "run_summary.json").read_text())
+    whole = Uninterrupted(overrides, whole_dir, summary, sorted(saved.iterdir()))
+    # an epoch's end (the best and the last then), a recovery step in the second epoch, the final state
+    names = [copy.name.split("-", 1)[1] for copy in whole.saved]
+    assert {"epoch000-step000003", "recovery-step000004"} <= set(names) and names[-1] == "last", names
+
+    for copy in whole.saved[:-1]:
         resumed = train(compose(overrides), run_dir=copy)
-        assert resumed["resumed_from"] is not None, copy.name
-        assert resumed["model_fingerprint"] == whole["model_fingerprint"], copy.name
-        assert (resumed["test_acc"], resumed["test_loss"]) == (whole["test_acc"], whole["test_loss"])
-        assert_same_curves(copy, whole_dir)
+        assert [r["config_sha256"] for r in resumed["ranks"]] == [
+            r["config_sha256"] for r in summary["ranks"]
+        ]
+        assert_ends_as(resumed, copy, whole)
 
 
 def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
@@ -138,12 +237,15 @@ def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
 def test_last_is_the_final_state_and_best_names_the_best(
     cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With seed 1 the best is the first epoch: best.ckpt is named again at each later validation."""
     monkeypatch.setenv(KEY_ENV, "test-key")
-    done = train(compose([*BASE, f"data.root={cifar}"]), run_dir=tmp_path)
+    done = train(compose([*BASE, f"data.root={cifar}", "seed=1"]), run_dir=tmp_path)
     folder = tmp_path / "checkpoints"
     last = load_checkpoint(folder / "last.ckpt", trust_unsigned=False)
     assert last["global_step"] == done["global_step"]
+    assert load_checkpoint(folder / "best.ckpt", trust_unsigned=False)["global_step"] < last["global_step"]
     assert (folder / "best.ckpt").read_bytes() == Path(done["best_checkpoint"]).read_bytes()
+    assert not list(folder.glob(".*"))  # no temp file or link is left behind
 
 
 def test_resume_never_refuses_a_run_dir_that_holds_checkpoints(

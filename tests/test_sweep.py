@@ -14,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY, fits_80_columns, process_tree, run_cli, scalars
+from conftest import TINY, assert_same_end, compose, fits_80_columns, process_tree, run_cli, scalars
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -24,6 +24,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from hydra_plugins.t240dist_optuna import _study
 from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
 from t240dist.errors import EXIT_RANK_DIED, ConfigError, SweepError
+from t240dist.run import train
 from t240dist.sweep import take_own_share, write_sweep_summary
 
 # An Optuna sweep over optim.lr alone, each value tried once, in an order fixed by the seed.
@@ -210,6 +211,11 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
     rows = _rows(sweeps[2])  # the summary covers the whole study
     assert [r["state"] for r in rows] == ["complete"] * 3 + ["fail"] * 2
     assert {r["error"] for r in rows[3:]} == {"interrupted", trials[3].user_attrs["error"]}
+    # the preempted trial's rerun ended as a run of its parameters that nothing stopped: weights, test
+    # metrics, curves (the rerun of trial 1, killed at its start, began from scratch)
+    params = trials[4].user_attrs["overrides"].split()
+    train(compose([*TINY, "trainer.max_epochs=12", *params]), run_dir=tmp_path / "alone")
+    assert_same_end(sweeps[1] / "1", tmp_path / "alone")
 
 
 def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_params(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import fake_nvml
 import pytest
 from conftest import TINY, run_cli, scalars
+from test_loggers import assert_same_points, csv_points, mlflow_run
 
 from t240dist.report import COMPARED
 from t240dist.telemetry import PEAKS, NvmlSampler
@@ -123,12 +124,14 @@ def test_without_the_nvml_library_one_warning_and_training_goes_on(tmp_path: Pat
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 2-rank gloo job whose ranks compute on fake GPUs 2 and 0 of three; GPU 2 runs slow clocks."""
+    """A 2-rank gloo job whose ranks compute on fake GPUs 2 and 0 of three; GPU 2 runs slow clocks. It logs
+    to TensorBoard, CSV and MLflow (a folder store beside the run dir)."""
     tmp = tmp_path_factory.mktemp("telemetry")
     gpus = [GPUS[0], GPUS[1], {**GPUS[2], "sm_clock_mhz": 1500}]
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=3"]
+    loggers = ["logger=[tensorboard,csv,mlflow]", f"logger.mlflow.tracking_uri=file:{tmp / 'mlruns'}"]
     done = run_cli(
-        [*TINY, *FAKE, *ddp, f"hydra.run.dir={tmp / 'run'}"],
+        [*TINY, *FAKE, *ddp, *loggers, f"hydra.run.dir={tmp / 'run'}"],
         cwd=tmp,
         **{**_fake_env(visible=["2", "0"]), "FAKE_NVML": json.dumps({"gpus": gpus, "visible": ["2", "0"]})},
     )
@@ -161,6 +164,20 @@ def test_two_ranks_write_each_gpu_once_on_the_step_axis(
     assert summary["energy_j"] > 0 and summary["energy_per_image_j"] > 0
     assert summary["gpu_util_mean"] == pytest.approx(51) and summary["gpu_mem_peak_gib"] == 3
     assert 0 < summary["telemetry_host_s"] < summary["train_s"] and summary["telemetry_thread_cpu_s"] > 0
+
+
+def test_csv_and_mlflow_receive_the_gpu_series_that_tensorboard_does(
+    two_rank_run: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    run_dir, _ = two_rank_run
+    telemetry = ("gpu/", "gpus/", "perf/")
+    board = {tag: points for tag, points in scalars(run_dir).items() if tag.startswith(telemetry)}
+    expected = {"gpu/temp_c/rank1", "gpu/util_pct.max/rank0", "gpus/temp_c/min", "gpus/slowest_rank"}
+    assert expected <= set(board) and "perf/energy_per_image_j" in board
+    table = {tag: points for tag, points in csv_points(run_dir).items() if tag.startswith(telemetry)}
+    _, history = mlflow_run(f"file:{run_dir.parent / 'mlruns'}", run_dir)
+    assert_same_points(table, board, tensorboard=True)
+    assert_same_points({tag: points for tag, points in history.items() if tag.startswith(telemetry)}, table)
 
 
 def test_a_tensorboard_server_serves_the_gpu_dashboard_and_training_curves(

@@ -1,5 +1,6 @@
-"""``python -m train.bench [bench.task=train|predict] [overrides]``: t240dist vs a hand-written loop, same
-model, batch and data; with ``trainer=ddp``, on ranks started through the elastic agent as training's are."""
+"""``python -m train.bench [bench.task=train|predict|job] [overrides]``: t240dist vs hand-written code, same
+model, batch and data: the training step (``train``; with ``trainer=ddp`` on ranks started through the
+elastic agent as training's are), batch inference (``predict``), or the whole job as processes (``job``)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,34 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from t240dist.config import CONF_PATH, hydra_setup
+from t240dist.config import CONF_PATH, hydra_setup, plain
 from t240dist.errors import ConfigError, one_line_errors, run_app
 
-BENCHES = ("train", "predict")
+BENCHES = ("train", "predict", "job")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="bench")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         if cfg.bench.task not in BENCHES:
-            raise ConfigError(f"bench.task={cfg.bench.task} is not a benchmark — pick train or predict")
+            raise ConfigError(f"bench.task={cfg.bench.task} is not a benchmark — pick train, predict or job")
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if cfg.bench.task == "job":
+            from t240dist.whole_job_bench import run_job_bench  # no Lightning: the timed processes load it
+
+            conf = plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"]))
+            run_job_bench(plain(cfg.bench), conf, job_overrides(HydraConfig.get().overrides.task), run_dir)
+            return
         from t240dist.bench import bench  # torch: once there is work to do
 
-        bench(cfg, Path(HydraConfig.get().runtime.output_dir))
+        bench(cfg, run_dir)
+
+
+def job_overrides(overrides: list[str]) -> list[str]:
+    """The command line of the benchmarked job: this one's, less the benchmark's keys and its run dir."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(("bench.", "hydra.run.", "hydra.sweep."))]
 
 
 if __name__ == "__main__":

@@ -26,18 +26,19 @@ _LOG_LINES = (
 # Loggers whose INFO lines are a library's internals: the ONNX exporter's optimizer reports each of its
 # passes (11 lines an export); export reports what matters, the check against PyTorch (max_abs_diff).
 _QUIET_LOGGERS = ("onnxscript", "onnx_ir")
-# (message pattern, category name): warnings ignored.
+# (message pattern, category, module that warns): warnings ignored; "" matches any module.
 _WARNINGS = (
     # Lightning 2.6's copy of torch's pytree builds the deprecated LeafSpec itself; nothing a user can change
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, ""),
     # under overfit_batches ImageDataModule's training order is not shuffled; Lightning still says it turns
     # shuffling off, because that sampler is not a SequentialSampler (and puts one in its place)
-    (r"You requested to overfit but enabled train dataloader shuffling", Warning),
+    (r"You requested to overfit but enabled train dataloader shuffling", Warning, ""),
     # Heartbeats and reruns of stale trials are "experimental" in optuna, and meant for Study.optimize, which
-    # a sweeper that asks and tells does not use (hydra_plugins/t240dist_optuna): nothing a user can act on
-    (r"RetryHeartbeatStaleTrialCallback is experimental", Warning),
-    (r"Argument ``heartbeat_\w+`` is an experimental feature", Warning),
-    (r"Heartbeat of storage is supposed to be used with Study.optimize", Warning),
+    # a sweeper that asks and tells does not use: what the sweeper itself calls is nothing a user can act on
+    # (a sampler or pruner the user picks still says so)
+    (r".* is experimental \(supported from v", Warning, r"hydra_plugins\.t240dist_optuna"),
+    (r"Argument ``heartbeat_\w+`` is an experimental feature", Warning, ""),
+    (r"Heartbeat of storage is supposed to be used with Study.optimize", Warning, ""),
 )
 
 
@@ -49,8 +50,8 @@ def silence() -> None:
             target.addFilter(_DropLines(pattern))
     for logger in _QUIET_LOGGERS:
         logging.getLogger(logger).setLevel(logging.WARNING)
-    for pattern, category in _WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
+    for pattern, category, module in _WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category, module=module)
 
 
 class _DropLines(logging.Filter):

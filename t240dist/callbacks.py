@@ -8,7 +8,6 @@ import random
 import signal
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -322,13 +321,6 @@ class ExactResume(pl.Callback):
         if self._pending is not None:
             _set_rng_state(self._pending[trainer.global_rank])
             self._pending = None
-
-
-# Lightning warns on every mid-epoch resume that a plain DataLoader is not resumable; ExactResume makes the
-# loaders resume where they stopped, so the warning would contradict what t240dist guarantees.
-warnings.filterwarnings(
-    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
-)
 
 
 def _next_batch(trainer: pl.Trainer) -> tuple[int, int]:

@@ -21,7 +21,6 @@ import re
 import secrets
 import struct
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -42,11 +41,6 @@ _MARK = b"t240dist-signature "
 _END_OF_ZIP = b"PK\x05\x06"  # end-of-central-directory record: 22 bytes, then the comment
 LAST = "last.ckpt"  # the latest state saved: every save also appears under this name
 BEST = "best.ckpt"  # the best checkpoint by checkpoint.monitor
-
-
-# Lightning warns when a checkpoint folder is not empty; a t240dist run writes into one only to resume it
-# (resume=never refuses such a folder), so the warning says nothing true.
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class SignedCheckpointIO(TorchCheckpointIO):

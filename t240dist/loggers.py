@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,6 @@ from t240dist.config import global_rank
 log = logging.getLogger(__name__)
 
 RUN_DIR_TAG = "t240dist.run_dir"  # the MLflow run's tag naming its run dir: a resumed run finds it by this
-
-# Lightning's CSV writer warns that it deletes an existing metrics.csv; a resumed run has moved it aside and
-# writes its rows back (ContinuedCSVLogger), so nothing is lost.
-warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 
 
 def build_loggers(cfg: dict[str, Any], run_dir: Path, resumed: bool) -> list[Logger]:

@@ -39,6 +39,15 @@ _WARNINGS = (
     (r".* is experimental \(supported from v", Warning, r"hydra_plugins\.t240dist_optuna"),
     (r"Argument ``heartbeat_\w+`` is an experimental feature", Warning, ""),
     (r"Heartbeat of storage is supposed to be used with Study.optimize", Warning, ""),
+    # a mid-epoch resume: Lightning says a plain DataLoader cannot resume where it stopped; ExactResume
+    # makes t240dist's loaders do so, so the warning would contradict what t240dist guarantees
+    (r"You're resuming from a checkpoint that ended before the epoch ended", Warning, ""),
+    # a checkpoint folder that is not empty: a run writes into one only to resume it (resume=never refuses
+    # such a folder), so the warning says nothing true
+    (r"Checkpoint directory .* exists and is not empty", Warning, ""),
+    # Lightning's CSV writer deletes an existing metrics.csv: a resumed run has moved it aside and writes
+    # its rows back (loggers.ContinuedCSVLogger), so nothing is lost
+    (r"Experiment logs directory .* exists and is not empty", Warning, ""),
 )
 
 

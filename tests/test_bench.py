@@ -59,6 +59,7 @@ def test_predict_bench_times_both_inference_loops_and_writes_bench_json(tmp_path
         assert row["images_per_s"] == pytest.approx(32e3 / row["ms_per_step"])
 
 
+@pytest.mark.slow
 def test_ddp_bench_times_ddp_loops_and_their_scaling(tmp_path: Path) -> None:
     """Two gloo ranks started through the elastic agent, as training's are: the hand-written DDP loop and
     t240dist's DDP path, each against the hand-written loop alone on one device (the scaling baseline),
@@ -88,6 +89,7 @@ def test_ddp_bench_times_ddp_loops_and_their_scaling(tmp_path: Path) -> None:
     assert done.stdout.count("scaling") == 1  # one table, from rank 0
 
 
+@pytest.mark.slow
 def test_job_bench_times_both_whole_jobs_as_processes_and_reports_their_phases(tmp_path: Path) -> None:
     """t240dist's real ``python -m train`` and the hand-written whole-job script, each a process of its own,
     on the same CIFAR-format data (torchvision's ResNet-18 stem keeps it small on a CPU)."""

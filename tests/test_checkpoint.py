@@ -111,6 +111,7 @@ def _steps_run(tmp_path: Path, run_dir: Path, *extra: str, **popen: object) -> s
     )
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_leaves_only_whole_checkpoints_and_auto_resume_finishes(
     tmp_path: Path, key: None
 ) -> None:
@@ -160,6 +161,7 @@ def test_resume_auto_takes_the_newest_save_when_saves_share_a_file_time(
     assert picked == newest  # by its own name: last.ckpt names the next save once there is one
 
 
+@pytest.mark.slow
 def test_full_disk_fails_with_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path, key: None) -> None:
     run_dir = tmp_path / "run"
     first = _steps_run(
@@ -228,6 +230,7 @@ def uninterrupted(cifar: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return _finish(_cifar_run(cifar, run_dir, 0), run_dir)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_in_the_second_epoch_with_workers_matches_the_single_process_run(
     tmp_path: Path, key: None, cifar: Path, uninterrupted: dict
 ) -> None:
@@ -259,6 +262,7 @@ def test_resume_after_kill_in_the_second_epoch_with_workers_matches_the_single_p
     ],
     ids=["SIGTERM", "SIGUSR1", "SIGINT"],
 )
+@pytest.mark.slow
 def test_a_signal_saves_at_a_step_boundary_exits_and_resumes_exactly(
     tmp_path: Path, key: None, cifar: Path, uninterrupted: dict, signum: int, code: int, kind: str
 ) -> None:

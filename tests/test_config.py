@@ -203,6 +203,7 @@ def test_hydra_full_error_gives_the_traceback_and_still_exit_2(tmp_path: Path) -
         (["model=torchvision", "model.name=resnet19"], "— use model=torchvision model.name=resnet18"),
     ],
 )
+@pytest.mark.slow
 def test_a_hint_leads_to_a_command_that_works(tmp_path: Path, mistake: list[str], error: str) -> None:
     tiny = [a for a in TINY if a != "model.width=8"]  # a key of the small_cnn group only
     done = run_cli([*mistake, *tiny], cwd=tmp_path)

@@ -28,6 +28,7 @@ def _summaries(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(root.rglob("run_summary.json"))]
 
 
+@pytest.mark.slow
 def test_two_rank_run_is_one_job_with_one_run_dir(tmp_path: Path) -> None:
     scaling = ["optim.lr_scaling=linear", "optim.reference_batch_size=32"]
     done = run_cli([*TINY, *DDP, *scaling, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
@@ -49,6 +50,7 @@ def test_two_rank_run_is_one_job_with_one_run_dir(tmp_path: Path) -> None:
     assert [line for line in (done.stdout + done.stderr).splitlines() if any(n in line for n in NOISE)] == []
 
 
+@pytest.mark.slow
 def test_multirun_over_two_ranks_runs_each_trial_once_with_the_same_params(tmp_path: Path) -> None:
     done = run_cli(["-m", *TINY, *DDP, "optim.lr=0.1,0.05"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -156,6 +158,7 @@ def test_two_rank_test_metrics_equal_a_one_process_evaluation(overrides: list[st
     assert got["test/acc"] == expected["test/acc"] and got["test/top5"] == expected["test/top5"]
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_on_loopback_complete_one_run(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

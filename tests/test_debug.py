@@ -137,6 +137,7 @@ def test_any_trainer_argument_reaches_lightnings_trainer(
 HINTED = re.compile(r"'([^']+)'|(\+?trainer\.\w+=[^,? ]+|debug=\w+|logger=\w+)")
 
 
+@pytest.mark.slow
 def test_trainer_argument_errors_name_the_fix_and_the_fix_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

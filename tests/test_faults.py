@@ -59,6 +59,7 @@ def _nothing_left(job: subprocess.Popen) -> bool:
 
 
 @pytest.mark.parametrize("victim", [0, 1])
+@pytest.mark.slow
 def test_a_killed_rank_stops_the_job_within_seconds_with_one_line(
     tmp_path: Path, reap: list[subprocess.Popen], victim: int
 ) -> None:
@@ -77,6 +78,7 @@ def test_a_killed_rank_stops_the_job_within_seconds_with_one_line(
     assert _nothing_left(job) or not process_tree(job.pid)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_after_one_save(tmp_path: Path, reap: list[subprocess.Popen]) -> None:
     """The ranks agree on a signal that only one of them got (Lightning's own per-step SIGTERM broadcast
     is off): both stop after the same step, one checkpoint is saved, and the job exits 75."""
@@ -91,6 +93,7 @@ def test_sigterm_to_one_rank_stops_both_after_one_save(tmp_path: Path, reap: lis
 
 
 @pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, EXIT_INTERRUPTED, "Interrupted")])
+@pytest.mark.slow
 def test_a_signal_to_the_job_reaches_every_rank_once_they_save_and_it_exits(
     tmp_path: Path, reap: list[subprocess.Popen], signum: int, code: int, word: str
 ) -> None:
@@ -108,6 +111,7 @@ def test_a_signal_to_the_job_reaches_every_rank_once_they_save_and_it_exits(
     assert _nothing_left(job)
 
 
+@pytest.mark.slow
 def test_ranks_whose_agent_was_killed_save_and_stop(tmp_path: Path, reap: list[subprocess.Popen]) -> None:
     job, ranks, run_dir = _training(tmp_path, reap)
     os.kill(job.pid, signal.SIGKILL)
@@ -120,6 +124,7 @@ def test_ranks_whose_agent_was_killed_save_and_stop(tmp_path: Path, reap: list[s
     assert len(list((run_dir / "checkpoints").glob("preempted-step*.ckpt"))) == 1
 
 
+@pytest.mark.slow
 def test_a_restarted_job_resumes_from_the_last_checkpoint_bit_exactly(
     tmp_path: Path, reap: list[subprocess.Popen]
 ) -> None:
@@ -140,6 +145,7 @@ def test_a_restarted_job_resumes_from_the_last_checkpoint_bit_exactly(
     assert summary["test_acc"] == expected["test_acc"] and summary["global_step"] == 3 * 512 // (32 * 2)
 
 
+@pytest.mark.slow
 def test_ddp_jobs_leave_this_process_as_they_found_it(tmp_path: Path) -> None:
     """Two DDP jobs in one process (as in a sweep), each on a free port of its own: no rendezvous
     variable, signal handler, process group or child process is left behind."""

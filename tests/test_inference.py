@@ -134,6 +134,7 @@ def test_predict_says_where_it_wrote_in_80_columns_and_in_its_log(run: dict, tmp
     assert "Our suggested max number of worker" not in done.stderr  # 4 workers, at most the CPUs
 
 
+@pytest.mark.slow
 def test_a_missing_checkpoint_is_answered_with_one_that_evaluates(run: dict, tmp_path: Path) -> None:
     best = Path(run["best_checkpoint"])
     typo = best.parent / "bset.ckpt"

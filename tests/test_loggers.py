@@ -90,6 +90,7 @@ def test_every_logger_receives_the_same_curves_metrics_and_hyperparameters(tmp_p
     assert run.info.run_name == str(run_dir.absolute()) and run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_holds_each_step_once_in_every_logger(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

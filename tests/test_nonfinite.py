@@ -45,6 +45,7 @@ def test_diverging_run_stops_at_the_bad_step_and_writes_no_nan_checkpoint(
         assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_two_ranks_stop_together_at_the_bad_step_and_the_job_says_it_once(tmp_path: Path) -> None:
     """Under DDP the ranks agree on the first bad step (at logging steps) and both stop with the same
     error, which the job prints once: no traceback, no dead rank."""

@@ -181,6 +181,7 @@ SNAPSHOTS = Path(__file__).with_name("snapshots.py")
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=2"]  # 3 steps an epoch on 2 ranks
 
 
+@pytest.mark.slow
 def test_resume_of_a_ddp_job_from_every_saved_state_matches_the_uninterrupted_job(
     cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,6 +64,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sbatch_job_preempted_by_its_signal_requeues_itself_and_resumes_exactly(
     tmp_path: Path, reap: list[subprocess.Popen], uninterrupted: dict
 ) -> None:
@@ -115,6 +116,7 @@ def test_sbatch_job_preempted_by_its_signal_requeues_itself_and_resumes_exactly(
     assert output.count("run summary") == 1  # rank 0 reports
 
 
+@pytest.mark.slow
 def test_submitit_job_preempted_by_its_signal_requeues_itself_and_resumes_exactly(
     tmp_path: Path, reap: list[subprocess.Popen], uninterrupted: dict
 ) -> None:

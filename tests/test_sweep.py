@@ -60,6 +60,7 @@ def _run_summary(run_dir: str | Path) -> dict:
     return json.loads((Path(run_dir) / "run_summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_grid_sweep_gives_each_trial_a_run_dir_its_hparams_and_a_summary_best_first(tmp_path: Path) -> None:
     tiny = [a for a in TINY if not a.startswith("trainer.max_epochs=")]
     sweep = ["optim.lr=0.1,0.02", "module.label_smoothing=0,0.1", "trainer.max_epochs=1"]
@@ -104,6 +105,7 @@ def test_grid_sweep_gives_each_trial_a_run_dir_its_hparams_and_a_summary_best_fi
     assert "sweep summary" in done.stdout
 
 
+@pytest.mark.slow
 def test_optuna_records_a_pruned_and_a_nan_trial_and_the_sweep_goes_on(tmp_path: Path) -> None:
     objective = ["sweep.objective=val/loss", "sweep.direction=minimize", "trainer.max_epochs=3"]
     # nonfinite=skip: the diverged trial trains on to the end (stop would end it with NonFiniteError,
@@ -165,6 +167,7 @@ def _wait_for(root: Path, pattern: str, process: subprocess.Popen, timeout: floa
     raise AssertionError(f"no {pattern} after {timeout} s")
 
 
+@pytest.mark.slow
 def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path) -> None:
     storage = [
         "hydra.sweeper.storage=sqlite:///study.db",
@@ -220,6 +223,7 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
     assert_same_end(sweeps[1] / "1", tmp_path / "alone")
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_params(tmp_path: Path) -> None:
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=3"]
     parallel = ["hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2"]
@@ -249,6 +253,7 @@ def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_par
     assert not (tmp_path / "outputs").exists()  # ranks > 0 made no run dirs of their own
 
 
+@pytest.mark.slow
 def test_a_failed_grid_trial_is_summarised_with_its_error_and_the_others_still_run(tmp_path: Path) -> None:
     done = run_cli(["-m", *TINY, "optim.lr=1e30,0.1"], cwd=tmp_path, COLUMNS="80")
     diverged = "NonFiniteError: the loss became NaN/inf at step 1"
@@ -293,6 +298,7 @@ def _rank_died(pid: int, run_dir: Path) -> str:
     )
 
 
+@pytest.mark.slow
 def test_a_grid_sweep_survives_a_killed_rank_of_one_ddp_trial(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     args = ["-m", *DDP_TRIALS, "optim.lr=0.1,0.05,0.02", f"hydra.sweep.dir={sweep_dir}"]
@@ -310,6 +316,7 @@ def test_a_grid_sweep_survives_a_killed_rank_of_one_ddp_trial(tmp_path: Path) ->
     assert (tmp_path / "grid.out").read_text().strip().splitlines()[-1] == _rank_died(rank1, sweep_dir / "1")
 
 
+@pytest.mark.slow
 def test_an_optuna_sweep_survives_a_killed_rank_of_one_ddp_trial(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     space = ["optim.lr=choice(0.1,0.05)", "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failure_rate=0.5"]

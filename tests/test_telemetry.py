@@ -139,6 +139,7 @@ def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subpro
     return tmp / "run", done
 
 
+@pytest.mark.slow
 def test_two_ranks_write_each_gpu_once_on_the_step_axis(
     two_rank_run: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
@@ -166,6 +167,7 @@ def test_two_ranks_write_each_gpu_once_on_the_step_axis(
     assert 0 < summary["telemetry_host_s"] < summary["train_s"] and summary["telemetry_thread_cpu_s"] > 0
 
 
+@pytest.mark.slow
 def test_csv_and_mlflow_receive_the_gpu_series_that_tensorboard_does(
     two_rank_run: tuple[Path, subprocess.CompletedProcess],
 ) -> None:
@@ -180,6 +182,7 @@ def test_csv_and_mlflow_receive_the_gpu_series_that_tensorboard_does(
     assert_same_points({tag: points for tag, points in history.items() if tag.startswith(telemetry)}, table)
 
 
+@pytest.mark.slow
 def test_a_tensorboard_server_serves_the_gpu_dashboard_and_training_curves(
     two_rank_run: tuple[Path, subprocess.CompletedProcess],
 ) -> None:

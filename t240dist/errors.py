@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import difflib
+import gc
 import os
 import re
 import shutil
@@ -83,8 +85,22 @@ def run_app(app: Callable[[], Any]) -> None:
     """
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
         os.environ.update({"HYDRA_FULL_ERROR": "1", _SET_BY_US: "1"})
+    exit_without_final_collection()
     with one_line_errors():
         app()
+
+
+def exit_without_final_collection() -> None:
+    """Let this entry point's process exit without the interpreter's last full garbage collections.
+
+    At exit CPython collects every generation of a heap that torch, Lightning and their imports made
+    large: 1.4-1.9 s of a 2-core machine's default run (py-spy: ``gc_collect_main`` filled the run's last
+    1.8 s), spent on memory that goes back to the system with the process anyway. ``gc.freeze()``, in an
+    atexit handler registered before the run and so run after the handlers that the run's libraries
+    register (loggers, worker pools), moves every object to the permanent generation that collections
+    skip. Objects are still freed by reference counting as the modules are torn down.
+    """
+    atexit.register(gc.freeze)
 
 
 @contextmanager

@@ -168,8 +168,9 @@ def _run_handwritten(spec: dict[str, Any], out: Path, gpus: UtilTrace) -> dict[s
         str(out / "spec.json"),
         str(out / "result.json"),
     ]
-    wall, trace = _timed(command, out, gpus)
+    wall, trace, ended = _timed(command, out, gpus)
     done = json.loads((out / "result.json").read_text())
+    done["exit_s"] = ended - (out / "result.json").stat().st_mtime
     row = _row(wall, trace, done["first_step_s"], done, done["train_images_per_s"])
     return {**row, "monitor_share": None}
 
@@ -177,7 +178,7 @@ def _run_handwritten(spec: dict[str, Any], out: Path, gpus: UtilTrace) -> dict[s
 def _run_t240dist(overrides: list[str], out: Path, gpus: UtilTrace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "train", *overrides, f"hydra.run.dir={out}"]
-    wall, trace = _timed(command, out, gpus)
+    wall, trace, ended = _timed(command, out, gpus)
     summary = json.loads((out / "run_summary.json").read_text())
     phases = summary["phases_s"]
     done = {
@@ -185,6 +186,7 @@ def _run_t240dist(overrides: list[str], out: Path, gpus: UtilTrace) -> dict[str,
         "checkpoint_s": phases["checkpoints"],
         "test_s": phases["test"],
         "test_acc": summary["test_acc"],
+        "exit_s": ended - (out / "run_summary.json").stat().st_mtime,
     }
     # what GPU telemetry took of the training thread, measured by the monitor itself (None: it was off)
     host = summary["telemetry_host_s"]
@@ -193,28 +195,31 @@ def _run_t240dist(overrides: list[str], out: Path, gpus: UtilTrace) -> dict[str,
     return {**row, "monitor_share": monitor_share}
 
 
-def _timed(command: list[str], out: Path, gpus: UtilTrace) -> tuple[float, list[tuple[float, float]]]:
-    """Run ``command`` (output to ``out/log.txt``): its wall time and the GPU utilization while it ran,
-    as (seconds since its start, %) pairs; a failure stops the benchmark with the log's last line."""
+def _timed(command: list[str], out: Path, gpus: UtilTrace) -> tuple[float, list[tuple[float, float]], float]:
+    """Run ``command`` (output to ``out/log.txt``): its wall time, the GPU utilization while it ran as
+    (seconds since its start, %) pairs, and when it ended (epoch seconds, to compare with the mtime of the
+    last file it wrote); a failure stops the benchmark with the log's last line."""
     with (out / "log.txt").open("w") as log:
         gpus.begin()
         started = time.perf_counter()
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
         wall = time.perf_counter() - started
+        ended = time.time()
     trace = gpus.end()
     if done.returncode != 0:
         last = (out / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise ConfigError(
             f"bench.task=job: {' '.join(command[2:4])} failed ({last[0]}) — see {out / 'log.txt'}"
         )
-    return wall, trace
+    return wall, trace, ended
 
 
 def _row(
     wall: float, trace: list[tuple[float, float]], to_first_step: float, done: dict[str, Any], rate: float
 ) -> dict[str, Any]:
-    """One run's figures; the GPU utilization is the mean from its first step to the start of its test."""
-    keys = ("validation_s", "checkpoint_s", "test_s", "test_acc")
+    """One run's figures; the GPU utilization is the mean from its first step to the start of its test.
+    ``exit_s``: from the last file the run wrote (its result or summary) to the end of its process."""
+    keys = ("validation_s", "checkpoint_s", "test_s", "exit_s", "test_acc")
     training = [pct for at, pct in trace if to_first_step <= at <= wall - done["test_s"]]
     return {
         "wall_s": wall,
@@ -266,6 +271,7 @@ def _print_table(result: dict[str, Any]) -> None:
         ("validation s", lambda n: sides[n]["validation_s"], "{:.2f}"),
         ("checkpoints s", lambda n: sides[n]["checkpoint_s"], "{:.2f}"),
         ("test s", lambda n: sides[n]["test_s"], "{:.2f}"),
+        ("exit s", lambda n: sides[n]["exit_s"], "{:.2f}"),
         ("GPU util %", lambda n: sides[n]["gpu_util_mean"], "{:.0f}"),
         ("monitor host %", lambda n: sides[n]["monitor_share"] and 100 * sides[n]["monitor_share"], "{:.2f}"),
         ("wall ÷ hand", lambda n: ratios[n]["wall"], "{:.3f}"),

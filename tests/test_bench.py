@@ -117,7 +117,8 @@ def test_job_bench_times_both_whole_jobs_as_processes_and_reports_their_phases(t
         [run] = result["runs"][name]
         assert 0 < run["to_first_step_s"] < run["wall_s"], name
         assert run["train_images_per_s"] > 0 and run["test_acc"] >= 0, name
-        assert all(run[k] > 0 for k in ("validation_s", "checkpoint_s", "test_s")), name
+        assert all(run[k] > 0 for k in ("validation_s", "checkpoint_s", "test_s", "exit_s")), name
+        assert run["to_first_step_s"] + run["exit_s"] < run["wall_s"], name
         assert run["gpu_util_mean"] is None  # no GPU here
         assert row["wall_s"] == run["wall_s"]
         ratio = result["ratios"][name]

@@ -12,7 +12,13 @@ import logging
 import sys
 from pathlib import Path
 
-from t240dist.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Preempted, UserError
+from t240dist.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    Preempted,
+    UserError,
+    exit_without_final_collection,
+)
 
 EXIT_FAILED = 1
 
@@ -71,5 +77,6 @@ def log_as_hydra_jobs_do(run_dir: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] not in TASKS:
         sys.exit("usage: python -m train.worker train|bench RUN_DIR/config.yaml (started by python -m train)")
+    exit_without_final_collection()
     log_as_hydra_jobs_do(Path(sys.argv[2]).parent)
     main(sys.argv[1], Path(sys.argv[2]))

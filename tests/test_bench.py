@@ -4,11 +4,12 @@ timing is asserted."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from conftest import TINY, run_cli
-from datasets_on_disk import write_cifar
+from datasets_on_disk import write_cifar, write_image_tree
 
 from t240dist.bench import PLAIN, SINGLE, run_bench, run_predict_bench
 from t240dist.config import compose_config
@@ -144,3 +145,31 @@ def test_made_cifar_data_loads_as_cifar_10_with_every_class(tmp_path: Path) -> N
     data = ImageDataModule(compose_config(["data=cifar10", f"data.root={tmp_path}"])["data"], seed=0)
     assert data.info.train_size == 450 and data.info.num_classes == 10
     assert set(data.test_set.labels.tolist()) == set(range(10))
+
+
+def test_data_bench_times_the_runs_own_training_loader_for_each_worker_count(tmp_path: Path) -> None:
+    write_image_tree(tmp_path / "tree", per_class=12)  # 24 training JPEG/PNG files: 6 batches of 4
+    data = ["data=imagefolder", f"data.root={tmp_path / 'tree'}", "data.image_size=16", "data.batch_size=4"]
+    overrides = [
+        "bench.task=data",
+        *data,
+        "bench.data_workers=[0,1]",
+        "bench.warmup_steps=1",
+        "bench.steps=3",
+        "bench.repeats=2",
+        "bench.feed_images_per_s=1000",
+        f"hydra.run.dir={tmp_path / 'bench'}",
+    ]
+    done = run_cli(overrides, cwd=tmp_path, entry="train.bench")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert result["task"] == "data" and result["data"] == "imagefolder" and result["batch_size"] == 4
+    assert set(result["workers"]) == {"0", "1"}
+    for row in result["workers"].values():
+        assert row["images_timed"] == 3 * 4  # bench.steps whole batches, after the warm-up batch
+        assert len(row["repeats_images_per_s"]) == 2 and all(r > 0 for r in row["repeats_images_per_s"])
+    assert result["workers"]["0"]["images_per_s_per_worker"] is None  # decoded in the main process
+    one = result["workers"]["1"]
+    assert one["images_per_s_per_worker"] == one["images_per_s"]
+    assert result["workers_to_feed"] == math.ceil(1000 / one["images_per_s"])
+    assert f"to feed 1,000 img/s: {result['workers_to_feed']} workers" in done.stdout

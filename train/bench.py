@@ -1,6 +1,7 @@
-"""``python -m train.bench [bench.task=train|predict|job] [overrides]``: t240dist vs hand-written code, same
-model, batch and data: the training step (``train``; with ``trainer=ddp`` on ranks started through the
-elastic agent as training's are), batch inference (``predict``), or the whole job as processes (``job``)."""
+"""``python -m train.bench [bench.task=train|predict|job|data] [overrides]``: t240dist vs hand-written code,
+same model, batch and data: the training step (``train``; with ``trainer=ddp`` on ranks started through the
+elastic agent as training's are), batch inference (``predict``), or the whole job as processes (``job``);
+or the training input pipeline alone (``data``)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,29 @@ from omegaconf import DictConfig, OmegaConf
 from t240dist.config import CONF_PATH, hydra_setup, plain
 from t240dist.errors import ConfigError, one_line_errors, run_app
 
-BENCHES = ("train", "predict", "job")
+BENCHES = ("train", "predict", "job", "data")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="bench")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         if cfg.bench.task not in BENCHES:
-            raise ConfigError(f"bench.task={cfg.bench.task} is not a benchmark — pick train, predict or job")
+            raise ConfigError(
+                f"bench.task={cfg.bench.task} is not a benchmark — pick train, predict, job or data"
+            )
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         if cfg.bench.task == "job":
             from t240dist.whole_job_bench import run_job_bench  # no Lightning: the timed processes load it
 
             conf = plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"]))
             run_job_bench(plain(cfg.bench), conf, job_overrides(HydraConfig.get().overrides.task), run_dir)
+            return
+        if cfg.bench.task == "data":
+            from t240dist.config import validate
+            from t240dist.data_bench import run_data_bench
+
+            conf = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"]))
+            run_data_bench(plain(cfg.bench), conf, run_dir)
             return
         from t240dist.bench import bench  # torch: once there is work to do
 

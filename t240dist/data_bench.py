@@ -1,0 +1,90 @@
+"""``python -m train.bench bench.task=data``: the training input pipeline alone, as the run builds it.
+
+It iterates the run's own training loader (reading, decoding, augmenting and collating in
+``data.num_workers`` DataLoader workers, or the device batch maker under ``data.on_gpu``) with nothing
+training, once for each worker count in ``bench.data_workers``, and reports images/s and images/s per
+worker. Given the rate the GPU trains at (``bench.feed_images_per_s``, e.g. from ``python -m train.bench``
+on that GPU), it also says how many workers keep it fed, so a run can be sized before the GPU waits on
+JPEG decoding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from t240dist.config import check_steps
+from t240dist.data import ImageDataModule, loader_workers
+
+
+def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Time ``bench.steps`` training batches after ``bench.warmup_steps``, ``bench.repeats`` times, for each
+    worker count; print the table and write ``bench.json``."""
+    data = ImageDataModule(conf["data"], conf["seed"])  # read and checked once; a loader per worker count
+    check_steps(conf, data.info.train_size, ranks=1)  # a batch larger than the split: one line
+    rows = {}
+    for requested in bench["data_workers"] or [conf["data"]["num_workers"]]:
+        workers = loader_workers(requested)  # lowered to the CPUs this process may use, as a run lowers it
+        data.cfg = {**conf["data"], "num_workers": workers}
+        timed = [_timed_batches(data, bench) for _ in range(bench["repeats"])]
+        rates = [images / seconds for images, seconds in timed]
+        rate = statistics.median(rates)
+        rows[str(workers)] = {
+            "images_timed": timed[0][0],  # per repeat
+            "images_per_s": rate,
+            "images_per_s_per_worker": rate / workers if workers else None,
+            "repeats_images_per_s": rates,
+        }
+    feed = bench["feed_images_per_s"]
+    per_worker = [r["images_per_s_per_worker"] for r in rows.values() if r["images_per_s_per_worker"]]
+    result = {
+        "task": "data",
+        "data": conf["data"]["name"],
+        "batch_size": conf["data"]["batch_size"],
+        "image_size": conf["data"].get("image_size"),
+        "augment": conf["data"].get("augment"),
+        "steps": bench["steps"],
+        "workers": rows,
+        "feed_images_per_s": feed,
+        # from the slowest worker rate measured: workers share the CPUs, so more of them decode slower each
+        "workers_to_feed": math.ceil(feed / min(per_worker)) if feed and per_worker else None,
+    }
+    (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    _print_table(result)
+    return result
+
+
+def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, float]:
+    """Images and seconds of ``bench.steps`` batches out of a fresh training loader, after its first
+    ``bench.warmup_steps`` (worker start-up); epochs follow each other on the same workers, as in training."""
+    loader = data.train_dataloader()
+    batches = (batch for _ in itertools.count() for batch in loader)
+    for _ in range(bench["warmup_steps"]):
+        next(batches)
+    images, start = 0, time.perf_counter()
+    for _ in range(bench["steps"]):
+        images += len(next(batches)[0])
+    return images, time.perf_counter() - start
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    print(f"input pipeline · {result['data']} · batch {result['batch_size']} · {result['steps']} batches")
+    table = Table()
+    for column in ("workers", "img/s", "img/s per worker"):
+        table.add_column(column, justify="right")
+    for workers, row in result["workers"].items():
+        per = row["images_per_s_per_worker"]
+        table.add_row(workers, f"{row['images_per_s']:,.0f}", "-" if per is None else f"{per:,.0f}")
+    Console().print(table)
+    if result["workers_to_feed"]:
+        print(f"to feed {result['feed_images_per_s']:,.0f} img/s: {result['workers_to_feed']} workers")
+    elif result["feed_images_per_s"]:
+        print("bench.feed_images_per_s: time 1 worker or more (bench.data_workers=[4]) to size the feed")

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from t240dist.agent import agent_workers, launch_workers
-from t240dist.config import validate, validate_run
+from t240dist.config import validate, validate_run, without_bench
 from t240dist.data import DataInfo, ImageDataModule
 from t240dist.distributed import ends_process_group
 from t240dist.fit import build_trainer
@@ -46,10 +46,9 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 def bench(cfg: DictConfig, run_dir: Path) -> None:
     """Run the benchmark that ``bench.task`` names, here, or (``trainer=ddp``) on ranks that this process
     starts through the elastic agent, as ``python -m train`` starts a DDP job's (``bench_rank``)."""
-    conf = OmegaConf.to_container(cfg, resolve=True)
-    workers = agent_workers(validate_run(_training_part(conf)))
+    workers = agent_workers(validate(without_bench(cfg)))
     if workers:
-        launch_workers(conf, run_dir, workers, task="bench")
+        launch_workers(OmegaConf.to_container(cfg, resolve=True), run_dir, workers, task="bench")
         return
     with ends_process_group():  # the ranks of torchrun, or of the agent
         (run_bench if cfg.bench.task == "train" else run_predict_bench)(cfg, run_dir)
@@ -60,10 +59,6 @@ def bench_rank(config: Path) -> None:
     bench(OmegaConf.load(config), config.parent)
 
 
-def _training_part(conf: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in conf.items() if k != "bench"}
-
-
 def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Time the loops ``bench.repeats`` times, interleaved; print a table and write ``bench.json``.
 
@@ -72,7 +67,7 @@ def run_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     loop alone on its device, the baseline of the scaling column, and reports.
     """
     bench = OmegaConf.to_container(cfg.bench)
-    train_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"])
+    train_cfg = without_bench(cfg)
     if train_cfg.model.compile == "auto":  # eager here; the fast path is its own row (bench.fast_path)
         train_cfg.model.compile = False
     conf = validate(train_cfg)
@@ -383,7 +378,7 @@ def run_predict_bench(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Batch inference: ``predict``'s path (``Predictor``) against a hand-written ``torch.inference_mode()``
     loop, interleaved ``bench.repeats`` times on the same device-resident batches; writes ``bench.json``."""
     bench = OmegaConf.to_container(cfg.bench)
-    conf = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"]))
+    conf = validate(without_bench(cfg))
     data = ImageDataModule(conf["data"], conf["seed"])
     predictor = Predictor(ClassifierModule.from_config(conf, data.info), conf["trainer"], bench["top_k"])
     device = predictor.device

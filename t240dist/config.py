@@ -57,6 +57,11 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         return compose(config_name=config_name, overrides=overrides or [])
 
 
+def without_bench(cfg: DictConfig) -> DictConfig:
+    """The run config inside a benchmark's config (``python -m train.bench``): every key but ``bench``."""
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "bench"])
+
+
 def validate(cfg: DictConfig) -> dict[str, Any]:
     """Check the composed config against the schema and this machine; return it as a plain, resolved dict."""
     return validate_run(plain(cfg))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from t240dist.config import CONF_PATH, hydra_setup, plain
+from t240dist.config import CONF_PATH, hydra_setup, plain, without_bench
 from t240dist.errors import ConfigError, one_line_errors, run_app
 
 BENCHES = ("train", "predict", "job", "data")
@@ -28,14 +28,14 @@ def main(cfg: DictConfig) -> None:
         if cfg.bench.task == "job":
             from t240dist.whole_job_bench import run_job_bench  # no Lightning: the timed processes load it
 
-            conf = plain(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"]))
+            conf = plain(without_bench(cfg))
             run_job_bench(plain(cfg.bench), conf, job_overrides(HydraConfig.get().overrides.task), run_dir)
             return
         if cfg.bench.task == "data":
             from t240dist.config import validate
             from t240dist.data_bench import run_data_bench
 
-            conf = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "bench"]))
+            conf = validate(without_bench(cfg))
             run_data_bench(plain(cfg.bench), conf, run_dir)
             return
         from t240dist.bench import bench  # torch: once there is work to do

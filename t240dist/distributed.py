@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +17,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning_fabric.plugins.environments import (
+    LightningEnvironment,
+    LSFEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from pytorch_lightning.strategies import DDPStrategy
 
 from t240dist.errors import ConfigError
@@ -64,14 +70,29 @@ def slurm_runs_the_tasks() -> bool:
     return SLURMEnvironment.detect() and not TorchElasticEnvironment.detect()
 
 
-def cluster_plugins() -> list[Any]:
-    """Lightning's SLURM environment without its auto-requeue, when SLURM runs the tasks.
+# What an MPI launcher (Open MPI, MPICH/Intel MPI's Hydra, PMIx, MVAPICH) sets in every process it starts
+MPI_LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
-    Requeue belongs to whatever started the job (launch/slurm.sbatch on exit code 75, or submitit), and
-    the save to the ``Preemption`` callback at a step boundary. Lightning's auto-requeue would save an
-    ``hpc_ckpt`` from inside its SIGUSR1 handler, mid-step and outside ``checkpoints/``, and requeue again.
+
+def cluster_plugins() -> list[Any]:
+    """The cluster environment, where t240dist knows it better or sooner than Lightning's detection.
+
+    - SLURM runs the tasks: Lightning's SLURM environment without its auto-requeue. Requeue belongs to
+      whatever started the job (launch/slurm.sbatch on exit code 75, or submitit), and the save to the
+      ``Preemption`` callback at a step boundary. Lightning's auto-requeue would save an ``hpc_ckpt`` from
+      inside its SIGUSR1 handler, mid-step and outside ``checkpoints/``, and requeue again.
+    - No launcher started this process: Lightning's own single-machine environment, the one its detection
+      ends with. Its detection would first import ``mpi4py`` wherever that is installed, and so start MPI,
+      to ask for a world size (0.43 s of a run's start on an H200 host); that probe is kept for processes
+      that an MPI launcher started.
+    - Otherwise (torchrun, LSF's jsrun, mpirun): nothing, and Lightning detects it.
     """
-    return [SLURMEnvironment(auto_requeue=False)] if slurm_runs_the_tasks() else []
+    if slurm_runs_the_tasks():
+        return [SLURMEnvironment(auto_requeue=False)]
+    launched = TorchElasticEnvironment.detect() or LSFEnvironment.detect()
+    if launched or any(name in os.environ for name in MPI_LAUNCHER_VARIABLES):
+        return []
+    return [LightningEnvironment()]
 
 
 class DDP(DDPStrategy):

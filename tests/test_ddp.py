@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -185,3 +186,55 @@ def test_ranks_exchange_once_at_each_logging_step_whatever_the_micro_batches() -
     agreed = Agreed()
     seen = [agreed.due(step, every=2) for step in (0, 1, 1, 2, 2, 3, 3, 4, 4)]
     assert seen == [True, False, False, True, False, False, False, True, False]
+
+
+
+FAKE_MPI = {  # an installed mpi4py whose world is FAKE_MPI_SIZE processes
+    "mpi4py/__init__.py": "",
+    "mpi4py/MPI.py": (
+        "import os\n"
+        "class _World:\n"
+        "    def Get_size(self):\n"
+        "        return int(os.environ.get('FAKE_MPI_SIZE', '1'))\n"
+        "COMM_WORLD = _World()\n"
+    ),
+    "mpi4py-4.0.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: mpi4py\nVersion: 4.0.0\n",
+}
+# For each launcher, in order, the environment of a DDP Trainer made with t240dist's plugins, and whether
+# MPI has been started by then (in a world of 2, only whether Lightning's detection finds MPI: its MPI
+# environment would ask this stand-in for more than a size)
+CHOICES = """
+import os, sys
+import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import MPIEnvironment
+from t240dist.distributed import cluster_plugins
+torchrun = dict(RANK="0", LOCAL_RANK="0", GROUP_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT="29500", TORCHELASTIC_RUN_ID="t")
+for launcher in ({}, torchrun, {"OMPI_COMM_WORLD_SIZE": "1"}, {"OMPI_COMM_WORLD_SIZE": "2", "FAKE_MPI_SIZE": "2"}):
+    os.environ.update(launcher)
+    plugins = cluster_plugins()
+    if os.environ.get("FAKE_MPI_SIZE") == "2":
+        name = "MPIEnvironment" if not plugins and MPIEnvironment.detect() else "other"
+    else:
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="ddp", logger=False, plugins=plugins)
+        name = type(trainer.strategy.cluster_environment).__name__
+    print(name, "mpi4py.MPI" in sys.modules)
+    for key in launcher:
+        del os.environ[key]
+"""
+
+
+def test_cluster_environment_is_lightnings_choice_without_starting_mpi_needlessly(tmp_path: Path) -> None:
+    for name, text in FAKE_MPI.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI", "MV2_"))}
+    env = {**env, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", CHOICES], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-4:] == [
+        "LightningEnvironment False",  # no launcher: MPI is not started to ask for a world size
+        "TorchElasticEnvironment False",
+        "LightningEnvironment True",  # mpirun's variables: Lightning asks MPI, which says 1 process
+        "MPIEnvironment True",
+    ]

@@ -667,7 +667,9 @@ def _channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float]
     n = pixels.shape[0] * pixels.shape[2]
     total, squares = ([int(v) for v in row] for row in sums)
     # n (n - 1) var = n Σx² - (Σx)², in integers (pixels 0-255): exactly 0 for a constant channel
-    spread = [math.sqrt((n * q - t * t) / (n * max(n - 1, 1))) / 255 for t, q in zip(total, squares)]
+    spread = [
+        math.sqrt((n * q - t * t) / (n * max(n - 1, 1))) / 255 for t, q in zip(total, squares, strict=True)
+    ]
     return [t / n / 255 for t in total], [s if s > 0 else 1.0 for s in spread]
 
 

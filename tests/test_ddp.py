@@ -188,7 +188,6 @@ def test_ranks_exchange_once_at_each_logging_step_whatever_the_micro_batches() -
     assert seen == [True, False, False, True, False, False, False, True, False]
 
 
-
 FAKE_MPI = {  # an installed mpi4py whose world is FAKE_MPI_SIZE processes
     "mpi4py/__init__.py": "",
     "mpi4py/MPI.py": (
@@ -210,7 +209,8 @@ from lightning_fabric.plugins.environments import MPIEnvironment
 from t240dist.distributed import cluster_plugins
 torchrun = dict(RANK="0", LOCAL_RANK="0", GROUP_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                 MASTER_PORT="29500", TORCHELASTIC_RUN_ID="t")
-for launcher in ({}, torchrun, {"OMPI_COMM_WORLD_SIZE": "1"}, {"OMPI_COMM_WORLD_SIZE": "2", "FAKE_MPI_SIZE": "2"}):
+mpirun = [{"OMPI_COMM_WORLD_SIZE": "1"}, {"OMPI_COMM_WORLD_SIZE": "2", "FAKE_MPI_SIZE": "2"}]
+for launcher in ({}, torchrun, *mpirun):
     os.environ.update(launcher)
     plugins = cluster_plugins()
     if os.environ.get("FAKE_MPI_SIZE") == "2":

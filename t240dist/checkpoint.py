@@ -52,7 +52,9 @@ class SignedCheckpointIO(TorchCheckpointIO):
     no longer hold up training. Removals and ``after_writes`` actions join the same queue, so a top-k file
     is removed, and ``best.ckpt`` renamed, only after the writes asked for before them. A failed write
     (a full disk) is raised on the training thread at the next save or ``flush``, and nothing queued after
-    it is done. Loading, the end of fit (``teardown``) and ``written`` wait for the queue.
+    it is done. Loading and ``written`` wait for the queue; the end of a stage (``teardown``) does not, so
+    that the final save is written while the test runs (a run waits with ``written`` before its summary).
+    Whatever is still queued when the interpreter exits is written first (the executor joins its thread).
 
     Hand-written rather than Lightning's experimental AsyncCheckpointIO, which removes rotated top-k files
     at once, while their writes may still be queued, and cannot queue other work behind a write.
@@ -86,24 +88,21 @@ class SignedCheckpointIO(TorchCheckpointIO):
         self._queue(action)
 
     def flush(self) -> None:
-        """Wait until everything queued is done; raise the first failure."""
+        """Wait until everything queued is done, and let the writer's thread go; raise the first failure."""
         queued, self._queued = self._queued, []
-        for future in queued:
-            future.result()
+        try:
+            for future in queued:
+                future.result()
+        finally:
+            if self._writer is not None:  # the next save starts another: a sweep's trials leave none behind
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: Any = None
     ) -> dict[str, Any]:
         self.flush()
         return load_checkpoint(Path(path), self.trust_unsigned, map_location)
-
-    def teardown(self) -> None:
-        try:
-            self.flush()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
 
     def _queue(self, action: Callable[..., None], *args: Any) -> None:
         """Queue ``action(*args)`` behind the earlier work; first raise what failed of that work."""
@@ -169,6 +168,12 @@ class BestCheckpoint(RunDirCheckpoint):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(auto_insert_metric_name=False, save_last=False, **kwargs)
+        self.best_step: int | None = None  # the step whose weights the best file holds, if saved by this fit
+        self._seen_best = ""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._seen_best = self.best_model_path  # a resumed run's best: its step's weights are not in memory
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # where Lightning saves when validation ends epochs
@@ -179,6 +184,8 @@ class BestCheckpoint(RunDirCheckpoint):
         self._name_best(trainer)
 
     def _name_best(self, trainer: pl.Trainer) -> None:
+        if self.best_model_path != self._seen_best:  # saved just now, from the weights in memory
+            self._seen_best, self.best_step = self.best_model_path, trainer.global_step
         best = Path(self.best_model_path) if self.best_model_path else None
         if trainer.is_global_zero and best is not None:
             trainer.strategy.checkpoint_io.after_writes(
@@ -228,7 +235,6 @@ class FinalCheckpoint(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trained and not trainer.fast_dev_run:  # Lightning's checkpoints skip a fast_dev_run too
             trainer.save_checkpoint(self.path, weights_only=False)
-            written(trainer)  # every rank may read the best checkpoint next, to test it
 
 
 def _name_if_there(path: Path, name: str) -> None:

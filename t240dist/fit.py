@@ -43,6 +43,7 @@ from t240dist.checkpoint import (
     checkpoint_callbacks,
     load_checkpoint,
     resume_checkpoint,
+    written,
 )
 from t240dist.config import check_steps, global_rank, validate_run, world_size
 from t240dist.data import ImageDataModule
@@ -109,15 +110,17 @@ def fit_and_test(
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         finished = _finished_before(resume, trainer, run_dir)
         if finished is not None:
+            written(trainer)
             return finished
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
         test_started = time.perf_counter()
         # verbose=False: Lightning's table of the test metrics says again what the run summary says
         tested = trainer.test(
-            module, datamodule=data, ckpt_path=_best_weights(conf, checkpoint, module), verbose=False
+            module, datamodule=data, ckpt_path=_best_weights(conf, trainer, checkpoint, module), verbose=False
         )
         test_s = time.perf_counter() - test_started
+        written(trainer)  # the final save, written while the test ran
         ranks = gather_ranks(conf, report.device_name(trainer.strategy.root_device))
         backend = dist.get_backend() if dist.is_initialized() else None  # nccl, gloo; None: one process
 
@@ -293,16 +296,23 @@ def _stopped_early(trainer: pl.Trainer) -> int | None:
     return stopper.stopped_epoch if stopper is not None and stopper.wait_count >= stopper.patience else None
 
 
-def _best_weights(conf: dict[str, Any], checkpoint: BestCheckpoint, module: ClassifierModule) -> str | None:
+def _best_weights(
+    conf: dict[str, Any], trainer: pl.Trainer, checkpoint: BestCheckpoint, module: ClassifierModule
+) -> str | None:
     """What ``trainer.test`` scores: the best checkpoint's path, or None to score the module as it is.
 
-    With EMA, Lightning's WeightAveraging puts the raw weights back when a checkpoint is loaded after
-    fit, so the averaged weights that the best checkpoint holds (and evaluate scores) are loaded here.
+    The module as it is where the best checkpoint was saved from its weights at the last step (the usual
+    end of a run): the test then runs while the last saves are written. Otherwise every rank waits until
+    they are on disk, and the test loads the file. With EMA, Lightning's WeightAveraging puts the raw
+    weights back when a checkpoint is loaded after fit, so the averaged weights that the best checkpoint
+    holds (and evaluate scores) are loaded here.
     """
     best = checkpoint.best_model_path
-    if not best:
+    ema = conf["module"]["ema_decay"] is not None
+    if not best or (checkpoint.best_step == trainer.global_step and not ema):
         return None
-    if conf["module"]["ema_decay"] is None:
+    written(trainer)
+    if not ema:
         return best  # the file itself: "best" would make Lightning warn about several ModelCheckpoints
     module.load_state_dict(load_checkpoint(Path(best), conf["checkpoint"]["trust_unsigned"])["state_dict"])
     return None

@@ -19,6 +19,7 @@ from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, writ
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.overrides import TorchFunctionMode
 
+from t240dist.checkpoint import load_checkpoint
 from t240dist.config import check_steps, validate
 from t240dist.data import ImageDataModule
 from t240dist.errors import ConfigError
@@ -186,15 +187,46 @@ def test_ema_tests_the_averaged_weights(tmp_path: Path, tiny: list[str]) -> None
     assert not torch.equal(last_plain["net.head.1.weight"], last_ema["net.head.1.weight"])
     assert plain["global_step"] == ema["global_step"]
     # the run's test scored the averaged weights of its best checkpoint, as a plain Trainer does
-    best = torch.load(ema["best_checkpoint"], weights_only=True)
+    scored = _test_of_best_checkpoint(ema)
+    assert (scored["test/acc"], scored["test/loss"]) == (ema["test_acc"], pytest.approx(ema["test_loss"]))
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])  # the best by val/loss, and the worst: an earlier epoch's
+def test_the_test_scores_the_best_checkpoints_weights_and_every_file_is_written(
+    tmp_path: Path, tiny: list[str], mode: str
+) -> None:
+    summary = train(compose([*tiny, "trainer.max_epochs=3", f"checkpoint.mode={mode}"]), run_dir=tmp_path)
+    # min: the last epoch's state is the best, tested as it is in memory while its files are written;
+    # max: an earlier state, tested from its file
+    best_step = int(re.search(r"step(\d+)", summary["best_checkpoint"]).group(1))
+    assert (best_step == summary["global_step"]) == (mode == "min")
+    scored = _test_of_best_checkpoint(summary)
+    assert (scored["test/acc"], scored["test/loss"]) == (
+        summary["test_acc"],
+        pytest.approx(summary["test_loss"]),
+    )
+    # every save is whole, signed and named when train() returns
+    for name in (
+        summary["best_checkpoint"],
+        tmp_path / "checkpoints/best.ckpt",
+        tmp_path / "checkpoints/last.ckpt",
+    ):
+        assert load_checkpoint(Path(name), trust_unsigned=False)["state_dict"]
+    assert load_checkpoint(tmp_path / "checkpoints/last.ckpt", False)["global_step"] == summary["global_step"]
+    assert Path(summary["best_checkpoint"]).samefile(tmp_path / "checkpoints/best.ckpt")
+
+
+def _test_of_best_checkpoint(summary: dict) -> dict[str, float]:
+    """The test metrics of a run's best checkpoint, scored by a plain Trainer from the file."""
+    best = torch.load(summary["best_checkpoint"], weights_only=True)
     module = ClassifierModule(**best["hyper_parameters"])
     module.load_state_dict(best["state_dict"])
-    conf = validate(compose([*tiny, "module.ema_decay=0.5"]))
+    conf = best["hyper_parameters"]["config"]
     data = ImageDataModule(conf["data"], conf["seed"])
     [scored] = pl.Trainer(logger=False, enable_progress_bar=False).test(
         module, datamodule=data, verbose=False
     )
-    assert (scored["test/acc"], scored["test/loss"]) == (ema["test_acc"], pytest.approx(ema["test_loss"]))
+    return scored
 
 
 def test_same_seed_gives_the_same_run(tmp_path: Path, tiny: list[str]) -> None:

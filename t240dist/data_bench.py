@@ -20,6 +20,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import DataLoader
 
 from t240dist.config import check_steps
 from t240dist.data import ImageDataModule, loader_workers
@@ -35,10 +36,11 @@ def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -
         workers = loader_workers(requested)  # lowered to the CPUs this process may use, as a run lowers it
         data.cfg = {**conf["data"], "num_workers": workers}
         timed = [_timed_batches(data, bench) for _ in range(bench["repeats"])]
-        rates = [images / seconds for images, seconds in timed]
+        rates = [images / seconds for images, seconds, _ in timed]
         rate = statistics.median(rates)
         rows[str(workers)] = {
             "images_timed": timed[0][0],  # per repeat
+            "warmup_batches": timed[0][2],  # bench.warmup_steps, or the batches the workers start at once
             "images_per_s": rate,
             "images_per_s_per_worker": rate / workers if workers else None,
             "repeats_images_per_s": rates,
@@ -62,17 +64,23 @@ def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -
     return result
 
 
-def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, float]:
+def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, float, int]:
     """Images and seconds of ``bench.steps`` batches out of a fresh training loader, after its first
-    ``bench.warmup_steps`` (worker start-up); epochs follow each other on the same workers, as in training."""
+    ``bench.warmup_steps`` (worker start-up); epochs follow each other on the same workers, as in training.
+
+    The warm-up also takes every batch that the workers start at once (``prefetch_factor`` each): timed,
+    they would count work done before the clock started (16 workers timed over 12 batches read 4x fast).
+    """
     loader = data.train_dataloader()
     batches = (batch for _ in itertools.count() for batch in loader)
-    for _ in range(bench["warmup_steps"]):
+    in_flight = loader.num_workers * (loader.prefetch_factor or 0) if isinstance(loader, DataLoader) else 0
+    warmup = max(bench["warmup_steps"], in_flight)
+    for _ in range(warmup):
         next(batches)
     images, start = 0, time.perf_counter()
     for _ in range(bench["steps"]):
         images += len(next(batches)[0])
-    return images, time.perf_counter() - start
+    return images, time.perf_counter() - start, warmup
 
 
 def _print_table(result: dict[str, Any]) -> None:

@@ -168,6 +168,8 @@ def test_data_bench_times_the_runs_own_training_loader_for_each_worker_count(tmp
     for row in result["workers"].values():
         assert row["images_timed"] == 3 * 4  # bench.steps whole batches, after the warm-up batch
         assert len(row["repeats_images_per_s"]) == 2 and all(r > 0 for r in row["repeats_images_per_s"])
+    # a worker starts 2 batches at once (DataLoader's prefetch_factor): neither is timed
+    assert [result["workers"][w]["warmup_batches"] for w in ("0", "1")] == [1, 2]
     assert result["workers"]["0"]["images_per_s_per_worker"] is None  # decoded in the main process
     one = result["workers"]["1"]
     assert one["images_per_s_per_worker"] == one["images_per_s"]

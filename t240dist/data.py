@@ -29,7 +29,9 @@ from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 from torchvision import datasets
-from torchvision.transforms import v2
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from t240dist.errors import ConfigError
 
@@ -135,6 +137,8 @@ class ImageDataModule(pl.LightningDataModule):
         # A generator of its own: each iterator a DataLoader makes draws its workers' seed from it, which
         # must not move the global RNG that dropout and MixUp use (a validation would shift them otherwise)
         options["generator"] = torch.Generator().manual_seed(self.seed)
+        if self.cfg.get("decode") == "device":
+            options["collate_fn"] = FileBatch.collate
         if not train:
             return DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
         # Exact resume: the sampler can start mid-epoch (``resume_at``), and each sample's augmentation
@@ -143,6 +147,13 @@ class ImageDataModule(pl.LightningDataModule):
         tagged = EpochTagged(order, skip * self.cfg["batch_size"])
         # drop_last: no ragged last training batch (BatchNorm dislikes batches of one)
         return DataLoader(EpochSeeded(dataset, self.seed), sampler=tagged, drop_last=True, **options)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning's copy of a batch to the training device; a batch of image files (``data.decode=device``)
+        is decoded and cropped there instead."""
+        if isinstance(batch, FileBatch):
+            return batch.decode(device, self.info)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _device_loader(self, split: TensorImages, train: bool, device: torch.device) -> DeviceBatches:
         """Batches made on ``device`` from the split's uint8 images, copied there at the first loader."""
@@ -632,7 +643,13 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
         sets = [Subset(sets[0], train_idx.tolist()), Subset(copy.copy(sets[0]), val_idx.tolist())]
     resize = round(size / EVAL_CROP)
     mean, std = normalisation or _file_stats(sets[0], size, resize, cfg["split_seed"])
-    train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize)
+    if cfg.get("decode") == "device":  # the workers read files and draw crops; the device decodes them
+        augment = cfg["augment"]
+        train_tf, eval_tf = PlanCrop(augment["crop"], augment["hflip"]), PlanCrop()
+        for ds in sets:
+            _base(ds).loader = FileImage.read
+    else:
+        train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize)
     _set_transform(sets[0], train_tf)
     for ds in sets[1:]:
         _set_transform(ds, eval_tf)
@@ -648,7 +665,7 @@ def _file_stats(train: Dataset, size: int, resize: int, seed: int) -> tuple[list
     base = _base(train)
     fit = v2.Compose(_fit_file(size, resize))
     indices = train.indices if isinstance(train, Subset) else range(len(train))
-    return _channel_stats(torch.stack([fit(base.loader(base.samples[indices[int(i)]][0])) for i in order]))
+    return _channel_stats(torch.stack([fit(load_rgb(base.samples[indices[int(i)]][0])) for i in order]))
 
 
 def _channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -679,6 +696,115 @@ def _base(ds: Dataset) -> datasets.ImageFolder:
 
 def _set_transform(ds: Dataset, transform: v2.Transform) -> None:
     _base(ds).transform = transform
+
+
+@dataclass
+class FileImage:
+    """An image file as a loader worker hands it over under ``data.decode=device``: undecoded where the
+    device decodes it, and the box of the file's pixels to crop to the training size (drawn in the worker,
+    seeded like every augmentation) with whether to flip it."""
+
+    content: bytes | torch.Tensor  # a JPEG's bytes; other files (PNG, CMYK, ...) decoded here (3, H, W)
+    height: int
+    width: int
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, height, width; FIT: as the eval split
+    flip: bool = False
+
+    @classmethod
+    def read(cls, path: str) -> FileImage:
+        """The file's bytes where it is a baseline RGB or grey JPEG (nvJPEG's), else its RGB pixels."""
+        with Image.open(path) as image:
+            jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+            width, height = image.size
+        if jpeg:
+            return cls(Path(path).read_bytes(), height, width)
+        pixels = pil_to_tensor(load_rgb(path))
+        return cls(pixels, pixels.shape[1], pixels.shape[2])
+
+
+FIT = (0, 0, 0, 0)  # a FileImage's box for "fit the file as the eval split does" (``_fit_file``)
+
+
+class PlanCrop:
+    """Where a ``FileImage`` is cropped: a random-resized box (``crop=resized``, torchvision's draw from the
+    file's size alone), or ``FIT``; and whether it is flipped."""
+
+    def __init__(self, crop: str = "none", hflip: bool = False) -> None:
+        self.random, self.hflip = crop == "resized", hflip
+
+    def __call__(self, file: FileImage) -> FileImage:
+        h, w = file.height, file.width
+        box = FIT
+        if self.random:
+            box = tuple(
+                RandomResizedCrop.get_params(torch.empty(()).expand(1, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
+            )
+        flip = self.hflip and bool(torch.rand(()) < 0.5)
+        return FileImage(file.content, h, w, box, flip)
+
+
+@dataclass
+class FileBatch:
+    """A batch of ``FileImage`` (``data.decode=device``): decoded, cropped and normalised where it trains.
+
+    The JPEGs travel as one tensor of their bytes, one after another: a worker hands the batch over in one
+    shared-memory block, not one per file.
+    """
+
+    jpegs: torch.Tensor  # uint8
+    sizes: list[int]  # each JPEG's byte count, in batch order
+    pixels: list[torch.Tensor]  # the other files, decoded, in batch order
+    encoded: list[bool]  # per image: a JPEG (else the next of ``pixels``)
+    boxes: list[tuple[int, int, int, int]]
+    flips: list[bool]
+    labels: torch.Tensor
+
+    @classmethod
+    def collate(cls, samples: list[tuple[FileImage, int]]) -> FileBatch:
+        files = [file for file, _ in samples]
+        jpegs = [f.content for f in files if isinstance(f.content, bytes)]
+        return cls(
+            torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else torch.empty(0),
+            [len(j) for j in jpegs],
+            [f.content for f in files if isinstance(f.content, torch.Tensor)],
+            [isinstance(f.content, bytes) for f in files],
+            [f.box for f in files],
+            [f.flip for f in files],
+            torch.tensor([label for _, label in samples]),
+        )
+
+    def decode(self, device: torch.device, info: DataInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float images (N, 3, size, size) and labels on ``device``. The JPEGs are decoded in one
+        call (nvJPEG on a GPU, libjpeg on the CPU); boxes and fitted files are resized with antialiasing, as
+        torchvision's transforms resize tensors."""
+        jpegs = list(self.jpegs.split(self.sizes)) if self.sizes else []
+        decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+        others = iter(self.pixels)
+        size = info.image_size
+        images = torch.empty(len(self.encoded), 3, size, size, device=device)
+        for image, jpeg, box, flip in zip(images, self.encoded, self.boxes, self.flips, strict=True):
+            pixels = next(decoded) if jpeg else next(others).to(device, non_blocking=True)
+            fitted = _fit_box(pixels.unsqueeze(0).float(), box, size, info.resize)[0]
+            image.copy_(fitted.flip(-1) if flip else fitted)
+        shape = (1, -1, 1, 1)
+        images.div_(255).sub_(torch.tensor(info.mean, device=device).view(shape))
+        images.div_(torch.tensor(info.std, device=device).view(shape))
+        return images, self.labels.to(device, non_blocking=True)
+
+
+def _fit_box(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int, resize: int) -> torch.Tensor:
+    """``box`` of (1, C, H, W) ``pixels`` resized to ``size`` x ``size``; for ``FIT``, the shorter side
+    resized to ``resize`` and the centre cropped, with torchvision's rounding (v2.Resize, v2.CenterCrop)."""
+    if box != FIT:
+        top, left, h, w = box
+        crop = pixels[..., top : top + h, left : left + w]
+        return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+    h, w = pixels.shape[-2:]
+    short, long = sorted((h, w))
+    scaled = (resize, int(resize * long / short))
+    fitted = F.interpolate(pixels, size=scaled if h <= w else scaled[::-1], mode="bilinear", antialias=True)
+    top, left = (round((side - size) / 2.0) for side in fitted.shape[-2:])
+    return fitted[..., top : top + size, left : left + size]
 
 
 def load_rgb(path: str) -> Image.Image:

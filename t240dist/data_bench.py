@@ -1,10 +1,11 @@
 """``python -m train.bench bench.task=data``: the training input pipeline alone, as the run builds it.
 
 It iterates the run's own training loader (reading, decoding, augmenting and collating in
-``data.num_workers`` DataLoader workers, or the device batch maker under ``data.on_gpu``) with nothing
-training, once for each worker count in ``bench.data_workers``, and reports images/s and images/s per
-worker. Given the rate the GPU trains at (``bench.feed_images_per_s``, e.g. from ``python -m train.bench``
-on that GPU), it also says how many workers keep it fed, so a run can be sized before the GPU waits on
+``data.num_workers`` DataLoader workers, or the device batch maker under ``data.on_gpu``; under
+``data.decode=device`` the workers read files and the GPU decodes and crops them) with nothing training,
+once for each worker count in ``bench.data_workers``, and reports images/s and images/s per worker.
+Given the rate the GPU trains at (``bench.feed_images_per_s``, e.g. from ``python -m train.bench`` on
+that GPU), it also says how many workers keep it fed, so a run can be sized before the GPU waits on
 JPEG decoding.
 """
 
@@ -18,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
 from t240dist.config import check_steps
-from t240dist.data import ImageDataModule, loader_workers
+from t240dist.data import FileBatch, ImageDataModule, loader_workers
 
 
 def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -72,7 +74,12 @@ def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, f
     they would count work done before the clock started (16 workers timed over 12 batches read 4x fast).
     """
     loader = data.train_dataloader()
-    batches = (batch for _ in itertools.count() for batch in loader)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where data.decode=device decodes
+    batches = (
+        batch.decode(device, data.info) if isinstance(batch, FileBatch) else batch
+        for _ in itertools.count()
+        for batch in loader
+    )
     in_flight = loader.num_workers * (loader.prefetch_factor or 0) if isinstance(loader, DataLoader) else 0
     warmup = max(bench["warmup_steps"], in_flight)
     for _ in range(warmup):
@@ -80,6 +87,8 @@ def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, f
     images, start = 0, time.perf_counter()
     for _ in range(bench["steps"]):
         images += len(next(batches)[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return images, time.perf_counter() - start, warmup
 
 

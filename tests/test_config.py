@@ -56,6 +56,14 @@ from t240dist.errors import ConfigError
         (["model.compile=step", "module.mixup_alpha=0.2"], "with MixUp/CutMix"),
         (["model.compile=step", "nonfinite=skip"], "— set nonfinite=stop"),
         (["model.compile=step", "trainer.accumulate_grad_batches=2"], "with gradient accumulation"),
+        (
+            ["data=imagefolder", "data.root=x", "data.decode=device", "data.augment.crop=pad"],
+            "data.decode: device crops files with crop=resized or none, not pad — set data.augment.crop=",
+        ),
+        (
+            ["data=imagefolder", "data.root=x", "data.decode=gpu"],
+            "data.decode must be 'auto', 'workers' or 'device'",
+        ),
         (["data.on_gpu=fast"], "data.on_gpu: 'fast' is not an on_gpu setting — use auto, true or false"),
         (["data.on_gpu=1"], "data.on_gpu: '1' is not an on_gpu setting"),
         (["data=mnist", "data.on_gpu_max_share=0"], "data.on_gpu_max_share must be greater than 0 (got 0)"),

@@ -223,3 +223,36 @@ def test_device_augmentation_is_fixed_by_seed_epoch_and_batch_and_resumes_mid_ep
     keys = [(0, 1, 0, 3), (0, 1, 0, 3), (1, 1, 0, 3), (0, 2, 0, 3), (0, 1, 1, 3), (0, 1, 0, 4)]
     made = [BatchAugment(seed, padding=4, hflip=True)(images, *key) for seed, *key in keys]
     assert torch.equal(made[0], made[1]) and not any(torch.equal(made[0], other) for other in made[2:])
+
+
+def test_device_decode_gives_the_workers_images_for_every_kind_of_file(tmp_path: Path) -> None:
+    write_bad_tree(tmp_path)  # RGB JPEGs, a CMYK JPEG and a 16-bit PNG (decoded by the workers), bad files
+    plain = ["data.augment.crop=none", "data.augment.hflip=false", "data.num_workers=0", "data.batch_size=4"]
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.on_corrupt=skip", *plain]
+    workers, device = _data(*args, "data.decode=workers"), _data(*args, "data.decode=device")
+    assert validate(compose(args))["data"]["decode"] == "workers"  # auto, without a GPU
+    std = torch.tensor(workers.info.std).view(1, -1, 1, 1)
+    for loader in ("train_dataloader", "val_dataloader"):
+        x, y = next(iter(getattr(workers, loader)()))
+        files = next(iter(getattr(device, loader)()))
+        decoded, labels = device.transfer_batch_to_device(files, torch.device("cpu"), 0)
+        assert torch.equal(labels, y) and decoded.shape == x.shape and x.shape[1:] == (3, 16, 16)
+        # the same pixels, up to the workers' rounding of resized images to 8 bits
+        assert float(((decoded - x).abs() * std * 255).max()) <= 1.01
+    assert sorted(files.encoded) == [True, True] and len(files.pixels) == 0  # val: two RGB JPEGs
+    train = next(iter(device.train_dataloader()))
+    assert sorted(train.encoded) == [False, False, True, True]  # the CMYK JPEG and the PNG came decoded
+
+
+def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, per_class=6)
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=4"]
+    one, two = (_data(*args, "data.decode=device", f"data.num_workers={n}") for n in (0, 2))
+    epoch0 = list(one.train_dataloader())
+    assert [(b.boxes, b.flips) for b in epoch0] == [(b.boxes, b.flips) for b in two.train_dataloader()]
+    assert len({box for b in epoch0 for box in b.boxes}) > len(epoch0)  # random-resized boxes, not one fit
+    assert {flip for b in epoch0 for flip in b.flips} == {False, True}
+    one.resume_at(1, 0)
+    assert [b.boxes for b in one.train_dataloader()] != [b.boxes for b in epoch0]  # each epoch draws anew
+    images, labels = one.transfer_batch_to_device(epoch0[0], torch.device("cpu"), 0)
+    assert images.shape == (4, 3, 16, 16) and torch.isfinite(images).all() and len(labels) == 4

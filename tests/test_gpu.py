@@ -248,3 +248,26 @@ def test_ddp_on_one_gpu_runs_through_the_agent_on_nccl(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["backend"] == "nccl" and summary["world_size"] == 1
     assert summary["devices"] == [torch.cuda.get_device_name(0)]
+
+
+def test_image_folders_are_decoded_on_the_gpu_like_the_workers_decode_them(tmp_path: Path) -> None:
+    from datasets_on_disk import write_image_tree
+
+    from t240dist.config import validate
+    from t240dist.data import ImageDataModule
+
+    write_image_tree(tmp_path / "tree", per_class=6)
+    args = ["data=imagefolder", f"data.root={tmp_path / 'tree'}", "data.image_size=32", "data.batch_size=8"]
+    conf = validate(compose(args))
+    assert conf["data"]["decode"] == "device"  # auto, on a GPU
+    workers = ImageDataModule({**conf["data"], "decode": "workers", "num_workers": 0}, 0)
+    device = ImageDataModule({**conf["data"], "num_workers": 0}, 0)
+    x, y = next(iter(workers.val_dataloader()))
+    files = next(iter(device.val_dataloader()))
+    decoded, labels = device.transfer_batch_to_device(files, torch.device("cuda"), 0)
+    assert decoded.is_cuda and torch.equal(labels.cpu(), y) and any(files.encoded)
+    grey_levels = (decoded.cpu() - x).abs() * torch.tensor(workers.info.std).view(1, -1, 1, 1) * 255
+    # nvJPEG's IDCT is not libjpeg's: a few grey levels apart at most, about one on average
+    assert float(grey_levels.max()) < 12 and float(grey_levels.mean()) < 1.5, grey_levels.max()
+    summary = train(compose([*args, "trainer.max_epochs=2", "model.width=8"]), run_dir=tmp_path / "run")
+    assert summary["global_step"] > 0 and summary["test_loss"] == summary["test_loss"]

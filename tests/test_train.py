@@ -257,14 +257,16 @@ def test_run_on_a_tree_with_bad_files_skips_and_lists_them(tmp_path: Path) -> No
     assert (tmp_path / "run" / "classes.txt").read_text().split() == ["bird", "cat", "dog"]
 
 
-@pytest.mark.parametrize("fmt", ["cifar10", "mnist", "imagefolder"])
+@pytest.mark.parametrize("fmt", ["cifar10", "mnist", "imagefolder", "imagefolder data.decode=device"])
 def test_short_run_on_each_on_disk_format(tmp_path: Path, fmt: str) -> None:
+    fmt, *options = fmt.split()
     root = tmp_path / "data"
     root.mkdir()
     {"cifar10": write_cifar, "mnist": lambda r: write_mnist(r, compress=True)}.get(
         fmt, lambda r: write_image_tree(r, per_class=4)
     )(root)
     overrides = [
+        *options,
         f"data={fmt}",
         f"data.root={root}",
         "data.batch_size=4",

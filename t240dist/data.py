@@ -778,6 +778,11 @@ class FileBatch:
         call (nvJPEG on a GPU, libjpeg on the CPU); boxes and fitted files are resized with antialiasing, as
         torchvision's transforms resize tensors."""
         jpegs = list(self.jpegs.split(self.sizes)) if self.sizes else []
+        if jpegs and device.type == "cuda":
+            # nvJPEG's hardware decoder (A100, H100, H200) writes its outputs before the work queued on the
+            # stream has run, into memory the caching allocator has handed back while queued kernels still
+            # read it: NaNs in the training step on an H200 (vision#9606, torchcodec#1634). Drain it first.
+            torch.cuda.current_stream(device).synchronize()
         decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
         others = iter(self.pixels)
         size = info.image_size

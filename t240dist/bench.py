@@ -161,7 +161,7 @@ def _rank0_alone(loop: Callable[..., float], *args: Any) -> float:
 def _batches(data: ImageDataModule, count: int, device: torch.device) -> Batches:
     """Draw ``count`` batches from the configured dataset and move them to the device once."""
     loader = iter(data.train_dataloader())
-    made = [data.transfer_batch_to_device(next(loader), device, 0) for _ in range(count)]
+    made = [next(loader) for _ in range(count)]
     return [(x.to(device), y.to(device)) for x, y in made]
 
 

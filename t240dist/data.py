@@ -8,6 +8,7 @@ are made there (``DeviceBatches``) instead of by a DataLoader.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gzip
@@ -16,6 +17,8 @@ import logging
 import math
 import os
 import pickle
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,13 +84,13 @@ class ImageDataModule(pl.LightningDataModule):
         self._placement: tuple[torch.device, torch.device | None] | None = None  # (trainer's, batches')
         self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, normalisation)
 
-    def train_dataloader(self) -> DataLoader | DeviceBatches:
+    def train_dataloader(self) -> DataLoader | DeviceBatches | DecodedAhead:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader | DeviceBatches:
+    def val_dataloader(self) -> DataLoader | DeviceBatches | DecodedAhead:
         return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader | DeviceBatches:
+    def test_dataloader(self) -> DataLoader | DeviceBatches | DecodedAhead:
         return self._loader(self.test_set, train=False)
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
@@ -123,7 +126,7 @@ class ImageDataModule(pl.LightningDataModule):
         total = torch.cuda.get_device_properties(device).total_memory
         return device if size <= self.cfg["on_gpu_max_share"] * total else None
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader | DeviceBatches:
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader | DeviceBatches | DecodedAhead:
         device = self.batch_device
         if device is not None:
             return self._device_loader(dataset, train, device)
@@ -140,20 +143,24 @@ class ImageDataModule(pl.LightningDataModule):
         if self.cfg.get("decode") == "device":
             options["collate_fn"] = FileBatch.collate
         if not train:
-            return DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
-        # Exact resume: the sampler can start mid-epoch (``resume_at``), and each sample's augmentation
-        # is seeded by (seed, epoch, index), whatever process or worker draws it.
-        order, skip = self._resumed_order(dataset)
-        tagged = EpochTagged(order, skip * self.cfg["batch_size"])
-        # drop_last: no ragged last training batch (BatchNorm dislikes batches of one)
-        return DataLoader(EpochSeeded(dataset, self.seed), sampler=tagged, drop_last=True, **options)
+            loader = DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
+        else:
+            # Exact resume: the sampler can start mid-epoch (``resume_at``), and each sample's augmentation
+            # is seeded by (seed, epoch, index), whatever process or worker draws it.
+            order, skip = self._resumed_order(dataset)
+            tagged = EpochTagged(order, skip * self.cfg["batch_size"])
+            # drop_last: no ragged last training batch (BatchNorm dislikes batches of one)
+            loader = DataLoader(EpochSeeded(dataset, self.seed), sampler=tagged, drop_last=True, **options)
+        if self.cfg.get("decode") == "device":
+            return DecodedAhead(loader, self.decode_device, self.info)
+        return loader
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Lightning's copy of a batch to the training device; a batch of image files (``data.decode=device``)
-        is decoded and cropped there instead."""
-        if isinstance(batch, FileBatch):
-            return batch.decode(device, self.info)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+    @property
+    def decode_device(self) -> torch.device:
+        """Where ``data.decode=device`` decodes: the trainer's device; without a trainer, a GPU if any."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def _device_loader(self, split: TensorImages, train: bool, device: torch.device) -> DeviceBatches:
         """Batches made on ``device`` from the split's uint8 images, copied there at the first loader."""
@@ -810,6 +817,73 @@ def _fit_box(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int, re
     fitted = F.interpolate(pixels, size=scaled if h <= w else scaled[::-1], mode="bilinear", antialias=True)
     top, left = (round((side - size) / 2.0) for side in fitted.shape[-2:])
     return fitted[..., top : top + size, left : left + size]
+
+
+class DecodedAhead:
+    """A loader of ``FileBatch`` whose batches are decoded ``depth`` batches ahead, in a thread, on a CUDA
+    stream of their own: nvJPEG and the crops run while the GPU trains on the batch before.
+
+    Each batch is handed to the training stream behind an event, its memory kept until that stream is done
+    with it. Decoding on the training stream instead would serialise decode and step: nvJPEG's hardware
+    engine forces a drain of the stream it decodes on (``FileBatch.decode``), and that drain would wait for
+    the step. On the CPU the thread decodes ahead without streams. Like a DataLoader it has a length and a
+    ``sampler`` (Lightning sets its epoch); an iteration left early stops the thread.
+    """
+
+    batch_sampler = None
+
+    def __init__(self, loader: DataLoader, device: torch.device, info: DataInfo, depth: int = 2) -> None:
+        self.loader, self.device, self.info, self.depth = loader, device, info, depth
+        self.sampler = loader.sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def offer(item: Any) -> bool:
+            """Queue ``item`` once there is room; False if the iteration was left meanwhile."""
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    ready.put(item, timeout=0.1)
+                    return True
+            return False
+
+        def decode_all() -> None:
+            try:
+                # (the stream's context also makes its device the thread's current device)
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    for batch in self.loader:
+                        images, labels = batch.decode(self.device, self.info)
+                        done = torch.cuda.Event() if cuda else None
+                        if done is not None:
+                            done.record(stream)
+                        if not offer((images, labels, done)):
+                            return
+                offer(None)
+            except BaseException as err:  # raised where the batches are taken
+                offer(err)
+
+        thread = threading.Thread(target=decode_all, name="t240dist-decode", daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                images, labels, done = item
+                if done is not None:
+                    training = torch.cuda.current_stream(self.device)
+                    training.wait_event(done)
+                    images.record_stream(training)
+                    labels.record_stream(training)
+                yield images, labels
+        finally:
+            stop.set()
+            thread.join()
 
 
 def load_rgb(path: str) -> Image.Image:

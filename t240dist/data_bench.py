@@ -25,7 +25,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from t240dist.config import check_steps
-from t240dist.data import FileBatch, ImageDataModule, loader_workers
+from t240dist.data import DecodedAhead, ImageDataModule, loader_workers
 
 
 def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -74,21 +74,17 @@ def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, f
     they would count work done before the clock started (16 workers timed over 12 batches read 4x fast).
     """
     loader = data.train_dataloader()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where data.decode=device decodes
-    batches = (
-        batch.decode(device, data.info) if isinstance(batch, FileBatch) else batch
-        for _ in itertools.count()
-        for batch in loader
-    )
-    in_flight = loader.num_workers * (loader.prefetch_factor or 0) if isinstance(loader, DataLoader) else 0
+    batches = (batch for _ in itertools.count() for batch in loader)
+    workers = loader.loader if isinstance(loader, DecodedAhead) else loader
+    in_flight = workers.num_workers * (workers.prefetch_factor or 0) if isinstance(workers, DataLoader) else 0
     warmup = max(bench["warmup_steps"], in_flight)
     for _ in range(warmup):
         next(batches)
     images, start = 0, time.perf_counter()
     for _ in range(bench["steps"]):
         images += len(next(batches)[0])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # what data.decode=device has queued on the GPU
     return images, time.perf_counter() - start, warmup
 
 

@@ -234,25 +234,26 @@ def test_device_decode_gives_the_workers_images_for_every_kind_of_file(tmp_path:
     std = torch.tensor(workers.info.std).view(1, -1, 1, 1)
     for loader in ("train_dataloader", "val_dataloader"):
         x, y = next(iter(getattr(workers, loader)()))
-        files = next(iter(getattr(device, loader)()))
-        decoded, labels = device.transfer_batch_to_device(files, torch.device("cpu"), 0)
+        decoded, labels = next(iter(getattr(device, loader)()))
         assert torch.equal(labels, y) and decoded.shape == x.shape and x.shape[1:] == (3, 16, 16)
         # the same pixels, up to the workers' rounding of resized images to 8 bits
         assert float(((decoded - x).abs() * std * 255).max()) <= 1.01
-    assert sorted(files.encoded) == [True, True] and len(files.pixels) == 0  # val: two RGB JPEGs
-    train = next(iter(device.train_dataloader()))
-    assert sorted(train.encoded) == [False, False, True, True]  # the CMYK JPEG and the PNG came decoded
+    files = next(iter(device.train_dataloader().loader))  # what the workers hand over
+    assert sorted(files.encoded) == [False, False, True, True]  # the CMYK JPEG and the PNG came decoded
 
 
 def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path: Path) -> None:
     write_image_tree(tmp_path, per_class=6)
     args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=4"]
     one, two = (_data(*args, "data.decode=device", f"data.num_workers={n}") for n in (0, 2))
-    epoch0 = list(one.train_dataloader())
-    assert [(b.boxes, b.flips) for b in epoch0] == [(b.boxes, b.flips) for b in two.train_dataloader()]
+    epoch0 = list(one.train_dataloader().loader)  # what the workers hand over: files, boxes and flips
+    assert [(b.boxes, b.flips) for b in epoch0] == [(b.boxes, b.flips) for b in two.train_dataloader().loader]
     assert len({box for b in epoch0 for box in b.boxes}) > len(epoch0)  # random-resized boxes, not one fit
     assert {flip for b in epoch0 for flip in b.flips} == {False, True}
+    # decoded ahead in a thread: the same images, batch by batch, whichever worker count read them
+    for (x1, y1), (x2, y2) in zip(one.train_dataloader(), two.train_dataloader(), strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (4, 3, 16, 16)
     one.resume_at(1, 0)
-    assert [b.boxes for b in one.train_dataloader()] != [b.boxes for b in epoch0]  # each epoch draws anew
-    images, labels = one.transfer_batch_to_device(epoch0[0], torch.device("cpu"), 0)
-    assert images.shape == (4, 3, 16, 16) and torch.isfinite(images).all() and len(labels) == 4
+    assert [b.boxes for b in one.train_dataloader().loader] != [b.boxes for b in epoch0]  # each epoch anew
+    ahead = one.train_dataloader()
+    assert len(ahead) == len(epoch0) and next(iter(ahead))[0].isfinite().all()  # left early: the thread stops

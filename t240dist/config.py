@@ -87,9 +87,8 @@ def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
 def decide_auto(raw: dict[str, Any]) -> dict[str, Any]:
     """The run config with what ``auto`` means on this machine: ``trainer.precision`` is bf16-mixed on a GPU
     that computes in bf16 (Ampere and later), else 32-true; ``model.compile`` is the fast path, step, where
-    a step can be replayed (one GPU, no conflict of ``_step_graph_conflicts``), else false; an image
-    folder's ``data.decode`` is device (nvJPEG) on a GPU, else workers. Every rank of a job on like machines
-    decides alike; the run's config.yaml and checkpoints record the decision."""
+    a step can be replayed (one GPU, no conflict of ``_step_graph_conflicts``), else false. Every rank of a
+    job on like machines decides alike; the run's config.yaml and checkpoints record the decision."""
     import torch
 
     trainer, model = raw["trainer"], raw["model"]
@@ -102,11 +101,7 @@ def decide_auto(raw: dict[str, Any]) -> dict[str, Any]:
     if compiled == "auto":
         several = trainer["devices"] == "auto" and torch.cuda.device_count() > 1
         compiled = "step" if gpu and not several and not _step_graph_conflicts(decided) else False
-    decided = {**decided, "model": {**model, "compile": compiled}}
-    if raw["data"].get("decode") == "auto":
-        decode = "device" if gpu and raw["data"]["augment"]["crop"] != "pad" else "workers"
-        decided["data"] = {**raw["data"], "decode": decode}
-    return decided
+    return {**decided, "model": {**model, "compile": compiled}}
 
 
 def check_run(raw: dict[str, Any]) -> None:
@@ -426,7 +421,7 @@ class ImageFolderData(Strict):
     val_fraction: Fraction
     on_corrupt: Literal["error", "skip"]
     augment: Augment
-    decode: Literal["auto", "workers", "device"]
+    decode: Literal["workers", "device"]
 
     @field_validator("decode")
     @classmethod

@@ -62,7 +62,7 @@ from t240dist.errors import ConfigError
         ),
         (
             ["data=imagefolder", "data.root=x", "data.decode=gpu"],
-            "data.decode must be 'auto', 'workers' or 'device'",
+            "data.decode must be 'workers' or 'device'",
         ),
         (["data.on_gpu=fast"], "data.on_gpu: 'fast' is not an on_gpu setting — use auto, true or false"),
         (["data.on_gpu=1"], "data.on_gpu: '1' is not an on_gpu setting"),

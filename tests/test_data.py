@@ -230,7 +230,7 @@ def test_device_decode_gives_the_workers_images_for_every_kind_of_file(tmp_path:
     plain = ["data.augment.crop=none", "data.augment.hflip=false", "data.num_workers=0", "data.batch_size=4"]
     args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.on_corrupt=skip", *plain]
     workers, device = _data(*args, "data.decode=workers"), _data(*args, "data.decode=device")
-    assert validate(compose(args))["data"]["decode"] == "workers"  # auto, without a GPU
+    assert validate(compose(args))["data"]["decode"] == "workers"  # the default
     std = torch.tensor(workers.info.std).view(1, -1, 1, 1)
     for loader in ("train_dataloader", "val_dataloader"):
         x, y = next(iter(getattr(workers, loader)()))

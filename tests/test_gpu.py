@@ -257,9 +257,9 @@ def test_image_folders_are_decoded_on_the_gpu_like_the_workers_decode_them(tmp_p
     from t240dist.data import ImageDataModule
 
     write_image_tree(tmp_path / "tree", per_class=6)
-    args = ["data=imagefolder", f"data.root={tmp_path / 'tree'}", "data.image_size=32", "data.batch_size=8"]
+    tree = [f"data.root={tmp_path / 'tree'}", "data.decode=device"]
+    args = ["data=imagefolder", *tree, "data.image_size=32", "data.batch_size=8"]
     conf = validate(compose(args))
-    assert conf["data"]["decode"] == "device"  # auto, on a GPU
     workers = ImageDataModule({**conf["data"], "decode": "workers", "num_workers": 0}, 0)
     device = ImageDataModule({**conf["data"], "num_workers": 0}, 0)
     x, y = next(iter(workers.val_dataloader()))

@@ -13,6 +13,7 @@ import copy
 import functools
 import gzip
 import hashlib
+import io
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision import datasets
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
-from torchvision.transforms.v2.functional import pil_to_tensor
+from torchvision.transforms.v2 import functional as TF
 
 from t240dist.errors import ConfigError
 
@@ -705,6 +706,9 @@ def _set_transform(ds: Dataset, transform: v2.Transform) -> None:
     _base(ds).transform = transform
 
 
+FIT = (0, 0, 0, 0)  # a FileImage's box for "fit the file as the eval split does" (``_fit_file``)
+
+
 @dataclass
 class FileImage:
     """An image file as a loader worker hands it over under ``data.decode=device``: undecoded where the
@@ -714,22 +718,20 @@ class FileImage:
     content: bytes | torch.Tensor  # a JPEG's bytes; other files (PNG, CMYK, ...) decoded here (3, H, W)
     height: int
     width: int
-    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, height, width; FIT: as the eval split
+    box: tuple[int, int, int, int] = FIT  # top, left, height, width; FIT: as the eval split
     flip: bool = False
 
     @classmethod
     def read(cls, path: str) -> FileImage:
         """The file's bytes where it is a baseline RGB or grey JPEG (nvJPEG's), else its RGB pixels."""
-        with Image.open(path) as image:
+        data = Path(path).read_bytes()  # read once: the header is parsed from these bytes
+        with Image.open(io.BytesIO(data)) as image:
             jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
             width, height = image.size
         if jpeg:
-            return cls(Path(path).read_bytes(), height, width)
-        pixels = pil_to_tensor(load_rgb(path))
+            return cls(data, height, width)
+        pixels = TF.pil_to_tensor(load_rgb(io.BytesIO(data)))
         return cls(pixels, pixels.shape[1], pixels.shape[2])
-
-
-FIT = (0, 0, 0, 0)  # a FileImage's box for "fit the file as the eval split does" (``_fit_file``)
 
 
 class PlanCrop:
@@ -795,28 +797,14 @@ class FileBatch:
         size = info.image_size
         images = torch.empty(len(self.encoded), 3, size, size, device=device)
         for image, jpeg, box, flip in zip(images, self.encoded, self.boxes, self.flips, strict=True):
-            pixels = next(decoded) if jpeg else next(others).to(device, non_blocking=True)
-            fitted = _fit_box(pixels.unsqueeze(0).float(), box, size, info.resize)[0]
-            image.copy_(fitted.flip(-1) if flip else fitted)
-        shape = (1, -1, 1, 1)
-        images.div_(255).sub_(torch.tensor(info.mean, device=device).view(shape))
-        images.div_(torch.tensor(info.std, device=device).view(shape))
+            pixels = (next(decoded) if jpeg else next(others).to(device, non_blocking=True)).float()
+            if box == FIT:  # as _fit_file fits a file for the eval split
+                fitted = TF.center_crop(TF.resize(pixels, [info.resize], antialias=True), [size])
+            else:
+                fitted = TF.resized_crop(pixels, *box, [size, size], antialias=True)
+            image.copy_(TF.horizontal_flip(fitted) if flip else fitted)
+        TF.normalize(images.div_(255), info.mean, info.std, inplace=True)
         return images, self.labels.to(device, non_blocking=True)
-
-
-def _fit_box(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int, resize: int) -> torch.Tensor:
-    """``box`` of (1, C, H, W) ``pixels`` resized to ``size`` x ``size``; for ``FIT``, the shorter side
-    resized to ``resize`` and the centre cropped, with torchvision's rounding (v2.Resize, v2.CenterCrop)."""
-    if box != FIT:
-        top, left, h, w = box
-        crop = pixels[..., top : top + h, left : left + w]
-        return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
-    h, w = pixels.shape[-2:]
-    short, long = sorted((h, w))
-    scaled = (resize, int(resize * long / short))
-    fitted = F.interpolate(pixels, size=scaled if h <= w else scaled[::-1], mode="bilinear", antialias=True)
-    top, left = (round((side - size) / 2.0) for side in fitted.shape[-2:])
-    return fitted[..., top : top + size, left : left + size]
 
 
 class DecodedAhead:
@@ -886,7 +874,7 @@ class DecodedAhead:
             thread.join()
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(path: str | io.BytesIO) -> Image.Image:
     """Open any image as RGB: CMYK, palette, grey and 16-bit files are converted, not rejected."""
     with Image.open(path) as image:
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (Pillow may open it as mode I)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose
 from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from t240dist.config import validate
@@ -227,6 +228,8 @@ def test_device_augmentation_is_fixed_by_seed_epoch_and_batch_and_resumes_mid_ep
 
 def test_device_decode_gives_the_workers_images_for_every_kind_of_file(tmp_path: Path) -> None:
     write_bad_tree(tmp_path)  # RGB JPEGs, a CMYK JPEG and a 16-bit PNG (decoded by the workers), bad files
+    grey = np.random.default_rng(1).integers(0, 256, (18, 26), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "val" / "cat" / "grey.jpg")  # a grey JPEG: decoded to RGB
     plain = ["data.augment.crop=none", "data.augment.hflip=false", "data.num_workers=0", "data.batch_size=4"]
     args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.on_corrupt=skip", *plain]
     workers, device = _data(*args, "data.decode=workers"), _data(*args, "data.decode=device")

@@ -270,3 +270,40 @@ def test_image_folders_are_decoded_on_the_gpu_like_the_workers_decode_them(tmp_p
     assert float(grey_levels.max()) < 12 and float(grey_levels.mean()) < 1.5, grey_levels.max()
     summary = train(compose([*args, "trainer.max_epochs=2", "model.width=8"]), run_dir=tmp_path / "run")
     assert summary["global_step"] > 0 and summary["test_loss"] == summary["test_loss"]
+
+
+def test_imagenet_size_jpegs_decoded_ahead_stay_whole_while_a_resnet_trains(tmp_path: Path) -> None:
+    """nvJPEG's hardware engine (vision#9606) corrupted a ResNet-50 run (NaN at step 3) where small images did
+    not: decode ImageNet-size batches ahead while a ResNet-50 trains on the training stream, and compare each
+    batch with the same batch decoded on an idle GPU."""
+    import torchvision
+
+    from t240dist.config import validate
+    from t240dist.data import ImageDataModule
+
+    rng = np.random.default_rng(0)
+    for k in range(96):
+        folder = tmp_path / "tree" / ("train", "val")[k % 2] / f"c{k % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        field = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).resize((500, 375))
+        grain = np.asarray(field, dtype=np.float32) + rng.normal(0, 10, (375, 500, 3))
+        Image.fromarray(grain.clip(0, 255).astype(np.uint8)).save(folder / f"{k}.jpg", quality=90)
+    tree = ["data=imagefolder", f"data.root={tmp_path / 'tree'}", "data.decode=device", "data.num_workers=2"]
+    conf = validate(compose([*tree, "data.image_size=224", "data.batch_size=8"]))
+    data = ImageDataModule(conf["data"], 0)
+    cuda = torch.device("cuda")
+    reference = [batch.decode(cuda, data.info)[0] for batch in data.val_dataloader().loader]
+    torch.cuda.synchronize()
+    model = torchvision.models.resnet50(num_classes=3).to(cuda, memory_format=torch.channels_last)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = 0
+    for (images, labels), expected in zip(data.val_dataloader(), reference, strict=True):
+        for _ in range(3):  # queue steps that free and take memory while the next batches decode
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
+        assert float((images - expected).abs().max()) < 0.05 and torch.isfinite(loss), batches
+        batches += 1
+    assert batches == len(reference) == 6

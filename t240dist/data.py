@@ -142,7 +142,10 @@ class ImageDataModule(pl.LightningDataModule):
         # must not move the global RNG that dropout and MixUp use (a validation would shift them otherwise)
         options["generator"] = torch.Generator().manual_seed(self.seed)
         if self.cfg.get("decode") == "device":
-            options["collate_fn"] = FileBatch.collate
+            # Workers of an epoch, not of the run: Lightning's teardown shuts down the workers of the
+            # DataLoaders it holds, not of a loader it cannot see into (``DecodedAhead``), and torch joins
+            # every persistent worker left at exit for 5 s. No pinning either: a FileBatch is not pinned.
+            options.update(collate_fn=FileBatch.collate, persistent_workers=False, pin_memory=False)
         if not train:
             loader = DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
         else:
@@ -816,6 +819,10 @@ class DecodedAhead:
     engine forces a drain of the stream it decodes on (``FileBatch.decode``), and that drain would wait for
     the step. On the CPU the thread decodes ahead without streams. Like a DataLoader it has a length and a
     ``sampler`` (Lightning sets its epoch); an iteration left early stops the thread.
+
+    The DataLoader's iterator, and so its workers, is made in the calling thread, as for any DataLoader;
+    the decode thread only takes batches from it. Its workers end with the epoch, or with an iteration left
+    early.
     """
 
     batch_sampler = None
@@ -832,6 +839,7 @@ class DecodedAhead:
         stop = threading.Event()
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
+        batches = iter(self.loader)
 
         def offer(item: Any) -> bool:
             """Queue ``item`` once there is room; False if the iteration was left meanwhile."""
@@ -845,7 +853,7 @@ class DecodedAhead:
             try:
                 # (the stream's context also makes its device the thread's current device)
                 with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-                    for batch in self.loader:
+                    for batch in batches:
                         images, labels = batch.decode(self.device, self.info)
                         done = torch.cuda.Event() if cuda else None
                         if done is not None:

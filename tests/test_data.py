@@ -3,7 +3,9 @@ where the images are held (data.on_gpu, here on the CPU) match the DataLoader's 
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -258,5 +260,11 @@ def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path:
         assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (4, 3, 16, 16)
     one.resume_at(1, 0)
     assert [b.boxes for b in one.train_dataloader().loader] != [b.boxes for b in epoch0]  # each epoch anew
-    ahead = one.train_dataloader()
-    assert len(ahead) == len(epoch0) and next(iter(ahead))[0].isfinite().all()  # left early: the thread stops
+    ahead = two.train_dataloader()
+    batches = iter(ahead)
+    assert len(ahead) == len(epoch0) and next(batches)[0].isfinite().all()
+    assert len(multiprocessing.active_children()) == 2
+    batches.close()  # left early: the thread and the workers stop
+    assert multiprocessing.active_children() == [] and not any(
+        t.name == "t240dist-decode" for t in threading.enumerate()
+    )

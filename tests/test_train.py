@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import subprocess
@@ -257,8 +258,18 @@ def test_run_on_a_tree_with_bad_files_skips_and_lists_them(tmp_path: Path) -> No
     assert (tmp_path / "run" / "classes.txt").read_text().split() == ["bird", "cat", "dog"]
 
 
-@pytest.mark.parametrize("fmt", ["cifar10", "mnist", "imagefolder", "imagefolder data.decode=device"])
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "cifar10",
+        "mnist",
+        "imagefolder data.num_workers=2",
+        "imagefolder data.decode=device data.num_workers=2",
+    ],
+)
 def test_short_run_on_each_on_disk_format(tmp_path: Path, fmt: str) -> None:
+    """Each format trains and tests, and no loader worker outlives the run (a worker left alive made the
+    process wait at exit: torch joins each for 5 s)."""
     fmt, *options = fmt.split()
     root = tmp_path / "data"
     root.mkdir()
@@ -279,6 +290,7 @@ def test_short_run_on_each_on_disk_format(tmp_path: Path, fmt: str) -> None:
     ]
     summary = train(compose(overrides), run_dir=tmp_path / "run")
     assert summary["data"] == fmt and summary["global_step"] > 0 and 0 <= summary["test_acc"] <= 1
+    assert multiprocessing.active_children() == []
 
 
 def test_workers_give_the_same_run_twice(tmp_path: Path) -> None:

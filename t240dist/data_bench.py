@@ -36,7 +36,7 @@ def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -
     rows = {}
     for requested in bench["data_workers"] or [conf["data"]["num_workers"]]:
         workers = loader_workers(requested)  # lowered to the CPUs this process may use, as a run lowers it
-        data.cfg = {**conf["data"], "num_workers": workers}
+        data.cfg = {**data.cfg, "num_workers": workers}
         timed = [_timed_batches(data, bench) for _ in range(bench["repeats"])]
         rates = [images / seconds for images, seconds, _ in timed]
         rate = statistics.median(rates)

@@ -257,6 +257,8 @@ def restore(cfg: DictConfig, overrides: list[str], options: type[EvaluateOptions
     stored["resume"] = "never"
     if stored["model"]["compile"] == "step":  # the training step's fast path: inference has no such step
         stored["model"]["compile"] = False
+    if "decode" in stored["data"]:  # where files decode is this machine's choice, not the training machine's
+        stored["data"]["decode"] = "auto"
     stored["trainer"].update(devices=1, num_nodes=1, strategy="auto")  # a DDP run is scored on one device
     for key in _run_keys(overrides, options):
         node = OmegaConf.select(cfg, key)

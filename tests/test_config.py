@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY, compose, run_cli
 
-from t240dist.config import CONF_PACKAGE, plain, validate, validate_run, with_later_keys
+from t240dist.config import CONF_PACKAGE, decide_decode, plain, validate, validate_run, with_later_keys
 from t240dist.errors import ConfigError
 
 
@@ -62,7 +62,7 @@ from t240dist.errors import ConfigError
         ),
         (
             ["data=imagefolder", "data.root=x", "data.decode=gpu"],
-            "data.decode must be 'workers' or 'device'",
+            "data.decode must be 'auto', 'workers' or 'device'",
         ),
         (["data.on_gpu=fast"], "data.on_gpu: 'fast' is not an on_gpu setting — use auto, true or false"),
         (["data.on_gpu=1"], "data.on_gpu: '1' is not an on_gpu setting"),
@@ -221,3 +221,16 @@ def test_a_hint_leads_to_a_command_that_works(tmp_path: Path, mistake: list[str]
     rerun = run_cli([*fixed, *tiny, *quick, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["global_step"] == 1
+
+
+@pytest.mark.parametrize("crop", ["none", "pad", "resized"])
+def test_decode_auto_decodes_on_the_gpu_where_it_can_crop_and_else_in_the_workers(crop: str) -> None:
+    args = ["data=imagefolder", "data.root=x", f"data.augment.crop={crop}"]
+    data = plain(compose(args))["data"]
+    assert data["decode"] == "auto"  # the default
+    for gpu in (False, True):
+        assert decide_decode(data, gpu)["decode"] == ("device" if gpu and crop != "pad" else "workers")
+        for chosen in ("workers", "device")[: 1 if crop == "pad" else 2]:  # pad: device refused (above)
+            assert decide_decode({**data, "decode": chosen}, gpu)["decode"] == chosen
+    assert decide_decode({"name": "digits"}, True) == {"name": "digits"}  # not an image folder: no decode
+    assert validate(compose(args))["data"]["decode"] == "workers"  # this machine: no GPU

@@ -268,8 +268,10 @@ def test_image_folders_are_decoded_on_the_gpu_like_the_workers_decode_them(tmp_p
     grey_levels = (decoded.cpu() - x).abs() * torch.tensor(workers.info.std).view(1, -1, 1, 1) * 255
     # nvJPEG's IDCT is not libjpeg's: a few grey levels apart at most, about one on average
     assert float(grey_levels.max()) < 12 and float(grey_levels.mean()) < 1.5, grey_levels.max()
-    summary = train(compose([*args, "trainer.max_epochs=2", "model.width=8"]), run_dir=tmp_path / "run")
+    default = [a for a in args if a != "data.decode=device"]  # auto: decoded on the GPU
+    summary = train(compose([*default, "trainer.max_epochs=2", "model.width=8"]), run_dir=tmp_path / "run")
     assert summary["global_step"] > 0 and summary["test_loss"] == summary["test_loss"]
+    assert "decode: device" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_imagenet_size_jpegs_decoded_ahead_stay_whole_while_a_resnet_trains(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from t240dist.checkpoint import KEY_ENV, CheckpointError, load_checkpoint
 from t240dist.config import compose_config, validate
 from t240dist.data import ImageDataModule, file_transform, load_rgb
-from t240dist.inference import evaluate, export, predict
+from t240dist.inference import EvaluateOptions, evaluate, export, predict, restore
 from t240dist.module import ClassifierModule
 from t240dist.run import train
 
@@ -255,3 +255,19 @@ def test_a_checkpoint_from_before_a_config_key_existed_evaluates_with_its_defaul
     overrides = [f"ckpt={path}", "checkpoint.trust_unsigned=true"]
     summary = evaluate(compose_config(overrides, "evaluate"), overrides, tmp_path / "eval")
     assert summary["test_acc"] == run["test_acc"]
+
+
+def test_where_files_decode_is_decided_for_the_evaluating_machine(run: dict, tmp_path: Path) -> None:
+    """A checkpoint trained with data.decode=device (a GPU's auto) is evaluated on this CPU machine with the
+    workers decoding, unless the command line says where."""
+    trained = _stored(run)
+    folders = validate(compose(["data=imagefolder", f"data.root={tmp_path}", "data.decode=device"]))["data"]
+    trained["hyper_parameters"]["config"]["data"] = folders
+    path = tmp_path / "gpu.ckpt"
+    torch.save(trained, path)
+    for given, decode in (([], "workers"), (["data.decode=device"], "device")):
+        overrides = [f"ckpt={path}", "checkpoint.trust_unsigned=true", *given]
+        assert (
+            restore(compose_config(overrides, "evaluate"), overrides, EvaluateOptions).conf["data"]["decode"]
+            == decode
+        )

@@ -81,15 +81,12 @@ class ImageDataModule(pl.LightningDataModule):
 
     def __init__(self, cfg: dict[str, Any], seed: int, normalisation: Normalisation | None = None) -> None:
         super().__init__()
-        self.cfg, self.seed = (
-            decide_decode(cfg, torch.cuda.is_available()),
-            seed,
-        )  # a run's is decided already
+        self.cfg = decide_decode(cfg, torch.cuda.is_available())  # a run's comes decided (config.decide_auto)
+        self.seed = seed
         self._resume: tuple[int, int] = (0, 0)  # (epoch, batches done) where the next training loader starts
         self._placement: tuple[torch.device, torch.device | None] | None = None  # (trainer's, batches')
-        self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](
-            self.cfg, normalisation
-        )
+        loaded = _LOADERS[cfg["name"]](self.cfg, normalisation)
+        self.train_set, self.val_set, self.test_set, self.info = loaded
 
     def train_dataloader(self) -> DataLoader | DeviceBatches | DecodedAhead:
         return self._loader(self.train_set, train=True)

@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -59,6 +60,7 @@ class ClassifierModule(pl.LightningModule):
         self.label_smoothing = module["label_smoothing"]
         self.mix = _batch_mixer(module, num_classes)
         top5 = num_classes >= 5
+        self.val_loss, self.test_loss = MeanLoss(), MeanLoss()
         self.val_acc, self.test_acc = _accuracy(num_classes, 1), _accuracy(num_classes, 1)
         self.val_top5 = _accuracy(num_classes, 5) if top5 else None
         self.test_top5 = _accuracy(num_classes, 5) if top5 else None
@@ -153,13 +155,18 @@ class ClassifierModule(pl.LightningModule):
             super().on_validation_model_zero_grad()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc, self.val_top5)
+        self._evaluate(batch, "val", self.val_loss, self.val_acc, self.val_top5)
 
     def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._evaluate(batch, "test", self.test_acc, self.test_top5)
+        return self._evaluate(batch, "test", self.test_loss, self.test_acc, self.test_top5)
 
     def _evaluate(
-        self, batch: Batch, split: str, acc: MulticlassAccuracy, top5: MulticlassAccuracy | None
+        self,
+        batch: Batch,
+        split: str,
+        loss: MeanLoss,
+        acc: MulticlassAccuracy,
+        top5: MulticlassAccuracy | None,
     ) -> torch.Tensor:
         x, y = batch
         # The fast path compiles the training step; evaluation runs eager: compiling the eval-mode network
@@ -167,7 +174,8 @@ class ClassifierModule(pl.LightningModule):
         with torch.compiler.set_stance("force_eager") if self._graphed else nullcontext():
             logits = self(x)
         n = len(y)
-        self.log(f"{split}/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=n)
+        loss.update(F.cross_entropy(logits, y), n)
+        self.log(f"{split}/loss", loss, batch_size=n)
         acc.update(logits, y)
         self.log(f"{split}/acc", acc, prog_bar=True, batch_size=n)
         if top5 is not None:
@@ -179,6 +187,31 @@ class ClassifierModule(pl.LightningModule):
         return configure_optimizers(
             self.net, self.hparams["optim"], self.hparams["sched"], self.trainer.estimated_stepping_batches
         )
+
+
+class MeanLoss(Metric):
+    """The loss averaged over a split's images, on one rank or many: the sums of loss × batch size and of
+    batch sizes, added up across ranks as floats.
+
+    Hand-written because neither library's mean fits: Lightning's ``sync_dist`` mean floors the summed batch
+    sizes when DDP ranks hold unequal shards, inflating the loss (Lightning-AI/pytorch-lightning#21859), and
+    torchmetrics' ``MeanMetric`` either reads each batch back to the host to look for NaNs or, with that
+    check disabled, ignores the weights (torchmetrics 1.9).
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("images", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, images: int) -> None:
+        self.total += loss.detach().float() * images
+        self.images += images
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.images
 
 
 def _accuracy(num_classes: int, top_k: int) -> MulticlassAccuracy:

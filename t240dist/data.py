@@ -37,7 +37,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
-from t240dist.config import decide_decode
 from t240dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,12 +80,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     def __init__(self, cfg: dict[str, Any], seed: int, normalisation: Normalisation | None = None) -> None:
         super().__init__()
-        self.cfg = decide_decode(cfg, torch.cuda.is_available())  # a run's comes decided (config.decide_auto)
-        self.seed = seed
+        self.cfg, self.seed = cfg, seed  # cfg as config.validate decided it (data.decode=auto included)
         self._resume: tuple[int, int] = (0, 0)  # (epoch, batches done) where the next training loader starts
         self._placement: tuple[torch.device, torch.device | None] | None = None  # (trainer's, batches')
-        loaded = _LOADERS[cfg["name"]](self.cfg, normalisation)
-        self.train_set, self.val_set, self.test_set, self.info = loaded
+        self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, normalisation)
 
     def train_dataloader(self) -> DataLoader | DeviceBatches | DecodedAhead:
         return self._loader(self.train_set, train=True)

@@ -788,7 +788,8 @@ class FileBatch:
     def decode(self, device: torch.device, info: DataInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float images (N, 3, size, size) and labels on ``device``. The JPEGs are decoded in one
         call (nvJPEG on a GPU, libjpeg on the CPU); boxes and fitted files are resized with antialiasing, as
-        torchvision's transforms resize tensors."""
+        torchvision's transforms resize tensors. Per image it queues a conversion and a resize, no more: the
+        flips and the normalisation are done on the batch."""
         jpegs = list(self.jpegs.split(self.sizes)) if self.sizes else []
         if jpegs and device.type == "cuda":
             # nvJPEG's hardware decoder (A100, H100, H200) writes its outputs before the work queued on the
@@ -797,17 +798,27 @@ class FileBatch:
             torch.cuda.current_stream(device).synchronize()
         decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
         others = iter(self.pixels)
-        size = info.image_size
-        images = torch.empty(len(self.encoded), 3, size, size, device=device)
-        for image, jpeg, box, flip in zip(images, self.encoded, self.boxes, self.flips, strict=True):
-            pixels = (next(decoded) if jpeg else next(others).to(device, non_blocking=True)).float()
-            if box == FIT:  # as _fit_file fits a file for the eval split
-                fitted = TF.center_crop(TF.resize(pixels, [info.resize], antialias=True), [size])
-            else:
-                fitted = TF.resized_crop(pixels, *box, [size, size], antialias=True)
-            image.copy_(TF.horizontal_flip(fitted) if flip else fitted)
+        images = torch.cat(
+            [
+                _crop_and_resize(next(decoded) if jpeg else next(others).to(device), box, info)
+                for jpeg, box in zip(self.encoded, self.boxes, strict=True)
+            ]
+        )
+        flips = torch.tensor(self.flips).to(device, non_blocking=True)
+        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         TF.normalize(images.div_(255), info.mean, info.std, inplace=True)
         return images, self.labels.to(device, non_blocking=True)
+
+
+def _crop_and_resize(pixels: torch.Tensor, box: tuple[int, int, int, int], info: DataInfo) -> torch.Tensor:
+    """One image (3, H, W) of bytes as a (1, 3, size, size) float batch: its box resized, or the file fitted
+    as ``_fit_file`` fits it for the eval split."""
+    size = info.image_size
+    if box == FIT:
+        return TF.center_crop(TF.resize(pixels.float(), [info.resize], antialias=True), [size])[None]
+    top, left, height, width = box  # cropped before the conversion: only the box becomes floats
+    crop = pixels[None, :, top : top + height, left : left + width].float()
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 class DecodedAhead:

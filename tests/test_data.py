@@ -16,9 +16,11 @@ from conftest import compose
 from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
 
 from t240dist.config import validate
-from t240dist.data import BatchAugment, DeviceBatches, ImageDataModule, load_rgb
+from t240dist.data import FIT, BatchAugment, DeviceBatches, ImageDataModule, load_rgb
 from t240dist.errors import ConfigError
 
 
@@ -245,6 +247,41 @@ def test_device_decode_gives_the_workers_images_for_every_kind_of_file(tmp_path:
         assert float(((decoded - x).abs() * std * 255).max()) <= 1.01
     files = next(iter(device.train_dataloader().loader))  # what the workers hand over
     assert sorted(files.encoded) == [False, False, True, True]  # the CMYK JPEG and the PNG came decoded
+
+
+def test_device_decode_crops_flips_and_fits_each_image_as_torchvision_does(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        for k in range(10):  # JPEGs of many sizes, and a PNG per split (decoded by the workers)
+            folder = tmp_path / split / f"c{k % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (int(rng.integers(12, 60)), int(rng.integers(12, 60)), 3), np.uint8)
+            Image.fromarray(pixels).save(folder / (f"{k}.png" if k == 3 else f"{k}.jpg"))
+    augment = ["data.augment.crop=resized", "data.augment.hflip=true", "data.num_workers=0"]
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=4", *augment]
+    data = _data(*args, "data.decode=device")
+    info, mean, std = data.info, *(torch.tensor(v).view(3, 1, 1) for v in (data.info.mean, data.info.std))
+
+    def reference(pixels: torch.Tensor, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+        if box == FIT:
+            fitted = TF.center_crop(TF.resize(pixels.float(), [info.resize], antialias=True), [16])
+        else:
+            fitted = TF.resized_crop(pixels.float(), *box, [16, 16], antialias=True)
+        return ((TF.horizontal_flip(fitted) if flip else fitted) / 255 - mean) / std
+
+    seen: set[tuple[bool, bool, bool]] = set()
+    for loader in (data.train_dataloader().loader, data.val_dataloader().loader):
+        for files in loader:
+            images, labels = files.decode(torch.device("cpu"), info)
+            assert torch.equal(labels, files.labels) and images.shape == (len(labels), 3, 16, 16)
+            jpegs, others = iter(files.jpegs.split(files.sizes)), iter(files.pixels)
+            for image, jpeg, box, flip in zip(images, files.encoded, files.boxes, files.flips, strict=True):
+                pixels = decode_jpeg(next(jpegs), mode=ImageReadMode.RGB) if jpeg else next(others)
+                torch.testing.assert_close(image, reference(pixels, box, flip))
+                seen.add((jpeg, box == FIT, flip))
+    # every kind met: JPEG and PNG, random boxes and fitted files, flipped and not
+    assert {jpeg for jpeg, *_ in seen} == {True, False} and {fit for _, fit, _ in seen} == {True, False}
+    assert {flip for *_, flip in seen} == {True, False}
 
 
 def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path: Path) -> None:

@@ -162,6 +162,7 @@ def _batches(data: ImageDataModule, count: int, device: torch.device) -> Batches
     """Draw ``count`` batches from the configured dataset and move them to the device once."""
     loader = iter(data.train_dataloader())
     made = [next(loader) for _ in range(count)]
+    data.teardown("fit")  # ends the workers (and a decoding loader's thread): the batches are made
     return [(x.to(device), y.to(device)) for x, y in made]
 
 

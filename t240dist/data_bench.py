@@ -78,14 +78,18 @@ def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, f
     workers = loader.loader if isinstance(loader, DecodedAhead) else loader
     in_flight = workers.num_workers * (workers.prefetch_factor or 0) if isinstance(workers, DataLoader) else 0
     warmup = max(bench["warmup_steps"], in_flight)
-    for _ in range(warmup):
-        next(batches)
-    images, start = 0, time.perf_counter()
-    for _ in range(bench["steps"]):
-        images += len(next(batches)[0])
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # what data.decode=device has queued on the GPU
-    return images, time.perf_counter() - start, warmup
+    try:
+        for _ in range(warmup):
+            next(batches)
+        images, start = 0, time.perf_counter()
+        for _ in range(bench["steps"]):
+            images += len(next(batches)[0])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # what data.decode=device has queued on the GPU
+        return images, time.perf_counter() - start, warmup
+    finally:
+        batches.close()
+        data.teardown("fit")  # a decoding loader's thread and workers end here, not while the next is timed
 
 
 def _print_table(result: dict[str, Any]) -> None:

@@ -297,11 +297,28 @@ def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path:
         assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.shape == (4, 3, 16, 16)
     one.resume_at(1, 0)
     assert [b.boxes for b in one.train_dataloader().loader] != [b.boxes for b in epoch0]  # each epoch anew
+    one.teardown("fit")
+    two.teardown("fit")  # the loaders made so far, their epochs run out: their workers end
+    assert multiprocessing.active_children() == []
     ahead = two.train_dataloader()
     batches = iter(ahead)
     assert len(ahead) == len(epoch0) and next(batches)[0].isfinite().all()
-    assert len(multiprocessing.active_children()) == 2
-    batches.close()  # left early: the thread and the workers stop
-    assert multiprocessing.active_children() == [] and not any(
-        t.name == "t240dist-decode" for t in threading.enumerate()
-    )
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+
+    def decoding() -> bool:
+        return any(t.name == "t240dist-decode" for t in threading.enumerate())
+
+    batches.close()  # left early: the thread stops, the workers stay for the next epoch
+    assert not decoding() and multiprocessing.active_children() == workers
+    for epoch in range(2):  # whole epochs on the same workers, each batch as the first loader gave it
+        ahead.sampler.set_epoch(epoch)  # as Lightning sets it each epoch
+        one.resume_at(epoch, 0)
+        for (x1, _), (x2, _) in zip(one.train_dataloader(), ahead, strict=True):
+            assert torch.equal(x1, x2)
+        assert multiprocessing.active_children() == workers
+    next(batches := iter(ahead))  # an iteration under way when the stage ends
+    two.teardown("fit")  # ends it and the workers, as Lightning's teardown does for its DataLoaders
+    assert multiprocessing.active_children() == [] and not decoding()
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(ahead)

@@ -48,7 +48,6 @@ def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -
             "repeats_images_per_s": rates,
         }
     feed = bench["feed_images_per_s"]
-    per_worker = [r["images_per_s_per_worker"] for r in rows.values() if r["images_per_s_per_worker"]]
     result = {
         "task": "data",
         "data": conf["data"]["name"],
@@ -58,12 +57,24 @@ def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -
         "steps": bench["steps"],
         "workers": rows,
         "feed_images_per_s": feed,
-        # from the slowest worker rate measured: workers share the CPUs, so more of them decode slower each
-        "workers_to_feed": math.ceil(feed / min(per_worker)) if feed and per_worker else None,
+        "workers_to_feed": _workers_to_feed(rows, feed),
     }
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     _print_table(result)
     return result
+
+
+def _workers_to_feed(rows: dict[str, dict[str, Any]], feed: float | None) -> int | None:
+    """The fewest workers measured that fed ``feed`` img/s; where none did, extrapolated from the slowest
+    per-worker rate measured (workers share the CPUs, so more of them decode slower each). Under
+    ``data.decode=device`` the workers only read files, and a few may feed the GPU already."""
+    if not feed:
+        return None
+    fed = [int(workers) for workers, row in rows.items() if row["images_per_s"] >= feed]
+    per_worker = [r["images_per_s_per_worker"] for r in rows.values() if r["images_per_s_per_worker"]]
+    if fed:
+        return min(fed)
+    return math.ceil(feed / min(per_worker)) if per_worker else None
 
 
 def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, float, int]:

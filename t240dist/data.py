@@ -855,7 +855,8 @@ class DecodedAhead:
         self._iteration: Generator[tuple[torch.Tensor, torch.Tensor], None, None] | None = None
 
     def __len__(self) -> int:
-        return len(self._open())
+        # closed: no batches left (Lightning's teardown after an exception still asks, then iterates no more)
+        return 0 if self.loader is None else len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._iteration = self._decode_ahead(self._open())

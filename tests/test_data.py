@@ -320,5 +320,6 @@ def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path:
     next(batches := iter(ahead))  # an iteration under way when the stage ends
     two.teardown("fit")  # ends it and the workers, as Lightning's teardown does for its DataLoaders
     assert multiprocessing.active_children() == [] and not decoding()
+    assert len(ahead) == 0  # what Lightning's teardown after an exception reads
     with pytest.raises(RuntimeError, match="closed"):
         iter(ahead)

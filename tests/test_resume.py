@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from conftest import assert_same_end, compose, wait_for_checkpoint
-from datasets_on_disk import write_cifar
+from datasets_on_disk import write_cifar, write_image_tree
 from snapshots import copy_after_every_write
 
 from t240dist.checkpoint import KEY_ENV, CheckpointError, SignedCheckpointIO, load_checkpoint
@@ -57,10 +57,16 @@ def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_image_tree(root, per_class=54)  # 108 training files, JPEG and PNG: as the CIFAR case
+    return root
+
+
+CIFAR = ["data=cifar10", "data.augment.crop=pad"]  # the data of every case that names none
 BASE = [
-    "data=cifar10",
     "data.batch_size=16",
-    "data.augment.crop=pad",
     "data.augment.hflip=true",
     "model.width=4",  # small_cnn: dropout on
     "module.mixup_alpha=0.4",
@@ -91,15 +97,25 @@ CASES = {
         "module.label_smoothing=0.1",
         "checkpoint.every_n_steps=3",
     ],
+    "imagefolder-decoded-ahead-workers2": [  # random-resized crops drawn in persistent workers
+        "seed=1",  # whose best epoch is the second
+        "data=imagefolder",
+        "data.image_size=16",
+        "data.augment.crop=resized",
+        "data.decode=device",
+        "data.num_workers=2",
+    ],
 }
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def uninterrupted(
-    request: pytest.FixtureRequest, cifar: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, cifar: Path, images: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Uninterrupted]:
     root = tmp_path_factory.mktemp(request.param)
-    overrides = [*BASE, f"data.root={cifar}", *CASES[request.param]]
+    case = CASES[request.param]
+    data = [f"data.root={images}"] if "data=imagefolder" in case else [*CIFAR, f"data.root={cifar}"]
+    overrides = [*data, *BASE, *case]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(KEY_ENV, "test-key")
         with pytest.MonkeyPatch.context() as saving:
@@ -189,7 +205,7 @@ def test_resume_of_a_ddp_job_from_every_saved_state_matches_the_uninterrupted_jo
     after each save (tests/snapshots.py); each copy is resumed as users run a DDP job, through the elastic
     agent: both launchers must train the same model, from the same config."""
     monkeypatch.setenv(KEY_ENV, "test-key")
-    overrides = [*BASE, f"data.root={cifar}", *DDP]
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}", *DDP]
     whole_dir, saved = tmp_path / "whole", tmp_path / "saved"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     done = subprocess.run(
@@ -218,7 +234,7 @@ def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
 ) -> None:
     """No schedule, so that two epochs and then one more are the same training as three at once."""
     monkeypatch.setenv(KEY_ENV, "test-key")
-    overrides = [*BASE, f"data.root={cifar}", "sched=none"]
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}", "sched=none"]
     three = train(compose([*overrides, "trainer.max_epochs=3"]), run_dir=tmp_path / "three")
     two = train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path / "run")
     saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").iterdir()}
@@ -240,7 +256,7 @@ def test_last_is_the_final_state_and_best_names_the_best(
 ) -> None:
     """With seed 1 the best is the first epoch: best.ckpt is named again at each later validation."""
     monkeypatch.setenv(KEY_ENV, "test-key")
-    done = train(compose([*BASE, f"data.root={cifar}", "seed=1"]), run_dir=tmp_path)
+    done = train(compose([*CIFAR, *BASE, f"data.root={cifar}", "seed=1"]), run_dir=tmp_path)
     folder = tmp_path / "checkpoints"
     last = load_checkpoint(folder / "last.ckpt", trust_unsigned=False)
     assert last["global_step"] == done["global_step"]
@@ -253,7 +269,7 @@ def test_resume_never_refuses_a_run_dir_that_holds_checkpoints(
     cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(KEY_ENV, "test-key")
-    overrides = [*BASE, f"data.root={cifar}", "trainer.max_epochs=1"]
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}", "trainer.max_epochs=1"]
     train(compose(overrides), run_dir=tmp_path)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     with pytest.raises(CheckpointError, match=r"resume=never, but .* holds an earlier run's checkpoints — "):

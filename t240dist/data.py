@@ -83,7 +83,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.cfg, self.seed = cfg, seed  # cfg as config.validate decided it (data.decode=auto included)
         self._resume: tuple[int, int] = (0, 0)  # (epoch, batches done) where the next training loader starts
         self._placement: tuple[torch.device, torch.device | None] | None = None  # (trainer's, batches')
-        self._decoding: list[DecodedAhead] = []  # the loaders made for data.decode=device, until teardown
+        # the live loader of each split under data.decode=device (keyed by split), until teardown or its next
+        self._decoding: dict[tuple[int, bool], DecodedAhead] = {}
         self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, normalisation)
 
     def train_dataloader(self) -> DataLoader | DeviceBatches | DecodedAhead:
@@ -98,7 +99,7 @@ class ImageDataModule(pl.LightningDataModule):
     def teardown(self, stage: str) -> None:
         """End the decode threads and loader workers of the stage's ``DecodedAhead`` loaders: Lightning's
         own teardown ends the workers of the DataLoaders it holds, and cannot see into these."""
-        for loader in self._decoding:
+        for loader in self._decoding.values():
             loader.close()
         self._decoding.clear()
 
@@ -164,8 +165,13 @@ class ImageDataModule(pl.LightningDataModule):
             # drop_last: no ragged last training batch (BatchNorm dislikes batches of one)
             loader = DataLoader(EpochSeeded(dataset, self.seed), sampler=tagged, drop_last=True, **options)
         if self.cfg.get("decode") == "device":
-            self._decoding.append(DecodedAhead(loader, self.decode_device, self.info))
-            return self._decoding[-1]
+            # a split's new loader replaces its last (+trainer.reload_dataloaders_every_n_epochs): the
+            # last's workers end now, as Lightning's dropped DataLoaders' do, not at teardown
+            key = (id(dataset), train)
+            if key in self._decoding:
+                self._decoding[key].close()
+            self._decoding[key] = DecodedAhead(loader, self.decode_device, self.info)
+            return self._decoding[key]
         return loader
 
     @property

@@ -317,9 +317,13 @@ def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path:
         for (x1, _), (x2, _) in zip(one.train_dataloader(), ahead, strict=True):
             assert torch.equal(x1, x2)
         assert multiprocessing.active_children() == workers
-    next(batches := iter(ahead))  # an iteration under way when the stage ends
-    two.teardown("fit")  # ends it and the workers, as Lightning's teardown does for its DataLoaders
-    assert multiprocessing.active_children() == [] and not decoding()
+    next(iter(ahead))  # an iteration under way when the loader is made again
+    again = two.train_dataloader()  # +trainer.reload_dataloaders_every_n_epochs: it replaces the last
+    assert multiprocessing.active_children() == [] and not decoding()  # the last's thread and workers end
     assert len(ahead) == 0  # what Lightning's teardown after an exception reads
     with pytest.raises(RuntimeError, match="closed"):
         iter(ahead)
+    next(iter(again))  # an iteration under way when the stage ends
+    assert len(multiprocessing.active_children()) == 2 and decoding()
+    two.teardown("fit")  # ends it and the workers, as Lightning's teardown does for its DataLoaders
+    assert multiprocessing.active_children() == [] and not decoding()

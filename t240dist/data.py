@@ -20,7 +20,7 @@ import os
 import pickle
 import queue
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -466,11 +466,14 @@ def load_cifar10(cfg: dict[str, Any], normalisation: Normalisation | None) -> Sp
     Read by hand because torchvision's CIFAR10 insists on the md5 of the official archive files (which
     refuses re-packed copies of the same format) and unpickles them without restriction.
     """
-    root = Path(cfg["root"])
-    for needed in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]:
-        if not (root / needed).is_file():
+    needed = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
+    root = _data_dir(
+        Path(cfg["root"]), ["cifar-10-batches-py"], lambda d: all((d / n).is_file() for n in needed)
+    )
+    for name in needed:
+        if not (root / name).is_file():
             raise ConfigError(
-                f"data.root '{root}' has no {needed} — put the CIFAR-10 python batches there "
+                f"data.root '{root}' has no {name} — put the CIFAR-10 python batches there "
                 "(or set data.root) or pick data=digits"
             )
     train_x, train_y = _cifar_batches([root / f"data_batch_{i}" for i in range(1, 6)])
@@ -485,15 +488,20 @@ def load_cifar10(cfg: dict[str, Any], normalisation: Normalisation | None) -> Sp
 
 def load_mnist(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
     """MNIST IDX files (plain or gzip); a validation split is carved from the training images."""
-    root = Path(cfg["root"])
-    files = {}
-    for stem in (
+    stems = (
         "train-images-idx3-ubyte",
         "train-labels-idx1-ubyte",
         "t10k-images-idx3-ubyte",
         "t10k-labels-idx1-ubyte",
-    ):
-        found = [p for p in (root / stem, root / f"{stem}.gz") if p.is_file()]
+    )
+
+    def idx_file(folder: Path, stem: str) -> list[Path]:
+        return [p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()]
+
+    root = _data_dir(Path(cfg["root"]), ["raw", "MNIST/raw"], lambda d: all(idx_file(d, s) for s in stems))
+    files = {}
+    for stem in stems:
+        found = idx_file(root, stem)
         if not found:
             raise ConfigError(
                 f"data.root '{root}' has no {stem} (or {stem}.gz) — put the MNIST IDX files there "
@@ -517,6 +525,13 @@ def load_mnist(cfg: dict[str, Any], normalisation: Normalisation | None) -> Spli
     val, train = _val_split(len(train_y), cfg)
     splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y)
     return _in_memory(cfg, *splits, [str(d) for d in range(10)], normalisation)
+
+
+def _data_dir(root: Path, layouts: list[str], complete: Callable[[Path], bool]) -> Path:
+    """``root``, or the first of its sub-folders in torchvision's download layouts (``CIFAR10(root)`` keeps
+    the batches in ``root/cifar-10-batches-py``, ``MNIST(root)`` the IDX files in ``root/MNIST/raw``) that
+    holds every file; ``root`` itself when none does, for the error to name what it lacks."""
+    return next((root / sub for sub in layouts if not complete(root) and complete(root / sub)), root)
 
 
 def _in_memory(

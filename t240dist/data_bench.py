@@ -112,7 +112,7 @@ def _print_table(result: dict[str, Any]) -> None:
         per = row["images_per_s_per_worker"]
         table.add_row(workers, f"{row['images_per_s']:,.0f}", "-" if per is None else f"{per:,.0f}")
     Console().print(table)
-    if result["workers_to_feed"]:
+    if result["workers_to_feed"] is not None:  # 0: the main process alone fed it
         print(f"to feed {result['feed_images_per_s']:,.0f} img/s: {result['workers_to_feed']} workers")
     elif result["feed_images_per_s"]:
         print("bench.feed_images_per_s: time 1 worker or more (bench.data_workers=[4]) to size the feed")

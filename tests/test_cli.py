@@ -19,7 +19,7 @@ def test_default_run_trains_digits_to_097_and_reports(tmp_path: Path) -> None:
     assert summary["devices"] == ["cpu"]
     startup = summary["startup_s"]
     assert set(startup) == {"before_train", "imports", "data", "model_and_trainer", "first_step"}
-    assert startup["before_train"] > 0.5 and all(v > 0 for v in startup.values())  # imports take seconds
+    assert all(v > 0 for v in startup.values())  # before_train: from the interpreter's start to train()
     assert sum(startup.values()) - startup["before_train"] < summary["wall_s"]
     phases = summary["phases_s"]
     assert set(phases) == {"to_first_step", "validation", "checkpoints", "test"}

@@ -82,6 +82,25 @@ def test_mnist_reads_idx_files_plain_or_gzip(tmp_path: Path, compress: bool) -> 
     assert data.info.class_names == [str(d) for d in range(10)] and data.info.image_size == 28
 
 
+@pytest.mark.parametrize(
+    ("name", "files", "root"),
+    [
+        ("cifar10", "cifar-10-batches-py", "."),  # torchvision.datasets.CIFAR10(root, download=True)
+        ("mnist", "MNIST/raw", "."),  # torchvision.datasets.MNIST(root, download=True)
+        ("mnist", "MNIST/raw", "MNIST"),
+    ],
+)
+def test_torchvision_download_layouts_are_found_under_the_root(
+    tmp_path: Path, name: str, files: str, root: str
+) -> None:
+    (tmp_path / files).mkdir(parents=True)
+    write_cifar(tmp_path / files) if name == "cifar10" else write_mnist(tmp_path / files, compress=True)
+    found = _data(f"data={name}", f"data.root={tmp_path / root}", "data.val_fraction=0.2")
+    direct = _data(f"data={name}", f"data.root={tmp_path / files}", "data.val_fraction=0.2")
+    assert torch.equal(found.test_set.images, direct.test_set.images)
+    assert found.info == direct.info and len(found.train_set) == len(direct.train_set) > 0
+
+
 def test_truncated_mnist_file_is_a_config_error(tmp_path: Path) -> None:
     write_mnist(tmp_path, compress=False)
     images = tmp_path / "t10k-images-idx3-ubyte"

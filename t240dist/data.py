@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
@@ -655,7 +656,7 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
     sample of up to ``STATS_SAMPLE`` training images, unless ``normalisation`` is given.
     """
     root, size = Path(cfg["root"]), cfg["image_size"]
-    if not root.is_dir() or not any(p.is_dir() for p in root.iterdir()):
+    if not root.is_dir() or not class_folders(root):
         raise ConfigError(
             f"data.root '{root}' has no class folders — lay out ROOT/train/<class>/*.jpg and "
             "ROOT/val/<class>/*.jpg (or ROOT/<class>/*.jpg), or pick data=digits"
@@ -664,10 +665,15 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
     if split and not (root / "val").is_dir():
         raise ConfigError(f"data.root '{root}' has train/ but no val/ folder — add ROOT/val/<class>/*.jpg")
     folders = [root / "train", root / "val", *([root / "test"] if (root / "test").is_dir() else [])]
-    sets = [
-        datasets.ImageFolder(str(folder), loader=load_rgb, allow_empty=True)
-        for folder in (folders if split else [root])
-    ]
+    sets = [ClassFolders(folders[0] if split else root)]
+    for folder in folders[1:] if split else []:
+        unknown = sorted(set(class_folders(folder)) - set(sets[0].classes))
+        if unknown:
+            raise ConfigError(
+                f"data.root '{root}': {folder.name}/ has class folder(s) that train/ lacks "
+                f"({', '.join(unknown)}) — add them to {root / 'train'} or remove them from {folder}"
+            )
+        sets.append(ClassFolders(folder, sets[0].classes))
     bad = [(path, why) for ds in sets for path, why in _preflight(ds)]
     if bad and cfg["on_corrupt"] == "error":
         shown = "; ".join(f"{path}: {why}" for path, why in bad[:3])
@@ -698,6 +704,33 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
     skipped = tuple(f"{p}: {w}" for p, w in bad)
     info = DataInfo(len(classes), 3, size, classes, len(sets[0]), mean, std, resize, skipped)
     return sets[0], sets[1], sets[2] if len(sets) > 2 else sets[1], info
+
+
+class ClassFolders(datasets.ImageFolder):
+    """torchvision's ImageFolder with two changes. Hidden entries are not classes or images: Jupyter's
+    ``.ipynb_checkpoints``, macOS's ``._*`` forks. An evaluation split takes the training split's
+    ``classes`` (``find_classes``, which torchvision documents for overriding): on its own, a split lacking
+    a class folder would number the rest from its own sorted names, and its labels would name other
+    classes than the model's outputs."""
+
+    def __init__(self, root: Path, classes: list[str] | None = None) -> None:
+        self.given = classes
+        super().__init__(str(root), loader=load_rgb, is_valid_file=visible_image, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = self.given or class_folders(Path(directory))
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+def class_folders(root: Path) -> list[str]:
+    """The names of ``root``'s class folders, sorted: its sub-folders but the hidden ones."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def visible_image(path: str | Path) -> bool:
+    """An image file by its extension (torchvision's list), and not hidden."""
+    name = Path(path).name
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
 def _file_stats(train: Dataset, size: int, resize: int, seed: int) -> tuple[list[float], list[float]]:
@@ -964,7 +997,7 @@ def _preflight(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
     bad += [
         (str(Path(dataset.root) / c), "empty class folder")
         for c, n in zip(dataset.classes, counts, strict=True)
-        if n == 0
+        if n == 0 and (Path(dataset.root) / c).is_dir()  # an evaluation split may lack a class
     ]
     for path, _ in dataset.samples:
         reason = _unreadable(Path(path))

@@ -39,7 +39,15 @@ from t240dist.config import (
     validate_run,
     with_later_keys,
 )
-from t240dist.data import DataInfo, ImageDataModule, Normalisation, file_transform, load_rgb, loader_workers
+from t240dist.data import (
+    DataInfo,
+    ImageDataModule,
+    Normalisation,
+    file_transform,
+    load_rgb,
+    loader_workers,
+    visible_image,
+)
 from t240dist.errors import ConfigError, UserError
 from t240dist.fit import build_trainer
 from t240dist.loggers import log_metrics, tensorboard
@@ -406,7 +414,7 @@ def image_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise ConfigError(f"input={path} does not exist — give an image file or a folder of images")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    files = sorted(p for p in path.rglob("*") if visible_image(p) and p.is_file())
     if not files:
         raise ConfigError(
             f"input={path} holds no image files ({' '.join(IMG_EXTENSIONS)}) — give a folder of images"

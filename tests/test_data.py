@@ -109,6 +109,43 @@ def test_truncated_mnist_file_is_a_config_error(tmp_path: Path) -> None:
         _data("data=mnist", f"data.root={tmp_path}")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_every_split_labels_a_file_by_the_training_splits_classes_and_hidden_entries_are_not_data(
+    tmp_path: Path, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    classes = ["ant", "bee", "cat", "dog", "eel"]
+    for split in ("train", "val", "test"):  # each evaluation split lacks some classes, a different set each
+        present = (
+            classes if split == "train" else sorted(rng.choice(classes, rng.integers(1, 5), replace=False))
+        )
+        for name in [*present, ".ipynb_checkpoints"]:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (12, 10), tuple(rng.integers(0, 256, 3).tolist())).save(
+                tmp_path / split / name / "a.png"
+            )
+        (tmp_path / split / present[0] / "._a.png").write_bytes(b"\0\5\x16\7 macOS resource fork")
+    for decode in ("workers", "device"):
+        data = _data(
+            "data=imagefolder", f"data.root={tmp_path}", "data.image_size=8", f"data.decode={decode}"
+        )
+        assert data.info.class_names == classes
+        for split in (data.train_set, data.val_set, data.test_set):
+            assert [classes[label] for _, label in split.samples] == [
+                Path(p).parent.name for p, _ in split.samples
+            ]
+            assert [split[i][1] for i in range(len(split))] == [label for _, label in split.samples]
+
+
+def test_an_evaluation_class_that_training_lacks_is_a_config_error(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, per_class=1)
+    (tmp_path / "val" / "cow").mkdir()
+    with pytest.raises(
+        ConfigError, match=r"val/ has class folder\(s\) that train/ lacks \(cow\) — add them to"
+    ):
+        _data("data=imagefolder", f"data.root={tmp_path}")
+
+
 def test_bad_files_stop_the_run_with_one_line_naming_them(tmp_path: Path) -> None:
     write_bad_tree(tmp_path)
     with pytest.raises(ConfigError) as err:

@@ -168,6 +168,7 @@ def _image_folder(root: Path) -> list[Path]:
     for name, image in good.items():
         image.save(root / name)
     (root / "notes.txt").write_text("not an image, and not named like one: not a candidate")
+    (root / "._c_photo.jpg").write_bytes(b"\0\5\x16\7 a macOS resource fork: hidden, not a candidate")
     return [root / name for name in good]
 
 

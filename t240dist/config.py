@@ -195,7 +195,8 @@ def check_steps(raw: dict[str, Any], train_size: int, ranks: int) -> None:
             "batches)"
         )
     steps = math.ceil(kept / trainer["accumulate_grad_batches"]) * trainer["max_epochs"]
-    steps = min(steps, trainer["max_steps"]) if trainer["max_steps"] > 0 else steps
+    if trainer["max_steps"] > 0:
+        steps = trainer["max_steps"] if trainer["max_epochs"] == -1 else min(steps, trainer["max_steps"])
     decay = raw["module"]["ema_decay"]
     if decay is not None and 1 / (1 - decay) > steps and global_rank() == 0:
         shorter = [d for d in (0.9999, 0.999, 0.99, 0.9) if 1 / (1 - d) <= steps / 2]
@@ -566,6 +567,14 @@ def _some_steps(max_steps: int) -> int:
     return max_steps
 
 
+def _some_epochs(max_epochs: int, info: Any) -> int:
+    """``trainer.max_epochs``: a number of epochs, or -1 (as Lightning's: epochs without end) where
+    ``trainer.max_steps`` ends the run."""
+    if max_epochs == -1 and info.data.get("max_steps", -1) == -1:
+        raise ValueError("-1 trains without end — set trainer.max_steps=N too, or a number of epochs >= 1")
+    return max_epochs
+
+
 class Trainer(Strict):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"]
     devices: PositiveInt | Literal["auto"] | list[NonNegativeInt]
@@ -574,8 +583,8 @@ class Trainer(Strict):
     collective_timeout_s: PositiveInt
     max_restarts: NonNegativeInt
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
-    max_epochs: PositiveInt
-    max_steps: Annotated[int, Field(ge=-1), AfterValidator(_some_steps)]
+    max_steps: Annotated[int, Field(ge=-1), AfterValidator(_some_steps)]  # before max_epochs, which reads it
+    max_epochs: Annotated[PositiveInt | Literal[-1], AfterValidator(_some_epochs)]
     limit_train_batches: Limit
     limit_val_batches: Limit
     limit_test_batches: Limit

@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from t240dist.data import DataInfo
 from t240dist.models import build_model, compile_network
-from t240dist.optim import configure_optimizers
+from t240dist.optim import configure_optimizers, replan
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossAndLogits = tuple[torch.Tensor, torch.Tensor]
@@ -59,6 +59,7 @@ class ClassifierModule(pl.LightningModule):
         self.channels_last = model["channels_last"]
         self.label_smoothing = module["label_smoothing"]
         self.mix = _batch_mixer(module, num_classes)
+        self.restored_schedule_steps: int | None = None  # the checkpoint's schedule length, when resumed
         top5 = num_classes >= 5
         self.val_loss, self.test_loss = MeanLoss(), MeanLoss()
         self.val_acc, self.test_acc = _accuracy(num_classes, 1), _accuracy(num_classes, 1)
@@ -185,8 +186,25 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return configure_optimizers(
-            self.net, self.hparams["optim"], self.hparams["sched"], self.trainer.estimated_stepping_batches
+            self.net, self.hparams["optim"], self.hparams["sched"], self._total_steps()
         )
+
+    def _total_steps(self) -> int:
+        return int(self.trainer.estimated_stepping_batches)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["schedule_steps"] = self._total_steps()  # the length the lr schedule is planned over
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.restored_schedule_steps = checkpoint.get("schedule_steps")
+
+    def on_train_start(self) -> None:
+        """A run resumed with another length than its checkpoint's: its lr schedule is planned again."""
+        planned, total, step = self.restored_schedule_steps, self._total_steps(), self.trainer.global_step
+        configs = self.trainer.lr_scheduler_configs
+        if configs and planned is not None and planned != total > step:
+            optimizer = configs[0].scheduler.optimizer
+            configs[0].scheduler = replan(optimizer, self.hparams["sched"], total, step)
 
 
 class MeanLoss(Metric):

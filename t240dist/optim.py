@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from hydra.utils import instantiate
@@ -49,6 +50,26 @@ def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int)
         return cosine
     ramp = LinearLR(optimizer, start_factor=cfg["warmup_start_factor"], total_iters=warmup)
     return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+
+def replan(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int, step: int) -> LRScheduler | None:
+    """The ``sched`` schedule over ``total_steps``, at ``step``: for a run resumed with another length (a
+    raised ``trainer.max_epochs`` or ``max_steps``), whose restored schedule was planned over the old one.
+
+    A schedule's state holds its plan (OneCycleLR stops with an error past its ``total_steps``; a cosine
+    rises again past ``T_max``), so the plan comes from the config and only the position from the
+    checkpoint, as timm resumes its schedulers. The lr and momentum are then those of a run planned for the
+    new length from the start.
+    """
+    for group in optimizer.param_groups:  # back to the configured lr that every schedule starts from
+        group["lr"] = group["initial_lr"] = group.get("max_lr", group["initial_lr"])
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    if scheduler is not None:
+        with warnings.catch_warnings():  # stepped ahead without optimizer steps, on purpose
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            for _ in range(step):
+                scheduler.step()
+    return scheduler
 
 
 def configure_optimizers(

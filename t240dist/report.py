@@ -71,14 +71,15 @@ def show_resume(path: Path | None) -> None:
 
 
 @rank_zero_only
-def show_finished(summary: dict[str, Any], max_epochs: int) -> None:
+def show_finished(summary: dict[str, Any], max_epochs: int, max_steps: int) -> None:
     """Say that a rerun found its run finished, and how to train it further."""
     stopped = summary.get("stopped_early_at_epoch")
-    more = (
-        f"a larger early_stopping.patience (early stopping ended it at epoch {stopped})"
-        if stopped is not None
-        else f"a higher trainer.max_epochs (now {max_epochs})"
-    )
+    if stopped is not None:
+        more = f"a larger early_stopping.patience (early stopping ended it at epoch {stopped})"
+    elif 0 < max_steps <= summary["global_step"]:
+        more = f"a higher trainer.max_steps (now {max_steps})"
+    else:
+        more = f"a higher trainer.max_epochs (now {max_epochs})"
     log.info(
         f"this run already finished: {summary['epochs']} epoch(s), step {summary['global_step']}, "
         f"test_acc {summary['test_acc']:.4f}; nothing trained — to train on, rerun with {more}"

@@ -46,6 +46,7 @@ from t240dist.errors import ConfigError
         (["model.compile=fast"], "model.compile: 'fast' is not a compile setting — use false, true, reduce"),
         (["trainer.limit_val_batches=0"], "trainer.limit_val_batches must be greater than 0 (got 0)"),
         (["trainer.max_steps=0"], "trainer.max_steps: 0 trains nothing — use -1"),
+        (["trainer.max_epochs=-1"], "trainer.max_epochs: -1 trains without end — set trainer.max_steps=N"),
         (["monitor.interval_s=0"], "monitor.interval_s must be greater than or equal to 0.01 (got 0)"),
         (
             ["model.compile=step"],

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_same_end, compose, wait_for_checkpoint
+from conftest import assert_same_end, compose, scalars, wait_for_checkpoint
 from datasets_on_disk import write_cifar, write_image_tree
 from snapshots import copy_after_every_write
 
@@ -249,6 +249,54 @@ def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
     assert longer["resumed_from"] is not None
     assert longer["global_step"] == three["global_step"] > two["global_step"]
     assert longer["model_fingerprint"] == three["model_fingerprint"]
+
+
+@pytest.mark.parametrize(
+    ("sched", "length", "short", "long"),
+    [
+        ("onecycle", "trainer.max_epochs", 2, 3),  # OneCycleLR stopped with an error past its planned steps
+        ("warmup_cosine", "trainer.max_steps", 9, 14),  # max_epochs=-1; the cosine rose again past its end
+    ],
+)
+def test_a_run_trained_on_to_a_new_length_follows_the_schedule_planned_for_that_length(
+    cifar: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sched: str,
+    length: str,
+    short: int,
+    long: int,
+) -> None:
+    """Trained on from its end, a run's lr and momentum are, step by step, those of a run planned for the
+    new length from its start."""
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}", f"sched={sched}"]
+    overrides += ["trainer.max_epochs=-1"] if length == "trainer.max_steps" else []
+    planned = train(compose([*overrides, f"{length}={long}"]), run_dir=tmp_path / "planned")
+    first = train(compose([*overrides, f"{length}={short}"]), run_dir=tmp_path / "run")
+    longer = train(compose([*overrides, f"{length}={long}"]), run_dir=tmp_path / "run")
+    assert longer["resumed_from"] is not None and longer["global_step"] == planned["global_step"]
+    assert planned["global_step"] > first["global_step"] > 0
+    after = {step: lr for step, lr in _lr_curve(tmp_path / "run").items() if step > first["global_step"]}
+    assert after == {s: lr for s, lr in _lr_curve(tmp_path / "planned").items() if s in after} != {}
+    groups = [
+        [{k: g[k] for k in ("lr", "momentum")} for g in state["optimizer_states"][0]["param_groups"]]
+        for state in (
+            load_checkpoint(d / "checkpoints" / "last.ckpt", False)
+            for d in (tmp_path / "run", tmp_path / "planned")
+        )
+    ]
+    assert groups[0] == groups[1]
+
+
+def _lr_curve(run_dir: Path) -> dict[int, float]:
+    """``train/lr`` by step, each event file read on its own, oldest first. Read as one folder, the files
+    that one process writes within a second sort by a counter as text (…9 after …10), and TensorBoard drops
+    the steps of a later file as orphans."""
+    curve = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        curve.update(scalars(events).get("train/lr", []))
+    return curve
 
 
 def test_last_is_the_final_state_and_best_names_the_best(

@@ -666,6 +666,11 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
         raise ConfigError(f"data.root '{root}' has train/ but no val/ folder — add ROOT/val/<class>/*.jpg")
     folders = [root / "train", root / "val", *([root / "test"] if (root / "test").is_dir() else [])]
     sets = [ClassFolders(folders[0] if split else root)]
+    if len(sets[0].classes) < 2:
+        raise ConfigError(
+            f"'{sets[0].root}' has one class folder ({sets[0].classes[0]}): a classifier needs two or more — "
+            "set data.root to the folder that holds the class folders (or their train/ and val/)"
+        )
     for folder in folders[1:] if split else []:
         unknown = sorted(set(class_folders(folder)) - set(sets[0].classes))
         if unknown:

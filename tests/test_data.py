@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import shutil
 import threading
 from pathlib import Path
 
@@ -135,6 +136,15 @@ def test_every_split_labels_a_file_by_the_training_splits_classes_and_hidden_ent
                 Path(p).parent.name for p, _ in split.samples
             ]
             assert [split[i][1] for i in range(len(split))] == [label for _, label in split.samples]
+
+
+def test_one_class_folder_is_a_config_error_not_a_run_at_accuracy_1(tmp_path: Path) -> None:
+    write_image_tree(tmp_path, per_class=2)
+    shutil.rmtree(tmp_path / "train" / "dog")
+    with pytest.raises(
+        ConfigError, match=r"train' has one class folder \(cat\): a classifier needs two or more"
+    ):
+        _data("data=imagefolder", f"data.root={tmp_path}")
 
 
 def test_an_evaluation_class_that_training_lacks_is_a_config_error(tmp_path: Path) -> None:

@@ -67,18 +67,37 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     return validate_run(plain(cfg))
 
 
+# Keys that name files or folders: a leading ~ is the user's home, as torchvision's datasets read their
+# root, whatever the shell expanded (bash leaves the ~ of data.root=~/x, quoted for Hydra, to the program).
+USER_PATHS = (("data", "root"), ("resume",), ("ckpt",), ("input",), ("output",))
+
+
 def plain(cfg: DictConfig) -> dict[str, Any]:
-    """The composed config as a plain, resolved dict; a value left at ``???`` is a one-line error."""
+    """The composed config as a plain, resolved dict, ``~`` expanded in ``USER_PATHS``; a value left at
+    ``???`` is a one-line error."""
     try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
         key = err.full_key
         raise ConfigError(f"{key} is not set — give it on the command line, e.g. {key}=...") from None
+    return expand_home(raw)
+
+
+def expand_home(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with a leading ``~`` expanded in the values of ``USER_PATHS`` (in place)."""
+    for *parents, key in USER_PATHS:
+        node = raw
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = os.path.expanduser(node[key])
+    return raw
 
 
 def validate_run(raw: dict[str, Any]) -> dict[str, Any]:
     """Check a plain run config (composed, or stored in a checkpoint and overridden) against the schema
     and this machine; return it with its ``auto`` settings decided for this machine (``decide_auto``)."""
+    raw = expand_home(raw)  # a stored config's keys given again on the command line come this way
     check_run(raw)
     check_machine(raw)
     return decide_auto(raw)

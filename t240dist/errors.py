@@ -223,6 +223,13 @@ def _hydra_line(err: BaseException) -> str:
             f"{key} is not a config key — check its spelling (python -m train --cfg job lists the keys), "
             f"or add a new key with +{key}=..."
         )
+    home = re.match(r"LexerNoViableAltException: ([\w.+]+)=(~\S*)", text)
+    if home:  # bash expands ~ after the = of ckpt=~/x, not of data.root=~/x (nor zsh of either)
+        key, value = home.groups()
+        return (
+            f"{key}={value}: Hydra reads a bare ~ as its delete operator — quote the value, "
+            f"'{key}=\"{value}\"', or write {key}=$HOME{value[1:]}"
+        )
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "full_key" not in ln]
     lines = [ln for ln in lines if not ln.startswith(("object_type", "reference_type"))]
     what, rest = lines[0], lines[1:]

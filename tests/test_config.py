@@ -146,6 +146,11 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
             ["data=cifar10", "data.root=/nonexistent"],
             "ConfigError: data.root '/nonexistent' has no data_batch_1",
         ),
+        (
+            ["data=cifar10", "data.root=~/cifar"],  # as bash and zsh pass it on
+            "ConfigError: data.root=~/cifar: Hydra reads a bare ~ as its delete operator — quote the value, "
+            "'data.root=\"~/cifar\"', or write data.root=$HOME/cifar",
+        ),
     ]
     with ThreadPoolExecutor(len(cases)) as pool:  # four interpreters start at once, not one after another
         runs = pool.map(

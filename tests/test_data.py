@@ -102,6 +102,23 @@ def test_torchvision_download_layouts_are_found_under_the_root(
     assert found.info == direct.info and len(found.train_set) == len(direct.train_set) > 0
 
 
+def test_a_quoted_home_relative_root_is_read_from_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "HOME", str(tmp_path)
+    )  # what the one-line error for an unquoted ~ tells a user to type
+    (tmp_path / "cifar").mkdir()
+    write_cifar(tmp_path / "cifar")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "last.ckpt").write_bytes(b"")  # validation only looks for the file
+    conf = validate(compose(["data=cifar10", 'data.root="~/cifar"', 'resume="~/runs/last.ckpt"']))
+    assert conf["data"]["root"] == str(tmp_path / "cifar") and conf["resume"] == str(
+        tmp_path / "runs/last.ckpt"
+    )
+    assert len(ImageDataModule(conf["data"], seed=0).train_set) > 0
+
+
 def test_truncated_mnist_file_is_a_config_error(tmp_path: Path) -> None:
     write_mnist(tmp_path, compress=False)
     images = tmp_path / "t10k-images-idx3-ubyte"

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -44,7 +44,15 @@ log = logging.getLogger(__name__)
 
 STATS_SAMPLE = 512  # ImageFolder images read (decoded once) to estimate the normalisation
 EVAL_CROP = 0.875  # image files are resized to image_size / EVAL_CROP, then centre-cropped (ImageNet's eval)
-Normalisation = tuple[list[float], list[float]]  # per-channel mean and std of images in [0, 1]
+
+
+class Trained(NamedTuple):
+    """What a checkpoint fixes about the data it is given: the training data's normalisation, and its
+    classes, which number an image folder's labels (the folder may hold any of them)."""
+
+    mean: list[float]
+    std: list[float]
+    classes: list[str]
 
 
 @dataclass(frozen=True)
@@ -74,19 +82,20 @@ class ImageDataModule(pl.LightningDataModule):
     Sharding is done here (the Trainer runs with ``use_distributed_sampler=False``): training shards
     drop the remainder, so each sample is seen at most once per epoch; evaluation shards are not padded,
     so metrics reduced over ranks equal a single-process evaluation. A run resumed mid-epoch goes on at
-    the next batch (``resume_at``). ``normalisation`` (a checkpoint's) replaces the train split's statistics,
-    so a model is evaluated with the preprocessing it was trained with, whatever data it is given.
+    the next batch (``resume_at``). ``trained`` (a checkpoint's) replaces the train split's statistics and
+    an image folder's classes, so a model is evaluated with the preprocessing and the labels it was trained
+    with, whatever data it is given.
     Where ``batch_device`` says so, the loaders are ``DeviceBatches`` instead of DataLoaders.
     """
 
-    def __init__(self, cfg: dict[str, Any], seed: int, normalisation: Normalisation | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any], seed: int, trained: Trained | None = None) -> None:
         super().__init__()
         self.cfg, self.seed = cfg, seed  # cfg as config.validate decided it (data.decode=auto included)
         self._resume: tuple[int, int] = (0, 0)  # (epoch, batches done) where the next training loader starts
         self._placement: tuple[torch.device, torch.device | None] | None = None  # (trainer's, batches')
         # the live loader of each split under data.decode=device (keyed by split), until teardown or its next
         self._decoding: dict[tuple[int, bool], DecodedAhead] = {}
-        self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, normalisation)
+        self.train_set, self.val_set, self.test_set, self.info = _LOADERS[cfg["name"]](cfg, trained)
 
     def train_dataloader(self) -> DataLoader | DeviceBatches | DecodedAhead:
         return self._loader(self.train_set, train=True)
@@ -432,7 +441,7 @@ Splits = tuple[Dataset, Dataset, Dataset, DataInfo]
 Labelled = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, C, H, W) and int labels (N,)
 
 
-def load_digits(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+def load_digits(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     """scikit-learn's 8x8 digits (16 grey levels), split train/val/test by ``split_seed``."""
     from sklearn.datasets import load_digits as sk_digits
 
@@ -444,10 +453,10 @@ def load_digits(cfg: dict[str, Any], normalisation: Normalisation | None) -> Spl
     n_val = round(len(labels) * cfg["val_fraction"])
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     splits = [(images[i], labels[i]) for i in (train, val, test)]
-    return _in_memory(cfg, *splits, [str(d) for d in range(10)], normalisation)
+    return _in_memory(cfg, *splits, [str(d) for d in range(10)], trained)
 
 
-def load_synthetic(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+def load_synthetic(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     """Synthetic images of any size and class count (already standardised: no normalisation, no augmentation).
 
     Image files given to a synthetic-trained model are only scaled to [0, 1] (mean 0, std 1).
@@ -461,7 +470,7 @@ def load_synthetic(cfg: dict[str, Any], normalisation: Normalisation | None) -> 
     return (*sets, info)
 
 
-def load_cifar10(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+def load_cifar10(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     """CIFAR-10 python batches; a validation split is carved from the training batches.
 
     Read by hand because torchvision's CIFAR10 insists on the md5 of the official archive files (which
@@ -484,10 +493,10 @@ def load_cifar10(cfg: dict[str, Any], normalisation: Normalisation | None) -> Sp
     val, train = _val_split(len(train_y), cfg)
     test = _cifar_batches([root / "test_batch"])
     splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), test
-    return _in_memory(cfg, *splits, names, normalisation)
+    return _in_memory(cfg, *splits, names, trained)
 
 
-def load_mnist(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+def load_mnist(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     """MNIST IDX files (plain or gzip); a validation split is carved from the training images."""
     stems = (
         "train-images-idx3-ubyte",
@@ -525,7 +534,7 @@ def load_mnist(cfg: dict[str, Any], normalisation: Normalisation | None) -> Spli
     )
     val, train = _val_split(len(train_y), cfg)
     splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y)
-    return _in_memory(cfg, *splits, [str(d) for d in range(10)], normalisation)
+    return _in_memory(cfg, *splits, [str(d) for d in range(10)], trained)
 
 
 def _data_dir(root: Path, layouts: list[str], complete: Callable[[Path], bool]) -> Path:
@@ -541,14 +550,14 @@ def _in_memory(
     val: Labelled,
     test: Labelled,
     names: list[str],
-    normalisation: Normalisation | None,
+    trained: Trained | None,
 ) -> Splits:
     """Datasets over uint8 tensors: augmentation on the train split only, normalised by its statistics.
 
     Image files given to the trained model are resized to the training size (a file of that size is
     left as it is), then centre-cropped.
     """
-    mean, std = normalisation or _channel_stats(train[0])
+    mean, std = trained[:2] if trained else _channel_stats(train[0])
     size = train[0].shape[-1]
     train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize=None)
     sets = [TensorImages(*train, train_tf), TensorImages(*val, eval_tf), TensorImages(*test, eval_tf)]
@@ -648,12 +657,13 @@ def _read_idx(path: Path) -> torch.Tensor:
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(shape)
 
 
-def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -> Splits:
+def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     """Class folders decoded lazily by torchvision: ROOT/train + ROOT/val (+ ROOT/test), or one ROOT split.
 
     One folder of class folders is split into train/val by ``data.val_fraction`` and ``data.split_seed``
     (test = val). Files are checked before training (``_preflight``); normalisation comes from a seeded
-    sample of up to ``STATS_SAMPLE`` training images, unless ``normalisation`` is given.
+    sample of up to ``STATS_SAMPLE`` training images, and the classes are the training split's class
+    folders, unless ``trained`` gives them.
     """
     root, size = Path(cfg["root"]), cfg["image_size"]
     if not root.is_dir() or not class_folders(root):
@@ -664,21 +674,27 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
     split = (root / "train").is_dir()
     if split and not (root / "val").is_dir():
         raise ConfigError(f"data.root '{root}' has train/ but no val/ folder — add ROOT/val/<class>/*.jpg")
-    folders = [root / "train", root / "val", *([root / "test"] if (root / "test").is_dir() else [])]
-    sets = [ClassFolders(folders[0] if split else root)]
-    if len(sets[0].classes) < 2:
+    trees = [root / "train", root / "val", *([root / "test"] if (root / "test").is_dir() else [])]
+    trees = trees if split else [root]
+    classes = trained.classes if trained else class_folders(trees[0])
+    if len(classes) < 2:
         raise ConfigError(
-            f"'{sets[0].root}' has one class folder ({sets[0].classes[0]}): a classifier needs two or more — "
+            f"'{trees[0]}' has one class folder ({classes[0]}): a classifier needs two or more — "
             "set data.root to the folder that holds the class folders (or their train/ and val/)"
         )
-    for folder in folders[1:] if split else []:
-        unknown = sorted(set(class_folders(folder)) - set(sets[0].classes))
+    for tree in trees:  # each split's labels number the same classes: the training split's, or the model's
+        unknown = ", ".join(sorted(set(class_folders(tree)) - set(classes)))
+        if unknown and trained:
+            raise ConfigError(
+                f"'{tree}' has class folder(s) that the checkpoint was not trained on ({unknown}) — "
+                "remove them, or evaluate a checkpoint trained on them"
+            )
         if unknown:
             raise ConfigError(
-                f"data.root '{root}': {folder.name}/ has class folder(s) that train/ lacks "
-                f"({', '.join(unknown)}) — add them to {root / 'train'} or remove them from {folder}"
+                f"'{tree}' has class folder(s) that train/ lacks ({unknown}) — add them to {trees[0]} or "
+                f"remove them from {tree}"
             )
-        sets.append(ClassFolders(folder, sets[0].classes))
+    sets = [ClassFolders(tree, classes) for tree in trees]
     bad = [(path, why) for ds in sets for path, why in _preflight(ds)]
     if bad and cfg["on_corrupt"] == "error":
         shown = "; ".join(f"{path}: {why}" for path, why in bad[:3])
@@ -694,7 +710,7 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
         val_idx, train_idx = _val_split(len(sets[0]), cfg)
         sets = [Subset(sets[0], train_idx.tolist()), Subset(copy.copy(sets[0]), val_idx.tolist())]
     resize = round(size / EVAL_CROP)
-    mean, std = normalisation or _file_stats(sets[0], size, resize, cfg["split_seed"])
+    mean, std = trained[:2] if trained else _file_stats(sets[0], size, resize, cfg["split_seed"])
     if cfg.get("decode") == "device":  # the workers read files and draw crops; the device decodes them
         augment = cfg["augment"]
         train_tf, eval_tf = PlanCrop(augment["crop"], augment["hflip"]), PlanCrop()
@@ -713,18 +729,16 @@ def load_imagefolder(cfg: dict[str, Any], normalisation: Normalisation | None) -
 
 class ClassFolders(datasets.ImageFolder):
     """torchvision's ImageFolder with two changes. Hidden entries are not classes or images: Jupyter's
-    ``.ipynb_checkpoints``, macOS's ``._*`` forks. An evaluation split takes the training split's
-    ``classes`` (``find_classes``, which torchvision documents for overriding): on its own, a split lacking
-    a class folder would number the rest from its own sorted names, and its labels would name other
-    classes than the model's outputs."""
+    ``.ipynb_checkpoints``, macOS's ``._*`` forks. The classes are given (``find_classes``, which torchvision
+    documents for overriding): numbered from its own sorted folder names, a split lacking a class folder
+    would give the rest labels that name other classes than the model's outputs."""
 
-    def __init__(self, root: Path, classes: list[str] | None = None) -> None:
+    def __init__(self, root: Path, classes: list[str]) -> None:
         self.given = classes
         super().__init__(str(root), loader=load_rgb, is_valid_file=visible_image, allow_empty=True)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        classes = self.given or class_folders(Path(directory))
-        return classes, {name: i for i, name in enumerate(classes)}
+        return self.given, {name: i for i, name in enumerate(self.given)}
 
 
 def class_folders(root: Path) -> list[str]:

@@ -42,7 +42,7 @@ from t240dist.config import (
 from t240dist.data import (
     DataInfo,
     ImageDataModule,
-    Normalisation,
+    Trained,
     file_transform,
     load_rgb,
     loader_workers,
@@ -66,7 +66,7 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
     started = time.perf_counter()
     restored = restore(cfg, overrides, EvaluateOptions)
     conf = restored.conf
-    data = ImageDataModule(conf["data"], conf["seed"], restored.normalisation)
+    data = ImageDataModule(conf["data"], conf["seed"], restored.trained)
     restored.check_data(data.info)
     names = restored.hp["class_names"]
     confusion = ConfusionMatrix(names, out_dir / "confusion_matrix.png")
@@ -156,7 +156,7 @@ def export(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, An
         import onnxruntime
     except ImportError as err:
         raise ConfigError(f"format=onnx needs {err.name} — pip install 't240dist[export]'") from None
-    data = ImageDataModule(conf["data"], conf["seed"], restored.normalisation)
+    data = ImageDataModule(conf["data"], conf["seed"], restored.trained)
     restored.check_data(data.info)
     test = data.test_set
     images = torch.stack([test[i][0] for i in range(min(options["check_images"], len(test)))])
@@ -212,9 +212,10 @@ class Restored:
     state_dict: dict[str, torch.Tensor]
 
     @property
-    def normalisation(self) -> Normalisation:
-        """The training data's normalisation: evaluation uses it instead of new statistics."""
-        return self.hp["preprocess"]["mean"], self.hp["preprocess"]["std"]
+    def trained(self) -> Trained:
+        """The training data's normalisation and classes: evaluation uses them instead of new statistics and
+        of an image folder's own classes."""
+        return Trained(self.hp["preprocess"]["mean"], self.hp["preprocess"]["std"], self.hp["class_names"])
 
     def module(self, **model: Any) -> ClassifierModule:
         """The network with the checkpoint's weights, in eval mode, built as the (overridden) config says;

@@ -168,7 +168,7 @@ def test_an_evaluation_class_that_training_lacks_is_a_config_error(tmp_path: Pat
     write_image_tree(tmp_path, per_class=1)
     (tmp_path / "val" / "cow").mkdir()
     with pytest.raises(
-        ConfigError, match=r"val/ has class folder\(s\) that train/ lacks \(cow\) — add them to"
+        ConfigError, match=rf"^'{tmp_path}/val' has class folder\(s\) that train/ lacks \(cow\) — add them to"
     ):
         _data("data=imagefolder", f"data.root={tmp_path}")
 

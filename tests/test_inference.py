@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from t240dist.checkpoint import KEY_ENV, CheckpointError, load_checkpoint
 from t240dist.config import compose_config, validate
-from t240dist.data import ImageDataModule, file_transform, load_rgb
+from t240dist.data import ImageDataModule, Trained, file_transform, load_rgb
+from t240dist.errors import ConfigError
 from t240dist.inference import EvaluateOptions, evaluate, export, predict, restore
 from t240dist.module import ClassifierModule
 from t240dist.run import train
@@ -52,11 +53,48 @@ def test_checkpoints_carry_the_run_config_and_the_datas_preprocessing(run: dict)
 def test_evaluation_data_takes_the_checkpoints_normalisation_instead_of_new_statistics() -> None:
     digits = validate(compose(["data=digits"]))["data"]
     fresh = ImageDataModule(digits, 0)
-    given = ImageDataModule(digits, 0, normalisation=([0.5], [0.25]))
+    given = ImageDataModule(digits, 0, Trained([0.5], [0.25], fresh.info.class_names))
     assert fresh.info.mean != [0.5] and given.info.preprocess["mean"] == [0.5]
     raw = fresh.test_set.images[0].float() / 255
     assert torch.allclose(given.test_set[0][0], (raw - 0.5) / 0.25)
     assert given.test_set[0][1] == fresh.test_set[0][1]
+
+
+def test_an_image_folder_is_scored_with_the_classes_the_checkpoint_was_trained_on(tmp_path: Path) -> None:
+    """A folder to evaluate may hold any of the model's classes: its labels are the model's, not numbered
+    from its own folders; a class the model does not know is refused."""
+    names = ["ant", "bee", "cat", "dog"]
+    for split, classes in (("train", names), ("val", names), ("other/train", ["bee", "dog"])):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (12, 12), (60 * names.index(name), 40 * i, 0)).save(
+                    tmp_path / split / name / f"{i}.png"
+                )
+    (tmp_path / "other" / "val").symlink_to(tmp_path / "other" / "train")
+    tree = [
+        "data=imagefolder",
+        "data.image_size=8",
+        "data.batch_size=4",
+        "model.width=4",
+        "trainer.max_epochs=1",
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_ENV, "test-key")
+        done = train(
+            compose([*tree, f"data.root={tmp_path}", "trainer.enable_progress_bar=false"]), tmp_path / "run"
+        )
+        overrides = [f"ckpt={done['best_checkpoint']}", f"data.root={tmp_path / 'other'}"]
+        summary = evaluate(compose_config(overrides, "evaluate"), overrides, tmp_path / "eval")
+        assert set(summary["per_class_acc"]) == set(names)  # ... scored as the model's 4 classes
+        matrix = summary["confusion_matrix"]
+        assert [sum(row) for row in matrix] == [0, 3, 0, 3]  # rows: the true classes, bee and dog alone
+        (tmp_path / "other" / "train" / "eel").mkdir()
+        Image.new("RGB", (12, 12)).save(tmp_path / "other" / "train" / "eel" / "0.png")
+        with pytest.raises(
+            ConfigError, match=r"train' has class folder\(s\) that the checkpoint was not trained on \(eel\)"
+        ):
+            evaluate(compose_config(overrides, "evaluate"), overrides, tmp_path / "eval2")
 
 
 def test_evaluate_reproduces_the_runs_test_accuracy_per_class_and_as_a_confusion_matrix(

@@ -113,6 +113,7 @@ def fit_and_test(
             written(trainer)
             return finished
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        stopped = _stopped_early(trainer)  # before the test, which loads the callbacks' state of the best
         fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
         test_started = time.perf_counter()
         # verbose=False: Lightning's table of the test metrics says again what the run summary says
@@ -162,7 +163,7 @@ def fit_and_test(
         "resumed_from": str(resume) if resume else None,
         "run_dir": str(run_dir),
         "pruned_at_epoch": trial.pruned_at if trial else None,
-        "stopped_early_at_epoch": _stopped_early(trainer),
+        "stopped_early_at_epoch": stopped,
         "ranks": ranks,
         "versions": {"torch": torch.__version__, "lightning": pl.__version__},
     }

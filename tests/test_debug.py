@@ -68,14 +68,23 @@ def test_a_chosen_profiler_writes_its_report_to_the_run_dir(tmp_path: Path, prof
     assert report.startswith("FIT Profiler Report") and mark in report
 
 
-# A run that early stopping ends at epoch 1 of 5: no val/loss improves on the first by min_delta=10.
-EARLY_STOPPED = [*TINY, "trainer.max_epochs=5", "early_stopping.patience=1", "early_stopping.min_delta=10"]
+# Runs that early stopping ends: at epoch 1 of 5, no val/loss improving on the first by min_delta=10 (the
+# best checkpoint is the last); at epoch 2 of 6, an lr of 1 making val/loss worse after the first epoch (the
+# best checkpoint is the first, and the test loads it, callbacks' state included).
+EARLY_STOPPED = {
+    "best-is-last": (
+        [*TINY, "trainer.max_epochs=5", "early_stopping.patience=1", "early_stopping.min_delta=10"],
+        1,
+    ),
+    "best-is-earlier": ([*TINY, "trainer.max_epochs=6", "early_stopping.patience=2", "optim.lr=1.0"], 2),
+}
 
 
+@pytest.mark.parametrize("case", list(EARLY_STOPPED))
 def test_early_stopping_stops_on_the_monitored_metric_resumes_exactly_and_reruns_as_finished(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
-    overrides = EARLY_STOPPED
+    overrides, stop = EARLY_STOPPED[case]
     run_dir = tmp_path / "run"
     copies: list[Path] = []
     save = SignedCheckpointIO.save_checkpoint
@@ -89,18 +98,21 @@ def test_early_stopping_stops_on_the_monitored_metric_resumes_exactly_and_reruns
     monkeypatch.setattr(SignedCheckpointIO, "save_checkpoint", save_and_copy)
     whole = train(compose(overrides), run_dir)
     monkeypatch.undo()
-    assert whole["stopped_early_at_epoch"] == 1 and whole["epochs"] == 2 and whole["global_step"] == 8
+    assert whole["stopped_early_at_epoch"] == stop and whole["epochs"] == stop + 1
+    assert whole["global_step"] == 4 * (stop + 1)  # 4 steps an epoch
+    best_step = int(Path(whole["best_checkpoint"]).stem.split("step")[1])
+    assert (best_step == whole["global_step"]) == (case == "best-is-last")
 
     resumed = train(compose(overrides), copies[0])  # from the end of epoch 0
-    assert resumed["resumed_from"] is not None and resumed["stopped_early_at_epoch"] == 1
+    assert resumed["resumed_from"] is not None and resumed["stopped_early_at_epoch"] == stop
     assert resumed["model_fingerprint"] == whole["model_fingerprint"]
 
     with caplog.at_level(logging.INFO, logger="t240dist"):
         assert train(compose(overrides), run_dir) == whole  # a rerun: nothing left to train
     said = "nothing trained — to train on, rerun with a larger early_stopping.patience"
     assert any(said in message for message in caplog.messages)
-    longer = train(compose([*overrides, "early_stopping.patience=3"]), run_dir)
-    assert longer["global_step"] == 4 * 4 and longer["stopped_early_at_epoch"] == 3
+    longer = train(compose([*overrides, f"early_stopping.patience={stop + 2}"]), run_dir)
+    assert longer["resumed_from"] is not None and longer["global_step"] > whole["global_step"]
 
 
 def test_any_trainer_argument_reaches_lightnings_trainer(

@@ -175,6 +175,25 @@ class BestCheckpoint(RunDirCheckpoint):
         super().load_state_dict(state_dict)
         self._seen_best = self.best_model_path  # a resumed run's best: its step's weights are not in memory
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run resumed from another run's file (``resume=PATH``) takes that run's best into its own folder
+        (a hard link, else a copy), so that it has a ``best.ckpt`` even where it never improves on it."""
+        super().on_train_start(trainer, pl_module)
+        best = Path(self.best_model_path) if self.best_model_path else None
+        here = Path(self.dirpath) / best.name if best else None
+        if best is None or here == best or not best.is_file():
+            return
+        if trainer.is_global_zero:
+            here.parent.mkdir(parents=True, exist_ok=True)
+            alias(best, here)
+        trainer.strategy.barrier("best checkpoint taken in")
+        self.best_k_models = {str(here) if p == str(best) else p: v for p, v in self.best_k_models.items()}
+        self.kth_best_model_path = (
+            str(here) if self.kth_best_model_path == str(best) else self.kth_best_model_path
+        )
+        self.best_model_path = self._seen_best = str(here)
+        self._name_best(trainer)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)  # where Lightning saves when validation ends epochs
         self._name_best(trainer)

@@ -59,7 +59,7 @@ class ClassifierModule(pl.LightningModule):
         self.channels_last = model["channels_last"]
         self.label_smoothing = module["label_smoothing"]
         self.mix = _batch_mixer(module, num_classes)
-        self.restored_schedule_steps: int | None = None  # the checkpoint's schedule length, when resumed
+        self.restored_schedule: dict[str, Any] | None = None  # the checkpoint's ``_schedule``, when resumed
         top5 = num_classes >= 5
         self.val_loss, self.test_loss = MeanLoss(), MeanLoss()
         self.val_acc, self.test_acc = _accuracy(num_classes, 1), _accuracy(num_classes, 1)
@@ -192,19 +192,33 @@ class ClassifierModule(pl.LightningModule):
     def _total_steps(self) -> int:
         return int(self.trainer.estimated_stepping_batches)
 
+    def _schedule(self) -> dict[str, Any]:
+        """The lr schedule as planned: the ``sched`` group over the run's optimizer steps."""
+        return {**self.hparams["sched"], "steps": self._total_steps()}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["schedule_steps"] = self._total_steps()  # the length the lr schedule is planned over
+        checkpoint["schedule"] = self._schedule()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.restored_schedule_steps = checkpoint.get("schedule_steps")
+        self.restored_schedule = checkpoint.get("schedule")
+        if (
+            self.restored_schedule is not None
+            and _without_steps(self.restored_schedule) != self.hparams["sched"]
+        ):
+            checkpoint["lr_schedulers"] = []  # another sched's state: Lightning would load it into this one
 
     def on_train_start(self) -> None:
-        """A run resumed with another length than its checkpoint's: its lr schedule is planned again."""
-        planned, total, step = self.restored_schedule_steps, self._total_steps(), self.trainer.global_step
+        """A run resumed with another schedule than its checkpoint's (another length: a raised
+        ``trainer.max_epochs``; another ``sched``) plans its lr schedule again, from the step it reached."""
+        restored, schedule, step = self.restored_schedule, self._schedule(), self.trainer.global_step
         configs = self.trainer.lr_scheduler_configs
-        if configs and planned is not None and planned != total > step:
+        if configs and restored is not None and restored != schedule and schedule["steps"] > step:
             optimizer = configs[0].scheduler.optimizer
-            configs[0].scheduler = replan(optimizer, self.hparams["sched"], total, step)
+            configs[0].scheduler = replan(optimizer, self.hparams["sched"], schedule["steps"], step)
+
+
+def _without_steps(schedule: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in schedule.items() if k != "steps"}
 
 
 class MeanLoss(Metric):

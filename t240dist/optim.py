@@ -53,16 +53,17 @@ def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int)
 
 
 def replan(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int, step: int) -> LRScheduler | None:
-    """The ``sched`` schedule over ``total_steps``, at ``step``: for a run resumed with another length (a
-    raised ``trainer.max_epochs`` or ``max_steps``), whose restored schedule was planned over the old one.
+    """The ``sched`` schedule over ``total_steps``, at ``step``: for a run resumed with another schedule than
+    its checkpoint's (another length, a raised ``trainer.max_epochs`` or ``max_steps``; another ``sched``).
 
     A schedule's state holds its plan (OneCycleLR stops with an error past its ``total_steps``; a cosine
     rises again past ``T_max``), so the plan comes from the config and only the position from the
-    checkpoint, as timm resumes its schedulers. The lr and momentum are then those of a run planned for the
-    new length from the start.
+    checkpoint, as timm resumes its schedulers. The lr and momentum are then those of a run planned so from
+    the start.
     """
-    for group in optimizer.param_groups:  # back to the configured lr that every schedule starts from
-        group["lr"] = group["initial_lr"] = group.get("max_lr", group["initial_lr"])
+    for group in optimizer.param_groups:  # back to the configured values that every schedule starts from
+        group.update({key: optimizer.defaults[key] for key in ("lr", "momentum", "betas") if key in group})
+        group["initial_lr"] = group["lr"]
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     if scheduler is not None:
         with warnings.catch_warnings():  # stepped ahead without optimizer steps, on purpose

@@ -252,32 +252,44 @@ def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
 
 
 @pytest.mark.parametrize(
-    ("sched", "length", "short", "long"),
+    ("first", "then"),
     [
-        ("onecycle", "trainer.max_epochs", 2, 3),  # OneCycleLR stopped with an error past its planned steps
-        ("warmup_cosine", "trainer.max_steps", 9, 14),  # max_epochs=-1; the cosine rose again past its end
+        # OneCycleLR stopped with an error past its planned steps
+        (["sched=onecycle", "trainer.max_epochs=2"], ["sched=onecycle", "trainer.max_epochs=3"]),
+        # max_epochs=-1 (Lightning's epochs without end) with max_steps; the cosine rose again past its end
+        (
+            ["sched=warmup_cosine", "trainer.max_epochs=-1", "trainer.max_steps=9"],
+            ["sched=warmup_cosine", "trainer.max_epochs=-1", "trainer.max_steps=14"],
+        ),
+        # another sched: none saved no state, and a schedule of another kind would be loaded into this one
+        (["sched=none", "trainer.max_epochs=2"], ["sched=onecycle", "trainer.max_epochs=3"]),
+        (["sched=onecycle", "trainer.max_epochs=2"], ["sched=warmup_cosine", "trainer.max_epochs=3"]),
     ],
+    ids=["onecycle-longer", "cosine-more-steps", "none-then-onecycle", "onecycle-then-cosine"],
 )
-def test_a_run_trained_on_to_a_new_length_follows_the_schedule_planned_for_that_length(
+def test_a_run_trained_on_with_another_schedule_follows_it_as_planned_from_the_start(
     cifar: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    sched: str,
-    length: str,
-    short: int,
-    long: int,
+    caplog: pytest.LogCaptureFixture,
+    first: list[str],
+    then: list[str],
 ) -> None:
-    """Trained on from its end, a run's lr and momentum are, step by step, those of a run planned for the
-    new length from its start."""
+    """Trained on from its end with another length or sched, a run's lr and momentum are, step by step,
+    those of a run planned so from its start; a rerun of the finished run names the length to raise."""
     monkeypatch.setenv(KEY_ENV, "test-key")
-    overrides = [*CIFAR, *BASE, f"data.root={cifar}", f"sched={sched}"]
-    overrides += ["trainer.max_epochs=-1"] if length == "trainer.max_steps" else []
-    planned = train(compose([*overrides, f"{length}={long}"]), run_dir=tmp_path / "planned")
-    first = train(compose([*overrides, f"{length}={short}"]), run_dir=tmp_path / "run")
-    longer = train(compose([*overrides, f"{length}={long}"]), run_dir=tmp_path / "run")
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}"]
+    planned = train(compose([*overrides, *then]), run_dir=tmp_path / "planned")
+    done = train(compose([*overrides, *first]), run_dir=tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="t240dist"):
+        assert train(compose([*overrides, *first]), run_dir=tmp_path / "run") == done
+    assert any(
+        m.endswith(f"rerun with a higher {first[-1].replace('=', ' (now ')})") for m in caplog.messages
+    )
+    longer = train(compose([*overrides, *then]), run_dir=tmp_path / "run")
     assert longer["resumed_from"] is not None and longer["global_step"] == planned["global_step"]
-    assert planned["global_step"] > first["global_step"] > 0
-    after = {step: lr for step, lr in _lr_curve(tmp_path / "run").items() if step > first["global_step"]}
+    assert planned["global_step"] > done["global_step"] > 0
+    after = {step: lr for step, lr in _lr_curve(tmp_path / "run").items() if step > done["global_step"]}
     assert after == {s: lr for s, lr in _lr_curve(tmp_path / "planned").items() if s in after} != {}
     groups = [
         [{k: g[k] for k in ("lr", "momentum")} for g in state["optimizer_states"][0]["param_groups"]]
@@ -287,6 +299,26 @@ def test_a_run_trained_on_to_a_new_length_follows_the_schedule_planned_for_that_
         )
     ]
     assert groups[0] == groups[1]
+
+
+def test_a_run_resumed_from_another_runs_file_holds_its_best_in_its_own_folder(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``resume=PATH`` into a new run dir: where training never improves on the other run's best (an lr
+    of 1 from there on), that best is this run's ``best.ckpt`` too, and the other run's files stay as they
+    were."""
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}", "sched=none"]
+    train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path / "r1")
+    source = tmp_path / "r1" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    resumed = [f"resume={source / 'best.ckpt'}", "optim.lr=1.0", "trainer.max_epochs=4"]
+    done = train(compose([*overrides, *resumed]), run_dir=tmp_path / "r2")
+    own = tmp_path / "r2" / "checkpoints"
+    assert Path(done["best_checkpoint"]).parent == own
+    assert (own / "best.ckpt").read_bytes() == before["best.ckpt"]  # no epoch of r2 did better
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert load_checkpoint(own / "best.ckpt", trust_unsigned=False)["global_step"] < done["global_step"]
 
 
 def _lr_curve(run_dir: Path) -> dict[int, float]:

@@ -250,11 +250,14 @@ def restore(cfg: DictConfig, overrides: list[str], options: type[EvaluateOptions
     ``cfg`` is the command's composed config: its own keys, plus the training config's so that Hydra parses
     and types run keys as a training run's. Only the run keys (or groups) in ``overrides`` are taken from it.
     """
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise CheckpointError(f"ckpt is not set — {_checkpoint_hint(None)}")
     own = plain(OmegaConf.masked_copy(cfg, list(options.model_fields)))
     check(options, own)
     path = Path(own["ckpt"])
     if not path.is_file():
-        raise CheckpointError(f"ckpt={path} does not exist — {_checkpoint_hint(path)}")
+        what = "is a folder, not a checkpoint" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"ckpt={path} {what} — {_checkpoint_hint(path)}")
     checkpoint = load_checkpoint(path, cfg.checkpoint.trust_unsigned is True, map_location="cpu")
     hp = checkpoint.get("hyper_parameters") or {}
     if "config" not in hp or "preprocess" not in hp:
@@ -281,13 +284,20 @@ def restore(cfg: DictConfig, overrides: list[str], options: type[EvaluateOptions
     return Restored(path, own, conf, hp, checkpoint["state_dict"])
 
 
-def _checkpoint_hint(missing: Path) -> str:
-    """A checkpoint to give instead of a missing one: the closest name in its folder (or in the
-    ``checkpoints/`` of a run dir), else the newest checkpoint of the runs under ./outputs."""
-    for folder in (missing.parent, missing.parent / "checkpoints"):  # a run dir given for its checkpoints/
+def _checkpoint_hint(missing: Path | None) -> str:
+    """A checkpoint to give instead of a missing one: in a run dir given for one, its best; else the closest
+    name in the missing file's folder (or in the ``checkpoints/`` of a run dir); else, and where none was
+    given, the newest checkpoint of the runs under ./outputs."""
+    folders = (
+        []
+        if missing is None
+        else [missing / "checkpoints", missing, missing.parent, missing.parent / "checkpoints"]
+    )
+    for folder in folders:
         near = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
         if near:
-            closest = difflib.get_close_matches(missing.name, near, n=1, cutoff=0) or near
+            best = ["best.ckpt"] if missing.is_dir() and "best.ckpt" in near else []
+            closest = best or difflib.get_close_matches(missing.name, near, n=1, cutoff=0) or near
             return f"{folder} holds {', '.join(near)}: ckpt={folder / closest[0]}"
     runs = sorted(Path("outputs").glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
     if runs:

@@ -172,6 +172,27 @@ def test_predict_says_where_it_wrote_in_80_columns_and_in_its_log(run: dict, tmp
     assert "Our suggested max number of worker" not in done.stderr  # 4 workers, at most the CPUs
 
 
+def test_an_unset_or_folder_ckpt_is_answered_with_a_checkpoint_that_evaluates(
+    run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^ckpt is not set — give a checkpoint of a run, e\.g\. ckpt="):
+        evaluate(compose_config([], "evaluate"), [], tmp_path / "no")
+    newest = tmp_path / "outputs" / "day" / "run" / "checkpoints" / "last.ckpt"
+    newest.parent.mkdir(parents=True)
+    newest.write_bytes(Path(run["best_checkpoint"]).parent.joinpath("last.ckpt").read_bytes())
+    with pytest.raises(
+        CheckpointError, match=r"the newest checkpoint under outputs/ is ckpt=outputs/day/run/"
+    ):
+        evaluate(compose_config([], "evaluate"), [], tmp_path / "no")
+    run_dir = Path(run["best_checkpoint"]).parent.parent
+    with pytest.raises(CheckpointError, match=rf"^ckpt={run_dir} is a folder, not a checkpoint — ") as err:
+        evaluate(compose_config([f"ckpt={run_dir}"], "evaluate"), [f"ckpt={run_dir}"], tmp_path / "no")
+    hint = [f"ckpt={str(err.value).split(': ckpt=')[-1]}"]
+    assert hint == [f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}"]
+    assert evaluate(compose_config(hint, "evaluate"), hint, tmp_path / "eval")["test_acc"] == run["test_acc"]
+
+
 @pytest.mark.slow
 def test_a_missing_checkpoint_is_answered_with_one_that_evaluates(run: dict, tmp_path: Path) -> None:
     best = Path(run["best_checkpoint"])

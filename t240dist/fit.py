@@ -339,5 +339,6 @@ def _finished_before(resume: Path | None, trainer: pl.Trainer, run_dir: Path) ->
         return None
     done = sweep.read_summary(run_dir)  # {} where the run wrote none
     if done:
+        report.show_summary(done, run_dir / "run_summary.json")
         report.show_finished(done, trainer.max_epochs, trainer.max_steps)
     return done or None

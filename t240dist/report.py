@@ -157,7 +157,13 @@ def write_summary(
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
-    table = Table(title=f"{name} summary", show_header=False)
+    show_summary(summary, path, wrote=(*(summary[key] for key in WRITTEN if summary.get(key)), path, *also))
+
+
+@rank_zero_only
+def show_summary(summary: dict[str, Any], path: Path, wrote: tuple[Path | str, ...] = ()) -> None:
+    """Print the summary table of ``path`` (see ``write_summary``), its paths, and what was ``wrote``."""
+    table = Table(title=f"{path.name.removesuffix('_summary.json')} summary", show_header=False)
     for key, value in summary.items():
         if key not in PATHS + WRITTEN and value not in (None, [], {}):
             table.add_row(key, Text(_shown(value, path.name)))  # not markup: values may hold "[...]"
@@ -165,7 +171,7 @@ def write_summary(
     for key in PATHS:
         if summary.get(key):
             log.info(f"{key}: {summary[key]}")
-    for written in (*(summary[key] for key in WRITTEN if summary.get(key)), path, *also):
+    for written in wrote:
         log.info(f"wrote {written}")
 
 

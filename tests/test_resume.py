@@ -230,7 +230,11 @@ def test_resume_of_a_ddp_job_from_every_saved_state_matches_the_uninterrupted_jo
 
 
 def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
-    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    cifar: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     """No schedule, so that two epochs and then one more are the same training as three at once."""
     monkeypatch.setenv(KEY_ENV, "test-key")
@@ -239,9 +243,12 @@ def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
     two = train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path / "run")
     saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").iterdir()}
 
+    capsys.readouterr()
     with caplog.at_level(logging.INFO, logger="t240dist"):
         again = train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path / "run")
     assert again == two
+    shown = capsys.readouterr().out  # the run's summary table, as it stands
+    assert "run summary" in shown and f"{two['test_acc']:.4g}" in shown
     assert any(m.startswith("this run already finished") for m in caplog.messages)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").iterdir()} == saved
 

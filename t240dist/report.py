@@ -168,11 +168,11 @@ def show_summary(summary: dict[str, Any], path: Path, wrote: tuple[Path | str, .
         if key not in PATHS + WRITTEN and value not in (None, [], {}):
             table.add_row(key, Text(_shown(value, path.name)))  # not markup: values may hold "[...]"
     Console().print(table)
-    for key in PATHS:
+    for key in PATHS:  # whole, wherever the command was given them from
         if summary.get(key):
-            log.info(f"{key}: {summary[key]}")
+            log.info(f"{key}: {Path(summary[key]).absolute()}")
     for written in wrote:
-        log.info(f"wrote {written}")
+        log.info(f"wrote {Path(written).absolute()}")
 
 
 def _shown(value: Any, file: str) -> str:

@@ -267,7 +267,7 @@ def show_sweep_summary(rows: list[dict[str, Any]], csv_file: Path, objective: st
         if row["error"]:
             # Text, not markup: error lines quote paths such as "[/path/file.cc:561]"
             console.print(Text(f"trial {row['trial']} {row['state']}: {row['error']}"))
-    console.print(Text(f"wrote {csv_file}"), soft_wrap=True)
+    console.print(Text(f"wrote {Path(csv_file).absolute()}"), soft_wrap=True)
 
 
 def _rounded(override: str) -> str:

@@ -157,16 +157,14 @@ def test_predict_says_where_it_wrote_in_80_columns_and_in_its_log(run: dict, tmp
     _image_folder(tmp_path / "images")
     args = [
         f"ckpt={run['best_checkpoint']}",
-        f"input={tmp_path / 'images'}",
-        f"hydra.run.dir={tmp_path / 'out'}",
+        "input=images",  # given relative to the working folder: said whole
+        "output=preds.csv",
+        "hydra.run.dir=out",
     ]
     done = run_cli([*args, "data.num_workers=4"], cwd=tmp_path, entry="train.predict", COLUMNS="80")
     assert done.returncode == 0, done.stderr[-2000:]
-    wrote = [
-        f"wrote {tmp_path / 'out' / 'predictions.csv'}",
-        f"wrote {tmp_path / 'out' / 'predict_summary.json'}",
-    ]
-    fits_80_columns(done.stdout, wrote)
+    wrote = [f"wrote {tmp_path / 'preds.csv'}", f"wrote {tmp_path / 'out' / 'predict_summary.json'}"]
+    fits_80_columns(done.stdout, [f"input: {tmp_path / 'images'}", *wrote])
     assert all(line in (tmp_path / "out" / "predict.log").read_text() for line in wrote)
     assert [line for line in done.stdout.splitlines() if any(noise in line for noise in NOISE)] == []
     assert "Our suggested max number of worker" not in done.stderr  # 4 workers, at most the CPUs

@@ -858,30 +858,35 @@ def _check_trainer_arguments(trainer: dict[str, Any]) -> None:
     Here, not in ``check_run``: the names come from the Trainer's signature, and the config is checked
     before Lightning (and torch) are imported.
     """
-    extras = _trainer_extras(trainer)
-    if not extras:
-        return
+    for name, value in _trainer_extras(trainer).items():
+        wrong = not_a_trainer_argument(name, _cli_value(value))
+        if wrong:
+            raise ConfigError(wrong)
+
+
+def not_a_trainer_argument(name: str, value: str) -> str | None:
+    """Why ``+trainer.NAME=VALUE`` is refused, with the closest argument of Lightning's Trainer (imported
+    here); None where NAME is one."""
     import inspect
 
     import pytorch_lightning as pl
 
     known = list(inspect.signature(pl.Trainer).parameters)
-    for name, value in extras.items():
-        if name in known:
-            continue
-        close = difflib.get_close_matches(name, known, n=1)
-        if not close:
-            raise ConfigError(
-                f"trainer.{name} is not an argument of Lightning's Trainer — see its arguments with "
-                "python -c 'import inspect, pytorch_lightning as pl; print(inspect.signature(pl.Trainer))'"
-            )
-        guess = close[0]
-        if guess in OWNED_TRAINER_ARGS:
-            fix = f"did you mean trainer.{guess}? {' — '.join(OWNED_TRAINER_ARGS[guess])}"
-        else:
-            plus = "" if guess in Trainer.model_fields else "+"
-            fix = f"did you mean {plus}trainer.{guess}={_cli_value(value)}?"
-        raise ConfigError(f"trainer.{name} is not an argument of Lightning's Trainer — {fix}")
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=1)
+    if not close:
+        return (
+            f"trainer.{name} is not an argument of Lightning's Trainer — see its arguments with "
+            "python -c 'import inspect, pytorch_lightning as pl; print(inspect.signature(pl.Trainer))'"
+        )
+    guess = close[0]
+    if guess in OWNED_TRAINER_ARGS:
+        fix = f"did you mean trainer.{guess}? {' — '.join(OWNED_TRAINER_ARGS[guess])}"
+    else:
+        plus = "" if guess in Trainer.model_fields else "+"
+        fix = f"did you mean {plus}trainer.{guess}={value}?"
+    return f"trainer.{name} is not an argument of Lightning's Trainer — {fix}"
 
 
 def _cli_value(value: Any) -> str:

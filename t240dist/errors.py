@@ -206,7 +206,12 @@ def _hydra_line(err: BaseException) -> str:
     if unknown and "+" in text:
         key = unknown.group(1)
         append = re.search(r"use (\+\S+)", text)
-        if key.startswith("trainer.") and append:  # a Lightning Trainer argument that t240dist does not set
+        if key.startswith("trainer.") and append:  # a Lightning Trainer argument that t240dist does not set?
+            from t240dist.config import not_a_trainer_argument  # config imports this module
+
+            wrong = not_a_trainer_argument(key.removeprefix("trainer."), append.group(1).split("=", 1)[1])
+            if wrong:
+                return wrong
             preset = _DEBUG_PRESETS.get(key)
             return (
                 f"{key} is not one of t240dist's trainer keys — pass it to Lightning's Trainer with "

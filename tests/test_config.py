@@ -147,6 +147,11 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
             "ConfigError: data.root '/nonexistent' has no data_batch_1",
         ),
         (
+            ["trainer.benchmrk=true"],  # neither a key of trainer/ nor a Trainer argument: the one it meant
+            "ConfigError: trainer.benchmrk is not an argument of Lightning's Trainer — did you mean "
+            "+trainer.benchmark=true?",
+        ),
+        (
             ["data=cifar10", "data.root=~/cifar"],  # as bash and zsh pass it on
             "ConfigError: data.root=~/cifar: Hydra reads a bare ~ as its delete operator — quote the value, "
             "'data.root=\"~/cifar\"', or write data.root=$HOME/cifar",

@@ -60,10 +60,15 @@ def run_job_bench(bench: dict[str, Any], conf: dict[str, Any], overrides: list[s
     for repeat in range(bench["repeats"]):
         for name, extra in sides.items():
             out = run_dir / f"{name.replace(' ', '_').replace('=', '-')}-{repeat}"
+            print(
+                f"bench.task=job: repeat {repeat + 1} of {bench['repeats']}, {name} ({out / 'log.txt'})",
+                flush=True,
+            )
             if name == HAND_WRITTEN:
                 runs[name].append(_run_handwritten(spec, out, gpus))
             else:
                 runs[name].append(_run_t240dist([*overrides, *extra], out, gpus))
+            print(f"  {runs[name][-1]['wall_s']:.1f} s", flush=True)
     result = {
         "task": "job",
         "overrides": overrides,

@@ -113,6 +113,8 @@ def test_job_bench_times_both_whole_jobs_as_processes_and_reports_their_phases(t
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert result["task"] == "job" and result["epochs"] == 1 and result["repeats"] == 1
+    for side in ("hand-written", "t240dist", "t240dist monitor=off"):  # each side said as it starts
+        assert f"bench.task=job: repeat 1 of 1, {side} (" in done.stdout
     assert set(result["sides"]) == {"hand-written", "t240dist", "t240dist monitor=off"}
     assert not any(o.startswith(("bench.", "hydra.run.")) for o in result["overrides"])
     for name, row in result["sides"].items():

@@ -90,10 +90,28 @@ def fits_80_columns(output: str, paths: list[str]) -> None:
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag in the run dir's event files, as (step, value) pairs."""
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    """Every scalar tag in the run dir's event files, as (step, value) pairs: what TensorBoard shows, where
+    a file that starts at an earlier step than the last one reached (a resumed run) drops the points from
+    that step on (its purge of a restart's orphans).
+
+    The files are taken in the order they were made, each read on its own: TensorBoard takes a folder's
+    files in name order, in which those that one process makes within a second sort by a counter as text
+    (…10 before …9), and would purge the wrong points (runs in one test process)."""
+    files = []
+    for path in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        points = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+        files.append((acc.FirstEventTimestamp(), points))
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for _, points in sorted(files, key=lambda made: made[0]):
+        start = min((step for tag in points.values() for step, _ in tag), default=None)
+        if start is None:
+            continue
+        curves = {tag: [(s, v) for s, v in kept if s < start] for tag, kept in curves.items()}
+        for tag, new in points.items():
+            curves.setdefault(tag, []).extend(new)
+    return {tag: kept for tag, kept in curves.items() if kept}
 
 
 def assert_same_end(run_dir: Path, whole_dir: Path, since: int = 0) -> None:

@@ -296,8 +296,8 @@ def test_a_run_trained_on_with_another_schedule_follows_it_as_planned_from_the_s
     longer = train(compose([*overrides, *then]), run_dir=tmp_path / "run")
     assert longer["resumed_from"] is not None and longer["global_step"] == planned["global_step"]
     assert planned["global_step"] > done["global_step"] > 0
-    after = {step: lr for step, lr in _lr_curve(tmp_path / "run").items() if step > done["global_step"]}
-    assert after == {s: lr for s, lr in _lr_curve(tmp_path / "planned").items() if s in after} != {}
+    after = {step: lr for step, lr in scalars(tmp_path / "run")["train/lr"] if step > done["global_step"]}
+    assert after == {s: lr for s, lr in scalars(tmp_path / "planned")["train/lr"] if s in after} != {}
     groups = [
         [{k: g[k] for k in ("lr", "momentum")} for g in state["optimizer_states"][0]["param_groups"]]
         for state in (
@@ -326,16 +326,6 @@ def test_a_run_resumed_from_another_runs_file_holds_its_best_in_its_own_folder(
     assert (own / "best.ckpt").read_bytes() == before["best.ckpt"]  # no epoch of r2 did better
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     assert load_checkpoint(own / "best.ckpt", trust_unsigned=False)["global_step"] < done["global_step"]
-
-
-def _lr_curve(run_dir: Path) -> dict[int, float]:
-    """``train/lr`` by step, each event file read on its own, oldest first. Read as one folder, the files
-    that one process writes within a second sort by a counter as text (…9 after …10), and TensorBoard drops
-    the steps of a later file as orphans."""
-    curve = {}
-    for events in sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
-        curve.update(scalars(events).get("train/lr", []))
-    return curve
 
 
 def test_last_is_the_final_state_and_best_names_the_best(

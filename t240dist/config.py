@@ -847,9 +847,17 @@ def _trainer_extras(trainer: dict[str, Any]) -> dict[str, Any]:
 def _check_trainer_extras(trainer: dict[str, Any]) -> None:
     """Refuse Trainer arguments that t240dist sets itself, saying why and what to use instead."""
     for name in _trainer_extras(trainer):
-        if name in OWNED_TRAINER_ARGS:
-            why, fix = OWNED_TRAINER_ARGS[name]
-            raise ConfigError(f"trainer.{name} is t240dist's to set: {why} — {fix}")
+        owned = owned_trainer_argument(name)
+        if owned:
+            raise ConfigError(owned)
+
+
+def owned_trainer_argument(name: str) -> str | None:
+    """Why ``trainer.NAME`` is t240dist's to set and what to use instead; None where it is not."""
+    if name not in OWNED_TRAINER_ARGS:
+        return None
+    why, fix = OWNED_TRAINER_ARGS[name]
+    return f"trainer.{name} is t240dist's to set: {why} — {fix}"
 
 
 def _check_trainer_arguments(trainer: dict[str, Any]) -> None:

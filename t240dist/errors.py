@@ -207,9 +207,10 @@ def _hydra_line(err: BaseException) -> str:
         key = unknown.group(1)
         append = re.search(r"use (\+\S+)", text)
         if key.startswith("trainer.") and append:  # a Lightning Trainer argument that t240dist does not set?
-            from t240dist.config import not_a_trainer_argument  # config imports this module
+            from t240dist.config import not_a_trainer_argument, owned_trainer_argument  # config imports this
 
-            wrong = not_a_trainer_argument(key.removeprefix("trainer."), append.group(1).split("=", 1)[1])
+            name, value = key.removeprefix("trainer."), append.group(1).split("=", 1)[1]
+            wrong = owned_trainer_argument(name) or not_a_trainer_argument(name, value)
             if wrong:
                 return wrong
             preset = _DEBUG_PRESETS.get(key)

@@ -152,6 +152,10 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
             "+trainer.benchmark=true?",
         ),
         (
+            ["trainer.logger=false"],  # a Trainer argument that t240dist sets: why, and what to use, at once
+            "ConfigError: trainer.logger is t240dist's to set: t240dist builds the loggers — pick them with",
+        ),
+        (
             ["data=cifar10", "data.root=~/cifar"],  # as bash and zsh pass it on
             "ConfigError: data.root=~/cifar: Hydra reads a bare ~ as its delete operator — quote the value, "
             "'data.root=\"~/cifar\"', or write data.root=$HOME/cifar",

@@ -187,11 +187,7 @@ class BestCheckpoint(RunDirCheckpoint):
             here.parent.mkdir(parents=True, exist_ok=True)
             alias(best, here)
         trainer.strategy.barrier("best checkpoint taken in")
-        self.best_k_models = {str(here) if p == str(best) else p: v for p, v in self.best_k_models.items()}
-        self.kth_best_model_path = (
-            str(here) if self.kth_best_model_path == str(best) else self.kth_best_model_path
-        )
-        self.best_model_path = self._seen_best = str(here)
+        self.load_state_dict(self.state_dict())  # RunDirCheckpoint's paths now find the file here
         self._name_best(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

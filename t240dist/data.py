@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
 from torchvision import datasets
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
@@ -749,7 +749,7 @@ def class_folders(root: Path) -> list[str]:
 def visible_image(path: str | Path) -> bool:
     """An image file by its extension (torchvision's list), and not hidden."""
     name = Path(path).name
-    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+    return not name.startswith(".") and has_file_allowed_extension(name, IMG_EXTENSIONS)
 
 
 def _file_stats(train: Dataset, size: int, resize: int, seed: int) -> tuple[list[float], list[float]]:

@@ -59,7 +59,8 @@ class ClassifierModule(pl.LightningModule):
         self.channels_last = model["channels_last"]
         self.label_smoothing = module["label_smoothing"]
         self.mix = _batch_mixer(module, num_classes)
-        self.restored_schedule: dict[str, Any] | None = None  # the checkpoint's ``_schedule``, when resumed
+        self.schedule: dict[str, Any] = {}  # the lr schedule as configure_optimizers planned it
+        self.restored_schedule: dict[str, Any] | None = None  # the checkpoint's ``schedule``, when resumed
         top5 = num_classes >= 5
         self.val_loss, self.test_loss = MeanLoss(), MeanLoss()
         self.val_acc, self.test_acc = _accuracy(num_classes, 1), _accuracy(num_classes, 1)
@@ -185,40 +186,31 @@ class ClassifierModule(pl.LightningModule):
         return logits
 
     def configure_optimizers(self) -> Any:
+        # the lr schedule as planned, saved in every checkpoint: the sched group over this fit's steps
+        self.schedule = {
+            "sched": self.hparams["sched"],
+            "steps": int(self.trainer.estimated_stepping_batches),
+        }
         return configure_optimizers(
-            self.net, self.hparams["optim"], self.hparams["sched"], self._total_steps()
+            self.net, self.hparams["optim"], self.hparams["sched"], self.schedule["steps"]
         )
 
-    def _total_steps(self) -> int:
-        return int(self.trainer.estimated_stepping_batches)
-
-    def _schedule(self) -> dict[str, Any]:
-        """The lr schedule as planned: the ``sched`` group over the run's optimizer steps."""
-        return {**self.hparams["sched"], "steps": self._total_steps()}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["schedule"] = self._schedule()
+        checkpoint["schedule"] = self.schedule
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.restored_schedule = checkpoint.get("schedule")
-        if (
-            self.restored_schedule is not None
-            and _without_steps(self.restored_schedule) != self.hparams["sched"]
-        ):
+        if self.restored_schedule is not None and self.restored_schedule["sched"] != self.hparams["sched"]:
             checkpoint["lr_schedulers"] = []  # another sched's state: Lightning would load it into this one
 
     def on_train_start(self) -> None:
         """A run resumed with another schedule than its checkpoint's (another length: a raised
         ``trainer.max_epochs``; another ``sched``) plans its lr schedule again, from the step it reached."""
-        restored, schedule, step = self.restored_schedule, self._schedule(), self.trainer.global_step
+        restored, steps, step = self.restored_schedule, self.schedule["steps"], self.trainer.global_step
         configs = self.trainer.lr_scheduler_configs
-        if configs and restored is not None and restored != schedule and schedule["steps"] > step:
+        if configs and restored is not None and restored != self.schedule and steps > step:
             optimizer = configs[0].scheduler.optimizer
-            configs[0].scheduler = replan(optimizer, self.hparams["sched"], schedule["steps"], step)
-
-
-def _without_steps(schedule: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in schedule.items() if k != "steps"}
+            configs[0].scheduler = replan(optimizer, self.hparams["sched"], steps, step)
 
 
 class MeanLoss(Metric):

@@ -774,6 +774,9 @@ def _one_line(error: dict[str, Any], raw: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in loc if not _type_tag(p))
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
+        ours = known_as(key)
+        if ours:
+            return f"{key} is not a config key — use {ours}={_cli_value(error['input'])} (t240dist's key)"
         return f"{key} is not a config key — {_FIXES[kind]}"
     if kind == "value_error":
         return f"{key}: {msg.removeprefix('Value error, ')}"
@@ -872,6 +875,43 @@ def _check_trainer_arguments(trainer: dict[str, Any]) -> None:
             raise ConfigError(wrong)
 
 
+# What other tools call a setting (Lightning's Trainer of old, timm's and torchvision's training scripts),
+# and the key that holds it here, whatever the groups chosen: `python -m train lr=0.05` is told optim.lr.
+FOREIGN_NAMES = {
+    "lr": "optim.lr",
+    "learning_rate": "optim.lr",
+    "wd": "optim.weight_decay",
+    "weight_decay": "optim.weight_decay",
+    "epochs": "trainer.max_epochs",
+    "num_epochs": "trainer.max_epochs",
+    "max_epochs": "trainer.max_epochs",
+    "steps": "trainer.max_steps",
+    "max_steps": "trainer.max_steps",
+    "batch_size": "data.batch_size",
+    "bs": "data.batch_size",
+    "workers": "data.num_workers",
+    "num_workers": "data.num_workers",
+    "gpus": "trainer.devices",
+    "devices": "trainer.devices",
+    "num_nodes": "trainer.num_nodes",
+    "precision": "trainer.precision",
+    "smoothing": "module.label_smoothing",
+    "label_smoothing": "module.label_smoothing",
+    "mixup": "module.mixup_alpha",
+    "cutmix": "module.cutmix_alpha",
+    "model_ema_decay": "module.ema_decay",
+    "compile": "model.compile",
+    "channels_last": "model.channels_last",
+}
+
+
+def known_as(key: str) -> str | None:
+    """The key here for what ``key`` (its last part: lr, epochs, batch_size, gpus, ...) names in other
+    tools; None where that is not one of ``FOREIGN_NAMES``, or is ``key`` itself."""
+    ours = FOREIGN_NAMES.get(key.rpartition(".")[2])
+    return ours if ours != key else None
+
+
 def not_a_trainer_argument(name: str, value: str) -> str | None:
     """Why ``+trainer.NAME=VALUE`` is refused, with the closest argument of Lightning's Trainer (imported
     here); None where NAME is one."""
@@ -882,6 +922,11 @@ def not_a_trainer_argument(name: str, value: str) -> str | None:
     known = list(inspect.signature(pl.Trainer).parameters)
     if name in known:
         return None
+    ours = known_as(f"trainer.{name}")
+    if ours:
+        return (
+            f"trainer.{name} is not an argument of Lightning's Trainer — use {ours}={value} (t240dist's key)"
+        )
     close = difflib.get_close_matches(name, known, n=1)
     if not close:
         return (

@@ -218,17 +218,15 @@ def _hydra_line(err: BaseException) -> str:
                 f"{key} is not one of t240dist's trainer keys — pass it to Lightning's Trainer with "
                 f"{append.group(1)}" + (f", or use {preset}" if preset else "")
             )
-        closest = _closest_key(key, err.__cause__)
+        from t240dist.config import known_as
+
+        ours, closest = known_as(key), _closest_key(key, err.__cause__)
         value = re.search(rf"\+{re.escape(key)}=(.*)", text)
-        if closest and value:
-            return (
-                f"{key} is not a config key — use {closest}={value.group(1).strip()} (the closest key; "
-                "python -m train --cfg job lists them all)"
-            )
-        return (
-            f"{key} is not a config key — check its spelling (python -m train --cfg job lists the keys), "
-            f"or add a new key with +{key}=..."
-        )
+        if (ours or closest) and value:
+            why = "t240dist's key" if ours else "the closest key; python -m train --cfg job lists them all"
+            return f"{key} is not a config key — use {ours or closest}={value.group(1).strip()} ({why})"
+        # (+KEY=... would be refused too: only trainer takes new keys, handled above)
+        return f"{key} is not a config key — check its spelling (python -m train --cfg job lists the keys)"
     home = re.match(r"LexerNoViableAltException: ([\w.+]+)=(~\S*)", text)
     if home:  # bash expands ~ after the = of ckpt=~/x, not of data.root=~/x (nor zsh of either)
         key, value = home.groups()

@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, compose, run_cli
+from omegaconf import OmegaConf
 
-from t240dist.config import CONF_PACKAGE, decide_decode, plain, validate, validate_run, with_later_keys
+from t240dist.config import (
+    CONF_PACKAGE,
+    FOREIGN_NAMES,
+    decide_decode,
+    known_as,
+    plain,
+    validate,
+    validate_run,
+    with_later_keys,
+)
 from t240dist.errors import ConfigError
 
 
@@ -33,6 +43,11 @@ from t240dist.errors import ConfigError
             "the small_cnn group has no model 'vgg11' — use model=torchvision model.name=vgg11",
         ),
         (["+foo=1"], "foo is not a config key — remove it or fix its spelling"),
+        (["+lr=0.05"], "lr is not a config key — use optim.lr=0.05 (t240dist's key)"),
+        (
+            ["+trainer.gpus=2"],
+            "trainer.gpus is not an argument of Lightning's Trainer — use trainer.devices=2",
+        ),
         (["+optim.momentum2=0.9"], "optim.momentum2 is not a config key"),
         (["optim=adam", "optim.betas=[0.9,2]"], "optim.betas.1 must be less than 1 (got 2)"),
         (["trainer.max_epochs=abc"], "trainer.max_epochs must be a valid integer"),
@@ -130,6 +145,18 @@ def test_every_experiment_validates_with_synthetic_data(experiment: str) -> None
     assert conf["data"]["name"] == "synthetic"
 
 
+@pytest.mark.parametrize("group", ["data", "model", "optim", "sched", "trainer"])
+def test_every_key_that_foreign_names_point_to_exists_whatever_the_groups(group: str) -> None:
+    """lr=..., epochs=..., gpus=... are answered with a key that each option of each group has."""
+    for option in _options(group):
+        extra = ["data.root=x"] if group == "data" and option in ("cifar10", "mnist", "imagefolder") else []
+        extra += ["model.name=resnet18"] if group == "model" and option == "torchvision" else []
+        cfg, absent = compose([f"{group}={option}", *extra]), object()
+        for foreign, ours in FOREIGN_NAMES.items():
+            assert OmegaConf.select(cfg, ours, default=absent) is not absent, (group, option, foreign)
+            assert known_as(foreign) == ours and known_as(f"trainer.{foreign}") in (ours, None)
+
+
 @pytest.mark.parametrize("trainer", _options("trainer"))
 def test_trainer_variants_inherit_the_defaults(trainer: str) -> None:
     cfg = compose([f"trainer={trainer}"])
@@ -222,8 +249,22 @@ def test_hydra_full_error_gives_the_traceback_and_still_exit_2(tmp_path: Path) -
     ("mistake", "error"),
     [
         (["optim.lrr=0.1"], "ConfigError: optim.lrr is not a config key — use optim.lr=0.1"),
+        (
+            ["lr=0.05"],
+            "ConfigError: lr is not a config key — use optim.lr=0.05 (t240dist's key)",
+        ),  # timm's name
+        (["epochs=1"], "ConfigError: epochs is not a config key — use trainer.max_epochs=1"),
+        (
+            ["trainer.gpus=1"],
+            "ConfigError: trainer.gpus is not an argument of Lightning's Trainer — use trainer",
+        ),
+        (["+workers=0"], "ConfigError: workers is not a config key — use data.num_workers=0"),
         (["model.name=nosuchnet"], "ConfigError: model.name: 'nosuchnet' is not a torchvision classifier"),
         (["model=torchvision", "model.name=resnet19"], "— use model=torchvision model.name=resnet18"),
+        (["lr=0.05"], "ConfigError: lr is not a config key — use optim.lr=0.05"),  # the names of other tools
+        (["epochs=2"], "ConfigError: epochs is not a config key — use trainer.max_epochs=2"),
+        (["trainer.gpus=1"], "ConfigError: trainer.gpus is not an argument of Lightning's Trainer — use"),
+        (["+workers=0"], "ConfigError: workers is not a config key — use data.num_workers=0"),
     ],
 )
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from pytorch_lightning.strategies import DDPStrategy
 from t240dist.errors import ConfigError
 from t240dist.readback import host_copy
 
+log = logging.getLogger(__name__)
+
 
 @contextmanager
 def ends_process_group() -> Iterator[None]:
@@ -42,13 +45,17 @@ def ends_process_group() -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def gather_ranks(conf: dict[str, Any], device: str) -> list[dict[str, Any]]:
-    """Every rank's host, device and config fingerprint, in rank order; refuse ranks with other configs."""
+def gather_ranks(conf: dict[str, Any], device: str, weights: str | None) -> list[dict[str, Any]]:
+    """Every rank's host, device, config fingerprint and ``weights`` (its parameters' fingerprint; None in
+    one process), in rank order; refuse ranks with other configs, and warn where the ranks ended with other
+    weights: DDP gives every rank the same gradients, so only an update made otherwise on some rank (its
+    own learning rate, say) parts them, and the checkpoints hold rank 0's alone."""
     mine = {
         "rank": dist.get_rank() if dist.is_initialized() else 0,
         "host": socket.gethostname(),
         "device": device,
         "config_sha256": hashlib.sha256(json.dumps(conf, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": weights,
     }
     if not (dist.is_available() and dist.is_initialized()):
         return [mine]
@@ -58,6 +65,13 @@ def gather_ranks(conf: dict[str, Any], device: str) -> list[dict[str, Any]]:
         raise ConfigError(
             "the ranks of this job trained different configs — start every rank with the same command "
             "line (or let python -m train trainer=ddp start them)"
+        )
+    parted = [r["rank"] for r in ranks if r["weights_sha256"] != ranks[0]["weights_sha256"]]
+    if parted and mine["rank"] == 0:
+        log.warning(
+            "ranks %s ended training with weights other than rank 0's, which the checkpoints hold: an update "
+            "differed between ranks (weights_sha256 in run_summary.json's ranks)",
+            parted,
         )
     return ranks
 

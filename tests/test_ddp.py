@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -14,13 +15,14 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from conftest import NOISE, TINY, compose, run_cli
 from datasets_on_disk import write_image_tree
 from torch.utils.data import Dataset
 
 from t240dist.config import validate
 from t240dist.data import ImageDataModule
-from t240dist.distributed import Agreed, ends_process_group
+from t240dist.distributed import Agreed, ends_process_group, gather_ranks
 from t240dist.module import ClassifierModule
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1"]
@@ -39,6 +41,7 @@ def test_two_rank_run_is_one_job_with_one_run_dir(tmp_path: Path) -> None:
     assert summary["world_size"] == 2 and summary["devices"] == ["cpu", "cpu"]
     assert [r["rank"] for r in summary["ranks"]] == [0, 1]
     assert len({r["config_sha256"] for r in summary["ranks"]}) == 1
+    assert len({r["weights_sha256"] for r in summary["ranks"]}) == 1 and summary["ranks"][0]["weights_sha256"]
     assert summary["global_step"] == 128 // (32 * 2)  # each rank takes half of every epoch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no run dirs of the other rank
     assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) >= 1
@@ -189,6 +192,38 @@ def test_two_torchrun_agents_on_loopback_complete_one_run(tmp_path: Path) -> Non
     assert summary["run_dir"] == str(tmp_path / "outputs" / "torchrun" / "pytest-job")
     assert summary["world_size"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
     assert len({r["config_sha256"] for r in summary["ranks"]}) == 1
+
+
+PARTINGS = [["same", "same"], ["w0", "w1"]]  # each rank's weights, for each gather_ranks in turn
+
+
+def _gather(rank: int, store: str, out: str) -> None:
+    """A rank of a 2-process gloo group: gather_ranks with each of PARTINGS, and what each logged."""
+    warned: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("t240dist.distributed").addHandler(handler)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    seen = []
+    with ends_process_group():
+        for weights in PARTINGS:
+            seen.append({"ranks": gather_ranks({"seed": 0}, "cpu", weights[rank]), "warned": warned[:]})
+            warned.clear()
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+
+
+def test_rank_0_names_the_ranks_whose_weights_parted_from_its_own(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(_gather, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert [[r["weights_sha256"] for r in seen["ranks"]] for seen in zero] == PARTINGS
+    assert [seen["warned"] for seen in one] == [[], []]
+    assert [seen["warned"] for seen in zero] == [
+        [],
+        [
+            "ranks [1] ended training with weights other than rank 0's, which the checkpoints hold: an "
+            "update differed between ranks (weights_sha256 in run_summary.json's ranks)"
+        ],
+    ]
 
 
 def test_ranks_exchange_once_at_each_logging_step_whatever_the_micro_batches() -> None:

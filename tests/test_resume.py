@@ -308,6 +308,37 @@ def test_a_run_trained_on_with_another_schedule_follows_it_as_planned_from_the_s
     assert groups[0] == groups[1]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (["sched=onecycle", "trainer.max_epochs=2"], ["sched=onecycle", "trainer.max_epochs=3"]),
+        (
+            ["sched=warmup_cosine", "trainer.max_epochs=-1", "trainer.max_steps=5"],
+            ["sched=warmup_cosine", "trainer.max_epochs=-1", "trainer.max_steps=8"],
+        ),
+    ],
+    ids=["onecycle-longer", "cosine-more-steps"],
+)
+def test_a_ddp_job_trained_on_with_another_length_replans_on_every_rank(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: list[str], then: list[str]
+) -> None:
+    """The replan above for 2 ranks over gloo, started by the elastic agent: after the resume the lr is the
+    planned job's, step by step, and every rank ends with rank 0's weights (a rank that kept its old plan
+    would step with its own lr and part from them, or stop: OneCycleLR refuses steps past its plan)."""
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}", *DDP[:2]]
+    planned = train(compose([*overrides, *then]), run_dir=tmp_path / "planned")
+    done = train(compose([*overrides, *first]), run_dir=tmp_path / "run")
+    longer = train(compose([*overrides, *then]), run_dir=tmp_path / "run")
+    assert longer["resumed_from"] is not None
+    assert longer["global_step"] == planned["global_step"] > done["global_step"] > 0
+    after = {step: lr for step, lr in scalars(tmp_path / "run")["train/lr"] if step > done["global_step"]}
+    assert after == {s: lr for s, lr in scalars(tmp_path / "planned")["train/lr"] if s in after} != {}
+    for summary in (planned, done, longer):
+        assert summary["world_size"] == 2 and len({r["weights_sha256"] for r in summary["ranks"]}) == 1
+
+
 def test_a_run_resumed_from_another_runs_file_holds_its_best_in_its_own_folder(
     cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

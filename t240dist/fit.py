@@ -140,6 +140,7 @@ def fit_and_test(
         "phases_s": {
             "to_first_step": curves.to_first_step_s,  # from the process's start (imports included)
             "validation": curves.validation_s,
+            "input_wait": trainer.profiler.input_wait_s,  # the training loop's, within train_s
             "checkpoints": trainer.strategy.checkpoint_io.seconds,  # the training thread's share of saves
             "test": test_s,
         },
@@ -237,19 +238,50 @@ def _fast_dev_run(conf: dict[str, Any]) -> str | None:
 
 def _profiler(name: str | None, run_dir: Path) -> Profiler:
     """Lightning's simple or advanced profiler, writing its report to ``<run dir>/<stage>-profile.txt``;
-    without one, ``NoProfiler``."""
+    without one, ``NoProfiler``. Each times the training loop's waits for input (``InputWait``)."""
     if name is None:
         return NoProfiler()
-    kind = {"simple": SimpleProfiler, "advanced": AdvancedProfiler}[name]
+    kind = {"simple": WaitingSimpleProfiler, "advanced": WaitingAdvancedProfiler}[name]
     return kind(dirpath=run_dir, filename="profile")
 
 
-class NoProfiler(PassThroughProfiler):
+class InputWait:
+    """Mixed into the run's profiler: the seconds the training loop waited for its next batch.
+
+    Lightning brackets each fetch of a training batch with the profiler's ``start`` and ``stop`` (the
+    action ``[_TrainingEpochLoop].train_dataloader_next`` of its profiler reports): the time the loop
+    spent there is the time it waited for the DataLoader, its workers, or the decoding ahead.
+    """
+
+    input_wait_s = 0.0
+    _fetching = 0.0
+
+    def start(self, action_name: str) -> None:
+        if action_name.endswith("train_dataloader_next"):
+            self._fetching = time.perf_counter()
+        super().start(action_name)  # type: ignore[misc]
+
+    def stop(self, action_name: str) -> None:
+        super().stop(action_name)  # type: ignore[misc]
+        if action_name.endswith("train_dataloader_next"):
+            self.input_wait_s += time.perf_counter() - self._fetching
+
+
+class WaitingSimpleProfiler(InputWait, SimpleProfiler):
+    """Lightning's simple profiler, timing the waits for input too."""
+
+
+class WaitingAdvancedProfiler(InputWait, AdvancedProfiler):
+    """Lightning's advanced profiler, timing the waits for input too."""
+
+
+class NoProfiler(InputWait, PassThroughProfiler):
     """Lightning's default "no profiler", without its per-call cost.
 
     Lightning wraps every hook of every callback in ``profiler.profile(...)``, ~150 times a step;
     PassThroughProfiler still builds a generator context manager each time (~1.5 µs), which a
-    launch-bound step pays in full. One shared null context does the same nothing.
+    launch-bound step pays in full. One shared null context does the same nothing. It still times the
+    waits for input (``InputWait``: two clock reads a step).
     """
 
     _NOTHING = nullcontext()

@@ -22,8 +22,8 @@ def test_default_run_trains_digits_to_097_and_reports(tmp_path: Path) -> None:
     assert all(v > 0 for v in startup.values())  # before_train: from the interpreter's start to train()
     assert sum(startup.values()) - startup["before_train"] < summary["wall_s"]
     phases = summary["phases_s"]
-    assert set(phases) == {"to_first_step", "validation", "checkpoints", "test"}
-    assert all(v > 0 for v in phases.values())
+    assert set(phases) == {"to_first_step", "validation", "input_wait", "checkpoints", "test"}
+    assert all(v > 0 for v in phases.values()) and phases["input_wait"] < summary["train_s"]
     assert phases["to_first_step"] > sum(startup.values())  # from the process's start; fit's set-up too
     assert phases["validation"] + summary["train_s"] < summary["wall_s"]
     out = done.stdout + done.stderr

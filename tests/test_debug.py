@@ -8,17 +8,21 @@ import json
 import logging
 import re
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from conftest import TINY, compose, run_cli, scalars
 from test_loggers import csv_points
+from torch.utils.data import DataLoader, Dataset
 
 from t240dist.checkpoint import SignedCheckpointIO
 from t240dist.errors import CheckpointError, ConfigError
+from t240dist.fit import _profiler
 from t240dist.run import train
 
 # TINY without its max_epochs, which a command-line override would hold against a preset's
@@ -63,9 +67,51 @@ def test_limit_runs_a_few_batches_of_each_split_with_checkpoints_and_logs(tmp_pa
 
 @pytest.mark.parametrize(("profiler", "mark"), [("simple", "run_training_epoch"), ("advanced", "ncalls")])
 def test_a_chosen_profiler_writes_its_report_to_the_run_dir(tmp_path: Path, profiler: str, mark: str) -> None:
-    train(compose([*PRESETS_TINY, "debug=profiler", f"trainer.profiler={profiler}"]), tmp_path)
+    summary = train(compose([*PRESETS_TINY, "debug=profiler", f"trainer.profiler={profiler}"]), tmp_path)
     report = (tmp_path / "fit-profile.txt").read_text()
     assert report.startswith("FIT Profiler Report") and mark in report
+    assert 0 < summary["phases_s"]["input_wait"] < summary["train_s"]  # timed under any profiler
+
+
+DATA_S, STEP_S = 0.02, 0.05  # each item's load, each step's work
+
+
+class SlowItems(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        time.sleep(DATA_S)
+        return torch.ones(2)
+
+
+class SlowSteps(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: torch.Tensor, _: int) -> torch.Tensor:
+        time.sleep(STEP_S)
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("kind", [None, "simple", "advanced"])
+def test_the_run_times_the_training_loops_waits_for_input_and_nothing_else(
+    tmp_path: Path, kind: str | None
+) -> None:
+    """phases_s.input_wait: the loads of every item of 2 epochs (in the loop's process, 0 workers), and
+    none of the steps' work, whichever profiler the run has."""
+    profiler = _profiler(kind, tmp_path)
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=2, profiler=profiler, enable_model_summary=False, **quiet
+    )
+    trainer.fit(SlowSteps(), DataLoader(SlowItems(), batch_size=2))
+    loads, steps = 2 * 8 * DATA_S, 2 * 4 * STEP_S
+    assert loads <= profiler.input_wait_s < loads + steps / 2
 
 
 # Runs that early stopping ends: at epoch 1 of 5, no val/loss improving on the first by min_delta=10 (the

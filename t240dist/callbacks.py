@@ -437,8 +437,15 @@ class EarlyStop(EarlyStopping):
     """
 
     def __init__(self, checkpoint: dict[str, Any], patience: int, min_delta: float) -> None:
+        # checked after each validation, not at each epoch's end (Lightning's choice where validation ends
+        # every epoch): a run whose max_steps ends its first epoch early has no val/loss there to compare,
+        # and Lightning stopped it with a RuntimeError
         super().__init__(
-            monitor=checkpoint["monitor"], mode=checkpoint["mode"], patience=patience, min_delta=min_delta
+            monitor=checkpoint["monitor"],
+            mode=checkpoint["mode"],
+            patience=patience,
+            min_delta=min_delta,
+            check_on_train_epoch_end=False,
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -885,7 +885,6 @@ FOREIGN_NAMES = {
     "epochs": "trainer.max_epochs",
     "num_epochs": "trainer.max_epochs",
     "max_epochs": "trainer.max_epochs",
-    "steps": "trainer.max_steps",
     "max_steps": "trainer.max_steps",
     "batch_size": "data.batch_size",
     "bs": "data.batch_size",

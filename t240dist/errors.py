@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 EXIT_USER_ERROR = 2
@@ -248,12 +248,27 @@ def _hydra_line(err: BaseException) -> str:
 
 
 def _closest_key(key: str, cause: BaseException | None) -> str | None:
-    """The existing key next to ``key`` that its last part was most likely meant to be (by difflib), from
-    the config node that OmegaConf says lacks it; None where none is close."""
+    """The existing key that ``key`` was most likely meant to be, from the config node that OmegaConf says
+    lacks it: for a key at the top, the one key of the whole config that ends in it (``steps`` in the
+    benchmark's config: bench.steps); else the value next to it that difflib finds closest to its last
+    part (not a config group, such as sweep, which takes an option); None where none is."""
     parent = getattr(cause, "parent_node", None)
     if parent is None:
         return None
+    tree = OmegaConf.to_container(parent, resolve=False)  # interpolations stay as written
     head, _, leaf = key.rpartition(".")
-    names = [str(name) for name in parent]
-    found = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
+    ending = [path for path in _value_paths(tree) if path.rpartition(".")[2] == leaf]
+    if not head and len(ending) == 1:
+        return ending[0]
+    values = [str(name) for name, value in tree.items() if not isinstance(value, dict)]
+    found = difflib.get_close_matches(leaf, values, n=1, cutoff=0.6)
     return f"{head}.{found[0]}" if found and head else found[0] if found else None
+
+
+def _value_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys of every value in ``tree`` (nested dicts walked, lists taken as values)."""
+    paths = []
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        paths += _value_paths(value, f"{path}.") if isinstance(value, dict) else [path]
+    return paths

@@ -238,6 +238,27 @@ def test_config_errors_and_the_config_print_import_no_torch(tmp_path: Path) -> N
         assert not imported & {"torch", "pytorch_lightning", "mlflow"}, args
 
 
+@pytest.mark.parametrize(
+    ("entry", "mistake", "hint"),
+    [
+        (
+            "train.bench",
+            "steps=5",
+            "steps is not a config key — use bench.steps=5 (",
+        ),  # the one key ending so
+        ("train", "patience=2", "patience is not a config key — use early_stopping.patience=2 ("),
+        ("train", "steps=5", "steps is not a config key — check its spelling"),  # not sweep, a group
+        ("train", "name=resnet18", "name is not a config key — check its spelling"),  # data.name, model.name
+    ],
+)
+def test_a_key_given_without_its_group_is_answered_with_the_one_key_that_ends_so(
+    tmp_path: Path, entry: str, mistake: str, hint: str
+) -> None:
+    done = run_cli([mistake], cwd=tmp_path, entry=entry)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith(f"ConfigError: {hint}"), done.stderr[-1000:]
+
+
 def test_hydra_full_error_gives_the_traceback_and_still_exit_2(tmp_path: Path) -> None:
     done = run_cli(["optim.lr=-1", f"hydra.run.dir={tmp_path}"], cwd=tmp_path, HYDRA_FULL_ERROR="1")
     assert done.returncode == 2
@@ -265,6 +286,7 @@ def test_hydra_full_error_gives_the_traceback_and_still_exit_2(tmp_path: Path) -
         (["epochs=2"], "ConfigError: epochs is not a config key — use trainer.max_epochs=2"),
         (["trainer.gpus=1"], "ConfigError: trainer.gpus is not an argument of Lightning's Trainer — use"),
         (["+workers=0"], "ConfigError: workers is not a config key — use data.num_workers=0"),
+        (["patience=1"], "ConfigError: patience is not a config key — use early_stopping.patience=1"),
     ],
 )
 @pytest.mark.slow

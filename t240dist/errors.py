@@ -204,11 +204,11 @@ def _hydra_line(err: BaseException) -> str:
     text = str(err).split("Config search path")[0]
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown and "+" in text:
+        from t240dist.config import known_as, not_a_trainer_argument, owned_trainer_argument  # (imports this)
+
         key = unknown.group(1)
         append = re.search(r"use (\+\S+)", text)
         if key.startswith("trainer.") and append:  # a Lightning Trainer argument that t240dist does not set?
-            from t240dist.config import not_a_trainer_argument, owned_trainer_argument  # config imports this
-
             name, value = key.removeprefix("trainer."), append.group(1).split("=", 1)[1]
             wrong = owned_trainer_argument(name) or not_a_trainer_argument(name, value)
             if wrong:
@@ -218,8 +218,6 @@ def _hydra_line(err: BaseException) -> str:
                 f"{key} is not one of t240dist's trainer keys — pass it to Lightning's Trainer with "
                 f"{append.group(1)}" + (f", or use {preset}" if preset else "")
             )
-        from t240dist.config import known_as
-
         ours, closest = known_as(key), _closest_key(key, err.__cause__)
         value = re.search(rf"\+{re.escape(key)}=(.*)", text)
         if (ours or closest) and value:
@@ -257,8 +255,8 @@ def _closest_key(key: str, cause: BaseException | None) -> str | None:
         return None
     tree = OmegaConf.to_container(parent, resolve=False)  # interpolations stay as written
     head, _, leaf = key.rpartition(".")
-    ending = [path for path in _value_paths(tree) if path.rpartition(".")[2] == leaf]
-    if not head and len(ending) == 1:
+    ending = [] if head else [path for path in _value_paths(tree) if path.rpartition(".")[2] == leaf]
+    if len(ending) == 1:
         return ending[0]
     values = [str(name) for name, value in tree.items() if not isinstance(value, dict)]
     found = difflib.get_close_matches(leaf, values, n=1, cutoff=0.6)

@@ -114,8 +114,8 @@ def fit_and_test(
             return finished
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         stopped = _stopped_early(trainer)  # before the test, which loads the callbacks' state of the best
-        fingerprint = model_fingerprint(module.net)  # the final weights, before testing loads the best
-        weights = model_fingerprint(module.net, buffers=False) if trainer.world_size > 1 else None
+        # the final weights, before testing loads the best; and, for the ranks to compare, the weights alone
+        fingerprint, weights = model_fingerprints(module.net, weights=trainer.world_size > 1)
         test_started = time.perf_counter()
         # verbose=False: Lightning's table of the test metrics says again what the run summary says
         tested = trainer.test(
@@ -253,17 +253,18 @@ class InputWait:
     spent there is the time it waited for the DataLoader, its workers, or the decoding ahead.
     """
 
+    FETCH = "train_dataloader_next"  # the end of Lightning's action name
     input_wait_s = 0.0
     _fetching = 0.0
 
     def start(self, action_name: str) -> None:
-        if action_name.endswith("train_dataloader_next"):
+        if action_name.endswith(self.FETCH):
             self._fetching = time.perf_counter()
         super().start(action_name)  # type: ignore[misc]
 
     def stop(self, action_name: str) -> None:
         super().stop(action_name)  # type: ignore[misc]
-        if action_name.endswith("train_dataloader_next"):
+        if action_name.endswith(self.FETCH):
             self.input_wait_s += time.perf_counter() - self._fetching
 
 
@@ -290,22 +291,26 @@ class NoProfiler(InputWait, PassThroughProfiler):
         return self._NOTHING
 
 
-def model_fingerprint(net: torch.nn.Module, buffers: bool = True) -> str:
-    """sha256 of the network's weights and buffers (or weights alone: the ranks of a DDP job share their
-    weights, not their BatchNorm statistics), in key order: equal fingerprints, equal models.
+def model_fingerprints(net: torch.nn.Module, weights: bool = False) -> tuple[str, str | None]:
+    """sha256 of the network's weights and buffers, in key order: equal fingerprints, equal models; and,
+    where ``weights``, of its weights alone (the ranks of a DDP job share their weights, not their
+    BatchNorm statistics), else None.
 
-    The tensors' bytes are gathered where they are and copied to the host at once (one copy, not one
-    per tensor: 0.36 s of a ResNet-18 run's end on an H200 went to ~120 small copies).
+    The tensors' bytes are gathered where they are and copied to the host at once, for both (one copy, not
+    one per tensor: 0.36 s of a ResNet-18 run's end on an H200 went to ~120 small copies).
     """
-    state = sorted((net.state_dict() if buffers else dict(net.named_parameters())).items())
+    state = sorted(net.state_dict().items())
+    parameters = {name for name, _ in net.named_parameters()} if weights else set()
     raw = [tensor.detach().contiguous().reshape(-1).view(torch.uint8) for _, tensor in state]
     host = torch.cat([r.to(raw[0].device) for r in raw]).cpu().numpy() if raw else None
-    digest, offset = hashlib.sha256(), 0
+    everything, alone, offset = hashlib.sha256(), hashlib.sha256(), 0
     for (name, _), part in zip(state, raw, strict=True):
-        digest.update(name.encode())
-        digest.update(host[offset : offset + part.numel()])
+        digests = (everything, alone) if name in parameters else (everything,)
+        for digest in digests:
+            digest.update(name.encode())
+            digest.update(host[offset : offset + part.numel()])
         offset += part.numel()
-    return digest.hexdigest()
+    return everything.hexdigest(), alone.hexdigest() if weights else None
 
 
 def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any]:

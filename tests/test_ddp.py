@@ -42,6 +42,7 @@ def test_two_rank_run_is_one_job_with_one_run_dir(tmp_path: Path) -> None:
     assert [r["rank"] for r in summary["ranks"]] == [0, 1]
     assert len({r["config_sha256"] for r in summary["ranks"]}) == 1
     assert len({r["weights_sha256"] for r in summary["ranks"]}) == 1 and summary["ranks"][0]["weights_sha256"]
+    assert 0 < summary["phases_s"]["input_wait"] < summary["train_s"]  # rank 0's loop, under the agent
     assert summary["global_step"] == 128 // (32 * 2)  # each rank takes half of every epoch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no run dirs of the other rank
     assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) >= 1

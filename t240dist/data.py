@@ -13,6 +13,7 @@ import copy
 import functools
 import gzip
 import hashlib
+import importlib.util
 import io
 import logging
 import math
@@ -23,6 +24,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -870,8 +872,8 @@ class FileBatch:
     def decode(self, device: torch.device, info: DataInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float images (N, 3, size, size) and labels on ``device``. The JPEGs are decoded in one
         call (nvJPEG on a GPU, libjpeg on the CPU); boxes and fitted files are resized with antialiasing, as
-        torchvision's transforms resize tensors. Per image it queues a conversion and a resize, no more: the
-        flips and the normalisation are done on the batch."""
+        torchvision's transforms resize tensors: on a GPU in one launch for the batch (``t240dist.crops``),
+        else per image a conversion and a resize, the flips and the normalisation on the batch."""
         jpegs = list(self.jpegs.split(self.sizes)) if self.sizes else []
         if jpegs and device.type == "cuda":
             # nvJPEG's hardware decoder (A100, H100, H200) writes its outputs before the work queued on the
@@ -880,16 +882,31 @@ class FileBatch:
             torch.cuda.current_stream(device).synchronize()
         decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
         others = iter(self.pixels)
-        images = torch.cat(
-            [
-                _crop_and_resize(next(decoded) if jpeg else next(others).to(device), box, info)
-                for jpeg, box in zip(self.encoded, self.boxes, strict=True)
-            ]
-        )
+        files = [next(decoded) if jpeg else next(others).to(device).contiguous() for jpeg in self.encoded]
+        labels = self.labels.to(device, non_blocking=True)
+        if (crops := _batch_crops(device)) is not None:
+            size, resize = info.image_size, info.resize
+            return crops.crop_resize(files, self.boxes, self.flips, size, resize, info.mean, info.std), labels
+        boxes = zip(files, self.boxes, strict=True)
+        images = torch.cat([_crop_and_resize(file, box, info) for file, box in boxes])
         flips = torch.tensor(self.flips).to(device, non_blocking=True)
         images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         TF.normalize(images.div_(255), info.mean, info.std, inplace=True)
-        return images, self.labels.to(device, non_blocking=True)
+        return images, labels
+
+
+@functools.cache
+def _batch_crops(device: torch.device) -> ModuleType | None:
+    """``t240dist.crops`` (the whole batch resized in one launch) where ``device`` is a GPU that Triton
+    compiles for (compute capability 7.0 or newer; Triton comes with torch's CUDA wheels for Linux), else
+    None: each image is then resized by a call of its own (on the CPU, and where Triton is missing)."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return None
+    if torch.cuda.get_device_capability(device) < (7, 0):
+        return None
+    from t240dist import crops
+
+    return crops
 
 
 def _crop_and_resize(pixels: torch.Tensor, box: tuple[int, int, int, int], info: DataInfo) -> torch.Tensor:

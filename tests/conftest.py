@@ -12,11 +12,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms.v2 import functional as TF
 
 from t240dist.config import compose_config
+from t240dist.data import FIT
 
 # A run that takes a few seconds on two CPU cores: tiny synthetic images, tiny CNN, two epochs.
 TINY = [
@@ -159,3 +164,35 @@ def wait_for_checkpoint(pattern: Path, min_step: int) -> None:
         if any(int(p.stem.split("step")[1]) >= min_step for p in pattern.parent.glob(pattern.name)):
             return
         time.sleep(0.02)
+
+
+def crop_cases(
+    seed: int, count: int, sizes: tuple[int, int], device: str = "cpu"
+) -> tuple[list[torch.Tensor], list[tuple[int, int, int, int]], list[bool]]:
+    """Random uint8 images (3, H, W), H and W drawn from ``sizes``, each with a random-resized box (as
+    torchvision draws it) or ``FIT`` (every third), and a random flip: the cases a batch of files brings."""
+    rng = np.random.default_rng(seed)
+    images, boxes, flips = [], [], []
+    for k in range(count):
+        h, w = (int(rng.integers(*sizes)) for _ in range(2))
+        image = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)).to(device)
+        images.append(image)
+        torch.manual_seed(seed * 1000 + k)
+        boxes.append(
+            FIT if k % 3 == 0 else tuple(RandomResizedCrop.get_params(image, [0.08, 1], [3 / 4, 4 / 3]))
+        )
+        flips.append(bool(rng.integers(2)))
+    return images, boxes, flips
+
+
+def torchvision_crop(
+    image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, size: int, resize: int, mean, std
+) -> torch.Tensor:
+    """What torchvision's transforms make of a uint8 image, its box (or ``FIT``: resize then centre-crop),
+    a flip and the normalisation: the reference for every GPU decode path."""
+    pixels = image.float()
+    if box == FIT:
+        fitted = TF.center_crop(TF.resize(pixels, [resize], antialias=True), [size])
+    else:
+        fitted = TF.resized_crop(pixels, *box, [size, size], antialias=True)
+    return TF.normalize((TF.horizontal_flip(fitted) if flip else fitted) / 255, mean, std)

@@ -3,17 +3,20 @@ where the images are held (data.on_gpu, here on the CPU) match the DataLoader's 
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import pickle
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose
+from conftest import compose, crop_cases, torchvision_crop
 from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -365,6 +368,47 @@ def test_device_decode_crops_flips_and_fits_each_image_as_torchvision_does(tmp_p
     # every kind met: JPEG and PNG, random boxes and fitted files, flipped and not
     assert {jpeg for jpeg, *_ in seen} == {True, False} and {fit for _, fit, _ in seen} == {True, False}
     assert {flip for *_, flip in seen} == {True, False}
+
+
+@pytest.fixture
+def interpreted_crops(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """``t240dist.crops`` with its Triton kernel run by Triton's interpreter, on CPU tensors. (The kernel
+    calls Triton's builtins only: its library functions, such as ``tl.zeros``, are made when Triton is
+    imported, and would need ``TRITON_INTERPRET`` set before that.)"""
+    pytest.importorskip("triton")
+    import t240dist.crops
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield importlib.reload(t240dist.crops)  # the kernel is made when the module is
+    monkeypatch.undo()
+    importlib.reload(t240dist.crops)
+
+
+@pytest.mark.parametrize(("size", "resize", "sizes"), [(20, 23, (6, 90)), (24, 16, (3, 30))])
+def test_one_launch_crops_flips_and_fits_a_batch_as_torchvision_does(
+    interpreted_crops: ModuleType, size: int, resize: int, sizes: tuple[int, int]
+) -> None:
+    """Boxes shrunk and enlarged, files fitted (and padded where ``resize`` is under ``size``), flips: the
+    batch kernel gives each image what torchvision's transforms give it, whatever the image's size."""
+    images, boxes, flips = crop_cases(size, 18, sizes)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    batch = interpreted_crops.crop_resize(images, boxes, flips, size, resize, mean, std)
+    expected = [
+        torchvision_crop(*case, size, resize, mean, std) for case in zip(images, boxes, flips, strict=True)
+    ]
+    grey_levels = (batch - torch.stack(expected)).abs() * torch.tensor(std).view(3, 1, 1) * 255
+    assert float(grey_levels.max()) < 1e-3
+    assert {box == FIT for box in boxes} == {True, False} and set(flips) == {True, False}
+    with pytest.raises(ValueError, match=r"contiguous uint8 \(3, H, W\)"):  # as pil_to_tensor hands them
+        interpreted_crops.crop_resize(
+            [images[0].permute(1, 2, 0).contiguous().permute(2, 0, 1)],
+            [FIT],
+            [False],
+            size,
+            resize,
+            mean,
+            std,
+        )
 
 
 def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path: Path) -> None:

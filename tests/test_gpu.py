@@ -274,6 +274,28 @@ def test_image_folders_are_decoded_on_the_gpu_like_the_workers_decode_them(tmp_p
     assert "decode: device" in (tmp_path / "run" / "config.yaml").read_text()
 
 
+@pytest.mark.parametrize(("size", "sizes"), [(224, (40, 1600)), (32, (8, 200))])
+def test_one_launch_crops_flips_and_fits_a_batch_on_the_gpu_as_torchvision_does(
+    size: int, sizes: tuple[int, int]
+) -> None:
+    """The batch kernel, compiled for this GPU, against torchvision's per-image transforms on the same GPU:
+    ImageNet-size files and larger (boxes shrunk up to 7×), small ones enlarged; and it is what
+    ``data.decode=device`` uses here."""
+    from conftest import crop_cases, torchvision_crop
+
+    from t240dist import crops
+    from t240dist.data import _batch_crops
+
+    assert _batch_crops(torch.device("cuda")) is crops
+    images, boxes, flips = crop_cases(size, 64, sizes, device="cuda")
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    batch = crops.crop_resize(images, boxes, flips, size, size * 8 // 7, mean, std)
+    cases = zip(images, boxes, flips, strict=True)
+    expected = torch.stack([torchvision_crop(*case, size, size * 8 // 7, mean, std) for case in cases])
+    grey_levels = (batch - expected).abs() * torch.tensor(std, device="cuda").view(3, 1, 1) * 255
+    assert float(grey_levels.max()) < 1e-3, grey_levels.amax(dim=(1, 2, 3))
+
+
 def test_imagenet_size_jpegs_decoded_ahead_stay_whole_while_a_resnet_trains(tmp_path: Path) -> None:
     """nvJPEG's hardware engine (vision#9606) corrupted a ResNet-50 run (NaN at step 3) where small images did
     not: decode ImageNet-size batches ahead while a ResNet-50 trains on the training stream, and compare each

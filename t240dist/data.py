@@ -898,15 +898,37 @@ class FileBatch:
 @functools.cache
 def _batch_crops(device: torch.device) -> ModuleType | None:
     """``t240dist.crops`` (the whole batch resized in one launch) where ``device`` is a GPU that Triton
-    compiles for (compute capability 7.0 or newer; Triton comes with torch's CUDA wheels for Linux), else
-    None: each image is then resized by a call of its own (on the CPU, and where Triton is missing)."""
+    compiles for (compute capability 7.0 or newer; Triton comes with torch's CUDA wheels for Linux) and
+    its kernel passes ``_kernel_failure`` there. Else None, with a warning where the kernel failed (Triton
+    builds its launcher with the host's C compiler): each image is then resized by a call of its own, as
+    on the CPU."""
     if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return None
     if torch.cuda.get_device_capability(device) < (7, 0):
         return None
     from t240dist import crops
 
-    return crops
+    if (failure := _kernel_failure(crops.crop_resize, device)) is None:
+        return crops
+    log.warning("data.decode=device resizes image by image on %s: the batch kernel %s", device, failure)
+    return None
+
+
+def _kernel_failure(crop_resize: Callable[..., torch.Tensor], device: torch.device) -> str | None:
+    """Why ``crop_resize`` (``t240dist.crops``'s signature) cannot stand in for the per-image resize on
+    ``device``, or None: it is run once on a random image fitted, shrunk, enlarged and flipped."""
+    image = torch.randint(0, 256, (3, 45, 61), dtype=torch.uint8, generator=_generator("crops"))
+    info = DataInfo(2, 3, 16, [], 1, [0.5, 0.4, 0.3], [0.2, 0.3, 0.4], 18)
+    boxes, flips = [FIT, (3, 5, 30, 41), (20, 40, 9, 7)], [False, True, False]
+    expected = torch.cat([_crop_and_resize(image, box, info) for box in boxes])
+    expected = torch.where(torch.tensor(flips)[:, None, None, None], expected.flip(-1), expected)
+    expected = TF.normalize(expected / 255, info.mean, info.std)
+    try:
+        got = crop_resize([image.to(device)] * 3, boxes, flips, 16, 18, info.mean, info.std).cpu()
+    except Exception as err:  # any failure: the per-image resize still decodes every batch
+        return f"failed: {type(err).__name__}: {err}"
+    worst = float((got - expected).abs().max())
+    return None if worst < 1e-4 else f"is {worst:.2g} from the per-image resize"
 
 
 def _crop_and_resize(pixels: torch.Tensor, box: tuple[int, int, int, int], info: DataInfo) -> torch.Tensor:

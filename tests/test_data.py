@@ -24,7 +24,15 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from t240dist.config import validate
-from t240dist.data import FIT, BatchAugment, DeviceBatches, ImageDataModule, load_rgb
+from t240dist.data import (
+    FIT,
+    BatchAugment,
+    DeviceBatches,
+    ImageDataModule,
+    _batch_crops,
+    _kernel_failure,
+    load_rgb,
+)
 from t240dist.errors import ConfigError
 
 
@@ -409,6 +417,42 @@ def test_one_launch_crops_flips_and_fits_a_batch_as_torchvision_does(
             mean,
             std,
         )
+
+
+def test_the_batch_kernel_is_used_only_where_its_first_run_agrees_with_the_per_image_resize(
+    interpreted_crops: ModuleType,
+) -> None:
+    cpu = torch.device("cpu")
+    assert _kernel_failure(interpreted_crops.crop_resize, cpu) is None
+
+    def no_compiler(*args: object) -> torch.Tensor:
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    def unflipped(images: list[torch.Tensor], boxes: list, flips: list[bool], *rest: object) -> torch.Tensor:
+        return interpreted_crops.crop_resize(images, boxes, [False] * len(flips), *rest)
+
+    failure = _kernel_failure(no_compiler, cpu)
+    assert (
+        failure
+        == "failed: RuntimeError: Failed to find C compiler. Please specify via CC environment variable."
+    )
+    assert "from the per-image resize" in _kernel_failure(unflipped, cpu)
+    assert _batch_crops(cpu) is None  # the CPU resizes image by image
+
+
+@pytest.mark.parametrize("arch", [70, 80, 90])
+def test_the_batch_kernel_compiles_for_volta_ampere_and_hopper(arch: int) -> None:
+    """Compiled ahead to each GPU's machine code by Triton's own compiler and ptxas, here without a GPU: the
+    kernel every GPU run of ``data.decode=device`` takes, checked on the CPU machine of the CI."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+
+    from t240dist import crops
+
+    floats = {name: "fp32" for name in ("mean0", "mean1", "mean2", "std0", "std1", "std2")}
+    signature = {"table": "*i64", "out": "*fp32", "size": "i32", **floats, "BLOCK": "constexpr"}
+    source = triton.compiler.ASTSource(crops._crop_resize, signature, constexprs={"BLOCK": 256})
+    assert triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["cubin"]
 
 
 def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ def crop_resize(
     Image i's box (top, left, height, width) is resized to ``size`` × ``size``; the box ``FIT`` resizes the
     whole image so that its shorter side is ``resize`` and centre-crops it to ``size`` (padding with black
     where it is smaller), as torchvision's ``Resize(resize)`` and ``CenterCrop(size)`` do. Flipped images
-    are mirrored after the resize. Runs compiled on a GPU, and on CPU tensors under ``TRITON_INTERPRET=1``.
+    are mirrored after the resize. Queued on the current CUDA device's current stream (the decode thread's);
+    runs on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     device = images[0].device
     rows = [_row(*image_box_flip, size, resize) for image_box_flip in zip(images, boxes, flips, strict=True)]

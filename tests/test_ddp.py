@@ -193,6 +193,8 @@ def test_two_torchrun_agents_on_loopback_complete_one_run(tmp_path: Path) -> Non
     assert summary["run_dir"] == str(tmp_path / "outputs" / "torchrun" / "pytest-job")
     assert summary["world_size"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
     assert len({r["config_sha256"] for r in summary["ranks"]}) == 1
+    # ranks started by torchrun's agents, not t240dist's: they end with one set of weights all the same
+    assert len({r["weights_sha256"] for r in summary["ranks"]}) == 1 and summary["ranks"][0]["weights_sha256"]
 
 
 PARTINGS = [["same", "same"], ["w0", "w1"]]  # each rank's weights, for each gather_ranks in turn

@@ -31,7 +31,7 @@ def crop_resize(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> torch.Tensor:
-    """Normalised float images (N, 3, size, size) from contiguous uint8 images (3, H, W) on one device.
+    """Normalised float images (N, 3, size, size) from uint8 images (3, H, W) of any strides on one device.
 
     Image i's box (top, left, height, width) is resized to ``size`` × ``size``; the box ``FIT`` resizes the
     whole image so that its shorter side is ``resize`` and centre-crops it to ``size`` (padding with black
@@ -49,18 +49,18 @@ def crop_resize(
 
 
 def _row(image: torch.Tensor, box: tuple[int, ...], flip: bool, size: int, resize: int) -> list[int]:
-    """The kernel's row for an image: its address, height, width, box (top, left, height, width), the size
+    """The kernel's row for an image: its address and strides, its box (top, left, height, width), the size
     the box is resized to, the output's offset in that, and the flip."""
-    if image.dtype != torch.uint8 or image.shape[0] != 3 or not image.is_contiguous():
-        shape = tuple(image.shape)
-        raise ValueError(f"crop_resize takes contiguous uint8 (3, H, W) images, not {image.dtype} {shape}")
-    height, width = image.shape[1:]
+    if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"crop_resize takes uint8 (3, H, W) images, not {image.dtype} {tuple(image.shape)}")
+    at = [image.data_ptr(), *image.stride()]
     if box != FIT:
-        return [image.data_ptr(), height, width, *box, size, size, 0, 0, int(flip)]
+        return [*at, *box, size, size, 0, 0, int(flip)]
+    height, width = image.shape[1:]
     fit_h, fit_w = fitted_size(height, width, resize)
     # torchvision's centre crop: its offset rounds half to even, as Python's round does
     top, left = round((fit_h - size) / 2.0), round((fit_w - size) / 2.0)
-    return [image.data_ptr(), height, width, 0, 0, height, width, fit_h, fit_w, top, left, int(flip)]
+    return [*at, 0, 0, height, width, fit_h, fit_w, top, left, int(flip)]
 
 
 def fitted_size(height: int, width: int, shorter: int) -> tuple[int, int]:
@@ -94,17 +94,12 @@ def _tent(at, end, centre, inverse_width):
 @triton.jit
 def _crop_resize(table, out, size, mean0, mean1, mean2, std0, std1, std2, BLOCK: tl.constexpr):
     n = tl.program_id(1).to(tl.int64)
-    row = table + n * 12  # _row's 12 columns
+    row = table + n * 13  # _row's 13 columns
     src = tl.load(row).to(tl.pointer_type(tl.uint8))
-    height, width = tl.load(row + 1), tl.load(row + 2)
-    top, left, box_h, box_w = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
-    fit_h, fit_w, off_y, off_x, flip = (
-        tl.load(row + 7),
-        tl.load(row + 8),
-        tl.load(row + 9),
-        tl.load(row + 10),
-        tl.load(row + 11),
-    )
+    plane, pitch, step = tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)  # strides: channel, row, pixel
+    top, left, box_h, box_w = tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7)
+    fit_h, fit_w, off_y, off_x = tl.load(row + 8), tl.load(row + 9), tl.load(row + 10), tl.load(row + 11)
+    flip = tl.load(row + 12)
     pixel = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = pixel < size * size
     out_x = pixel % size
@@ -113,7 +108,6 @@ def _crop_resize(table, out, size, mean0, mean1, mean2, std0, std1, std2, BLOCK:
     inside = live & (fy >= 0) & (fy < fit_h) & (fx >= 0) & (fx < fit_w)
     y0, y_end, cy, iy, taps_y = _span(fy, box_h, fit_h)
     x0, x_end, cx, ix, taps_x = _span(fx, box_w, fit_w)
-    plane = height * width
     red = tl.full([BLOCK], 0.0, tl.float32)
     green = tl.full([BLOCK], 0.0, tl.float32)
     blue = tl.full([BLOCK], 0.0, tl.float32)
@@ -125,7 +119,7 @@ def _crop_resize(table, out, size, mean0, mean1, mean2, std0, std1, std2, BLOCK:
             x = x0 + kx
             take = inside & (y < y_end) & (x < x_end)
             weight = tl.where(take, wy * _tent(x, x_end, cx, ix), 0.0)
-            at = (top + y) * width + left + x
+            at = (top + y) * pitch + (left + x) * step
             red += weight * tl.load(src + at, mask=take, other=0).to(tl.float32)
             green += weight * tl.load(src + plane + at, mask=take, other=0).to(tl.float32)
             blue += weight * tl.load(src + 2 * plane + at, mask=take, other=0).to(tl.float32)

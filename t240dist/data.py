@@ -882,7 +882,7 @@ class FileBatch:
             torch.cuda.current_stream(device).synchronize()
         decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
         others = iter(self.pixels)
-        files = [next(decoded) if jpeg else next(others).to(device).contiguous() for jpeg in self.encoded]
+        files = [next(decoded) if jpeg else next(others).to(device) for jpeg in self.encoded]
         labels = self.labels.to(device, non_blocking=True)
         if (crops := _batch_crops(device)) is not None:
             size, resize = info.image_size, info.resize

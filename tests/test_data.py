@@ -407,16 +407,11 @@ def test_one_launch_crops_flips_and_fits_a_batch_as_torchvision_does(
     grey_levels = (batch - torch.stack(expected)).abs() * torch.tensor(std).view(3, 1, 1) * 255
     assert float(grey_levels.max()) < 1e-3
     assert {box == FIT for box in boxes} == {True, False} and set(flips) == {True, False}
-    with pytest.raises(ValueError, match=r"contiguous uint8 \(3, H, W\)"):  # as pil_to_tensor hands them
-        interpreted_crops.crop_resize(
-            [images[0].permute(1, 2, 0).contiguous().permute(2, 0, 1)],
-            [FIT],
-            [False],
-            size,
-            resize,
-            mean,
-            std,
-        )
+    # strided images, as pil_to_tensor hands them (height, width and channel strides): the same pixels
+    strided = [image.permute(1, 2, 0).contiguous().permute(2, 0, 1) for image in images]
+    assert torch.equal(interpreted_crops.crop_resize(strided, boxes, flips, size, resize, mean, std), batch)
+    with pytest.raises(ValueError, match=r"uint8 \(3, H, W\) images, not torch.float32 \(3, 8, 8\)"):
+        interpreted_crops.crop_resize([torch.zeros(3, 8, 8)], [FIT], [False], size, resize, mean, std)
 
 
 def test_the_batch_kernel_is_used_only_where_its_first_run_agrees_with_the_per_image_resize(

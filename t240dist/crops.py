@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from t240dist.data import FIT
+from t240dist.data import FIT, DataInfo
 
 _BLOCK = 256  # output pixels a program computes, for all three channels
 
@@ -26,25 +26,22 @@ def crop_resize(
     images: Sequence[torch.Tensor],
     boxes: Sequence[tuple[int, int, int, int]],
     flips: Sequence[bool],
-    size: int,
-    resize: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    info: DataInfo,
 ) -> torch.Tensor:
-    """Normalised float images (N, 3, size, size) from uint8 images (3, H, W) of any strides on one device.
+    """Normalised float images (N, 3, S, S) from uint8 images (3, H, W) of any strides on one device.
 
-    Image i's box (top, left, height, width) is resized to ``size`` × ``size``; the box ``FIT`` resizes the
-    whole image so that its shorter side is ``resize`` and centre-crops it to ``size`` (padding with black
-    where it is smaller), as torchvision's ``Resize(resize)`` and ``CenterCrop(size)`` do. Flipped images
-    are mirrored after the resize. Queued on the current CUDA device's current stream (the decode thread's);
-    runs on CPU tensors under ``TRITON_INTERPRET=1``.
+    Image i's box (top, left, height, width) is resized to S × S (``info.image_size``); the box ``FIT``
+    resizes the whole image so that its shorter side is ``info.resize`` and centre-crops it (padding with
+    black where it is smaller), as torchvision's ``Resize`` and ``CenterCrop`` do. Flipped images are
+    mirrored after the resize; ``info.mean`` and ``info.std`` normalise them. Queued on the current CUDA
+    device's current stream (the decode thread's); runs on CPU tensors under ``TRITON_INTERPRET=1``.
     """
-    device = images[0].device
-    rows = [_row(*image_box_flip, size, resize) for image_box_flip in zip(images, boxes, flips, strict=True)]
+    device, size = images[0].device, info.image_size
+    rows = [_row(*case, size, info.resize) for case in zip(images, boxes, flips, strict=True)]
     table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     out = torch.empty(len(rows), 3, size, size, device=device)
     grid = (triton.cdiv(size * size, _BLOCK), len(rows))
-    _crop_resize[grid](table, out, size, *mean, *std, BLOCK=_BLOCK)
+    _crop_resize[grid](table, out, size, *info.mean, *info.std, BLOCK=_BLOCK)
     return out  # the images stay referenced until here: the launch is queued after their writers
 
 

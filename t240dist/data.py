@@ -24,7 +24,6 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -872,8 +871,7 @@ class FileBatch:
     def decode(self, device: torch.device, info: DataInfo) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised float images (N, 3, size, size) and labels on ``device``. The JPEGs are decoded in one
         call (nvJPEG on a GPU, libjpeg on the CPU); boxes and fitted files are resized with antialiasing, as
-        torchvision's transforms resize tensors: on a GPU in one launch for the batch (``t240dist.crops``),
-        else per image a conversion and a resize, the flips and the normalisation on the batch."""
+        torchvision's transforms resize tensors (``_crop_resizer``: on a GPU in one launch for the batch)."""
         jpegs = list(self.jpegs.split(self.sizes)) if self.sizes else []
         if jpegs and device.type == "cuda":
             # nvJPEG's hardware decoder (A100, H100, H200) writes its outputs before the work queued on the
@@ -883,52 +881,58 @@ class FileBatch:
         decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
         others = iter(self.pixels)
         files = [next(decoded) if jpeg else next(others).to(device) for jpeg in self.encoded]
-        labels = self.labels.to(device, non_blocking=True)
-        if (crops := _batch_crops(device)) is not None:
-            size, resize = info.image_size, info.resize
-            return crops.crop_resize(files, self.boxes, self.flips, size, resize, info.mean, info.std), labels
-        boxes = zip(files, self.boxes, strict=True)
-        images = torch.cat([_crop_and_resize(file, box, info) for file, box in boxes])
-        flips = torch.tensor(self.flips).to(device, non_blocking=True)
-        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
-        TF.normalize(images.div_(255), info.mean, info.std, inplace=True)
-        return images, labels
+        images = _crop_resizer(device)(files, self.boxes, self.flips, info)
+        return images, self.labels.to(device, non_blocking=True)
+
+
+CropResize = Callable[
+    [list[torch.Tensor], list[tuple[int, int, int, int]], list[bool], DataInfo], torch.Tensor
+]
 
 
 @functools.cache
-def _batch_crops(device: torch.device) -> ModuleType | None:
-    """``t240dist.crops`` (the whole batch resized in one launch) where ``device`` is a GPU that Triton
-    compiles for (compute capability 7.0 or newer; Triton comes with torch's CUDA wheels for Linux) and
-    its kernel passes ``_kernel_failure`` there. Else None, with a warning where the kernel failed (Triton
-    builds its launcher with the host's C compiler): each image is then resized by a call of its own, as
-    on the CPU."""
+def _crop_resizer(device: torch.device) -> CropResize:
+    """How a batch of decoded images is cropped, resized, flipped and normalised on ``device``: in one
+    launch (``t240dist.crops``) where ``device`` is a GPU that Triton compiles for (compute capability 7.0
+    or newer; Triton comes with torch's CUDA wheels for Linux) and the kernel passes ``_kernel_failure``
+    there; else image by image (``_crop_resize_each``), with a warning where the kernel failed (Triton
+    builds its launcher with the host's C compiler)."""
     if device.type != "cuda" or importlib.util.find_spec("triton") is None:
-        return None
+        return _crop_resize_each
     if torch.cuda.get_device_capability(device) < (7, 0):
-        return None
+        return _crop_resize_each
     from t240dist import crops
 
     if (failure := _kernel_failure(crops.crop_resize, device)) is None:
-        return crops
+        return crops.crop_resize
     log.warning("data.decode=device resizes image by image on %s: the batch kernel %s", device, failure)
-    return None
+    return _crop_resize_each
 
 
-def _kernel_failure(crop_resize: Callable[..., torch.Tensor], device: torch.device) -> str | None:
-    """Why ``crop_resize`` (``t240dist.crops``'s signature) cannot stand in for the per-image resize on
-    ``device``, or None: it is run once on a random image fitted, shrunk, enlarged and flipped."""
+def _kernel_failure(crop_resize: CropResize, device: torch.device) -> str | None:
+    """Why ``crop_resize`` cannot stand in for ``_crop_resize_each`` on ``device``, or None: it is run once
+    on a random image fitted, shrunk and flipped, and enlarged."""
     image = torch.randint(0, 256, (3, 45, 61), dtype=torch.uint8, generator=_generator("crops"))
     info = DataInfo(2, 3, 16, [], 1, [0.5, 0.4, 0.3], [0.2, 0.3, 0.4], 18)
     boxes, flips = [FIT, (3, 5, 30, 41), (20, 40, 9, 7)], [False, True, False]
-    expected = torch.cat([_crop_and_resize(image, box, info) for box in boxes])
-    expected = torch.where(torch.tensor(flips)[:, None, None, None], expected.flip(-1), expected)
-    expected = TF.normalize(expected / 255, info.mean, info.std)
+    expected = _crop_resize_each([image] * 3, boxes, flips, info)
     try:
-        got = crop_resize([image.to(device)] * 3, boxes, flips, 16, 18, info.mean, info.std).cpu()
+        got = crop_resize([image.to(device)] * 3, boxes, flips, info).cpu()
     except Exception as err:  # any failure: the per-image resize still decodes every batch
         return f"failed: {type(err).__name__}: {err}"
     worst = float((got - expected).abs().max())
     return None if worst < 1e-4 else f"is {worst:.2g} from the per-image resize"
+
+
+def _crop_resize_each(
+    images: list[torch.Tensor], boxes: list[tuple[int, int, int, int]], flips: list[bool], info: DataInfo
+) -> torch.Tensor:
+    """A batch image by image: per image a conversion and a resize (``_crop_and_resize``), the flips and the
+    normalisation on the batch."""
+    batch = torch.cat([_crop_and_resize(image, box, info) for image, box in zip(images, boxes, strict=True)])
+    flipped = torch.tensor(flips).to(batch.device, non_blocking=True)
+    batch = torch.where(flipped[:, None, None, None], batch.flip(-1), batch)
+    return TF.normalize(batch.div_(255), info.mean, info.std, inplace=True)
 
 
 def _crop_and_resize(pixels: torch.Tensor, box: tuple[int, int, int, int], info: DataInfo) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from t240dist.config import compose_config
-from t240dist.data import FIT
+from t240dist.data import FIT, DataInfo
 
 # A run that takes a few seconds on two CPU cores: tiny synthetic images, tiny CNN, two epochs.
 TINY = [
@@ -185,14 +185,19 @@ def crop_cases(
     return images, boxes, flips
 
 
+def crop_info(size: int, resize: int, mean: list[float], std: list[float]) -> DataInfo:
+    """The data facts a batch resize reads: the size, the fitted files' shorter side, the normalisation."""
+    return DataInfo(2, 3, size, [], 1, mean, std, resize)
+
+
 def torchvision_crop(
-    image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, size: int, resize: int, mean, std
+    image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, info: DataInfo
 ) -> torch.Tensor:
     """What torchvision's transforms make of a uint8 image, its box (or ``FIT``: resize then centre-crop),
     a flip and the normalisation: the reference for every GPU decode path."""
-    pixels = image.float()
+    pixels, size = image.float(), info.image_size
     if box == FIT:
-        fitted = TF.center_crop(TF.resize(pixels, [resize], antialias=True), [size])
+        fitted = TF.center_crop(TF.resize(pixels, [info.resize], antialias=True), [size])
     else:
         fitted = TF.resized_crop(pixels, *box, [size, size], antialias=True)
-    return TF.normalize((TF.horizontal_flip(fitted) if flip else fitted) / 255, mean, std)
+    return TF.normalize((TF.horizontal_flip(fitted) if flip else fitted) / 255, info.mean, info.std)

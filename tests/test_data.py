@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose, crop_cases, torchvision_crop
+from conftest import compose, crop_cases, crop_info, torchvision_crop
 from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import functional as TF
 
 from t240dist.config import validate
 from t240dist.data import (
@@ -29,7 +28,8 @@ from t240dist.data import (
     BatchAugment,
     DeviceBatches,
     ImageDataModule,
-    _batch_crops,
+    _crop_resize_each,
+    _crop_resizer,
     _kernel_failure,
     load_rgb,
 )
@@ -354,15 +354,7 @@ def test_device_decode_crops_flips_and_fits_each_image_as_torchvision_does(tmp_p
     augment = ["data.augment.crop=resized", "data.augment.hflip=true", "data.num_workers=0"]
     args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.batch_size=4", *augment]
     data = _data(*args, "data.decode=device")
-    info, mean, std = data.info, *(torch.tensor(v).view(3, 1, 1) for v in (data.info.mean, data.info.std))
-
-    def reference(pixels: torch.Tensor, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
-        if box == FIT:
-            fitted = TF.center_crop(TF.resize(pixels.float(), [info.resize], antialias=True), [16])
-        else:
-            fitted = TF.resized_crop(pixels.float(), *box, [16, 16], antialias=True)
-        return ((TF.horizontal_flip(fitted) if flip else fitted) / 255 - mean) / std
-
+    info = data.info
     seen: set[tuple[bool, bool, bool]] = set()
     for loader in (data.train_dataloader().loader, data.val_dataloader().loader):
         for files in loader:
@@ -371,7 +363,7 @@ def test_device_decode_crops_flips_and_fits_each_image_as_torchvision_does(tmp_p
             jpegs, others = iter(files.jpegs.split(files.sizes)), iter(files.pixels)
             for image, jpeg, box, flip in zip(images, files.encoded, files.boxes, files.flips, strict=True):
                 pixels = decode_jpeg(next(jpegs), mode=ImageReadMode.RGB) if jpeg else next(others)
-                torch.testing.assert_close(image, reference(pixels, box, flip))
+                torch.testing.assert_close(image, torchvision_crop(pixels, box, flip, info))
                 seen.add((jpeg, box == FIT, flip))
     # every kind met: JPEG and PNG, random boxes and fitted files, flipped and not
     assert {jpeg for jpeg, *_ in seen} == {True, False} and {fit for _, fit, _ in seen} == {True, False}
@@ -399,19 +391,17 @@ def test_one_launch_crops_flips_and_fits_a_batch_as_torchvision_does(
     """Boxes shrunk and enlarged, files fitted (and padded where ``resize`` is under ``size``), flips: the
     batch kernel gives each image what torchvision's transforms give it, whatever the image's size."""
     images, boxes, flips = crop_cases(size, 18, sizes)
-    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-    batch = interpreted_crops.crop_resize(images, boxes, flips, size, resize, mean, std)
-    expected = [
-        torchvision_crop(*case, size, resize, mean, std) for case in zip(images, boxes, flips, strict=True)
-    ]
-    grey_levels = (batch - torch.stack(expected)).abs() * torch.tensor(std).view(3, 1, 1) * 255
+    info = crop_info(size, resize, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+    batch = interpreted_crops.crop_resize(images, boxes, flips, info)
+    expected = [torchvision_crop(*case, info) for case in zip(images, boxes, flips, strict=True)]
+    grey_levels = (batch - torch.stack(expected)).abs() * torch.tensor(info.std).view(3, 1, 1) * 255
     assert float(grey_levels.max()) < 1e-3
     assert {box == FIT for box in boxes} == {True, False} and set(flips) == {True, False}
     # strided images, as pil_to_tensor hands them (height, width and channel strides): the same pixels
     strided = [image.permute(1, 2, 0).contiguous().permute(2, 0, 1) for image in images]
-    assert torch.equal(interpreted_crops.crop_resize(strided, boxes, flips, size, resize, mean, std), batch)
+    assert torch.equal(interpreted_crops.crop_resize(strided, boxes, flips, info), batch)
     with pytest.raises(ValueError, match=r"uint8 \(3, H, W\) images, not torch.float32 \(3, 8, 8\)"):
-        interpreted_crops.crop_resize([torch.zeros(3, 8, 8)], [FIT], [False], size, resize, mean, std)
+        interpreted_crops.crop_resize([torch.zeros(3, 8, 8)], [FIT], [False], info)
 
 
 def test_the_batch_kernel_is_used_only_where_its_first_run_agrees_with_the_per_image_resize(
@@ -432,7 +422,7 @@ def test_the_batch_kernel_is_used_only_where_its_first_run_agrees_with_the_per_i
         == "failed: RuntimeError: Failed to find C compiler. Please specify via CC environment variable."
     )
     assert "from the per-image resize" in _kernel_failure(unflipped, cpu)
-    assert _batch_crops(cpu) is None  # the CPU resizes image by image
+    assert _crop_resizer(cpu) is _crop_resize_each  # the CPU resizes image by image
 
 
 @pytest.mark.parametrize("arch", [70, 80, 90])

@@ -281,18 +281,18 @@ def test_one_launch_crops_flips_and_fits_a_batch_on_the_gpu_as_torchvision_does(
     """The batch kernel, compiled for this GPU, against torchvision's per-image transforms on the same GPU:
     ImageNet-size files and larger (boxes shrunk up to 7×), small ones enlarged; and it is what
     ``data.decode=device`` uses here."""
-    from conftest import crop_cases, torchvision_crop
+    from conftest import crop_cases, crop_info, torchvision_crop
 
     from t240dist import crops
-    from t240dist.data import _batch_crops
+    from t240dist.data import _crop_resizer
 
-    assert _batch_crops(torch.device("cuda")) is crops
+    assert _crop_resizer(torch.device("cuda")) is crops.crop_resize
     images, boxes, flips = crop_cases(size, 64, sizes, device="cuda")
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    batch = crops.crop_resize(images, boxes, flips, size, size * 8 // 7, mean, std)
+    info = crop_info(size, size * 8 // 7, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    batch = crops.crop_resize(images, boxes, flips, info)
     cases = zip(images, boxes, flips, strict=True)
-    expected = torch.stack([torchvision_crop(*case, size, size * 8 // 7, mean, std) for case in cases])
-    grey_levels = (batch - expected).abs() * torch.tensor(std, device="cuda").view(3, 1, 1) * 255
+    expected = torch.stack([torchvision_crop(*case, info) for case in cases])
+    grey_levels = (batch - expected).abs() * torch.tensor(info.std, device="cuda").view(3, 1, 1) * 255
     assert float(grey_levels.max()) < 1e-3, grey_levels.amax(dim=(1, 2, 3))
 
 

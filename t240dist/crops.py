@@ -1,12 +1,14 @@
 """A batch of decoded images of any sizes cropped, resized, flipped and normalised in one GPU launch.
 
 ``data.decode=device`` resizes every image of a batch to the training size. torchvision resizes one
-image per call, and a call per image (~770 PyTorch ops a batch of 256) in the decode thread hands the GIL
-back and forth with the training thread: on an H200 that cost ResNet-50 a quarter of its rate (BENCHMARKS,
-session 34). NVIDIA DALI batches this but is not a dependency here. So this module hand-writes the one
-kernel: each output pixel is torch's antialiased bilinear resize (``F.interpolate(mode="bilinear",
-antialias=True)``, the filter torchvision's transforms use on tensors) of its image's box, as one Triton
-launch reading the images where nvJPEG wrote them, through a table of their addresses.
+image per call; a call per image (~770 PyTorch ops a batch of 256) in the decode thread hands the GIL
+back and forth with the training thread, and on an H200 ResNet-50 trained at 0.68–0.78 of its step's
+rate, waiting for its batches (BENCHMARKS, session 34). NVIDIA DALI batches this work but is not a
+dependency here, and torchvision has no batched resize for images of different sizes. So this module
+hand-writes the one kernel: each output pixel is torch's antialiased bilinear resize
+(``F.interpolate(mode="bilinear", antialias=True)``, the filter torchvision's transforms use on tensors)
+of its image's box, in one Triton launch that reads the images where nvJPEG wrote them, through a table
+of their addresses and strides.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -16,6 +17,8 @@ from torchvision.transforms import v2
 from t240dist.data import DataInfo
 from t240dist.models import build_model, compile_network
 from t240dist.optim import configure_optimizers, replan
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossAndLogits = tuple[torch.Tensor, torch.Tensor]
@@ -190,6 +193,7 @@ class ClassifierModule(pl.LightningModule):
         self.schedule = {
             "sched": self.hparams["sched"],
             "steps": int(self.trainer.estimated_stepping_batches),
+            "optim": dict(self.hparams["optim"]),
         }
         return configure_optimizers(
             self.net, self.hparams["optim"], self.hparams["sched"], self.schedule["steps"]
@@ -204,13 +208,22 @@ class ClassifierModule(pl.LightningModule):
             checkpoint["lr_schedulers"] = []  # another sched's state: Lightning would load it into this one
 
     def on_train_start(self) -> None:
-        """A run resumed with another schedule than its checkpoint's (another length: a raised
-        ``trainer.max_epochs``; another ``sched``) plans its lr schedule again, from the step it reached."""
+        """A run resumed with another optimizer or schedule than its checkpoint's (another ``optim``; another
+        length, a raised ``trainer.max_epochs``; another ``sched``) takes this config's optimizer settings and
+        plans its lr schedule again, from the step it reached."""
         restored, steps, step = self.restored_schedule, self.schedule["steps"], self.trainer.global_step
-        configs = self.trainer.lr_scheduler_configs
-        if configs and restored is not None and restored != self.schedule and steps > step:
-            optimizer = configs[0].scheduler.optimizer
-            configs[0].scheduler = replan(optimizer, self.hparams["sched"], steps, step)
+        if restored is None or steps <= step:
+            return
+        # a key the checkpoint lacks (one saved before the optimizer's settings were) counts as unchanged
+        changed = [key for key, value in self.schedule.items() if key in restored and restored[key] != value]
+        if changed:
+            log.info(
+                "resumed with other %s than the checkpoint's: this config's, from step %d", changed, step
+            )
+            optimizer, configs = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs
+            scheduler = replan(optimizer, self.net, self.hparams["optim"], self.hparams["sched"], steps, step)
+            if configs:
+                configs[0].scheduler = scheduler
 
 
 class MeanLoss(Metric):

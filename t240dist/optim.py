@@ -52,19 +52,31 @@ def build_scheduler(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int)
     return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
 
 
-def replan(optimizer: Optimizer, cfg: dict[str, Any], total_steps: int, step: int) -> LRScheduler | None:
-    """The ``sched`` schedule over ``total_steps``, at ``step``: for a run resumed with another schedule than
-    its checkpoint's (another length, a raised ``trainer.max_epochs`` or ``max_steps``; another ``sched``).
+def replan(
+    optimizer: Optimizer,
+    net: nn.Module,
+    optim: dict[str, Any],
+    sched: dict[str, Any],
+    total_steps: int,
+    step: int,
+) -> LRScheduler | None:
+    """The ``sched`` schedule over ``total_steps``, at ``step``, after ``optimizer``'s settings are made
+    ``optim``'s: for a run resumed with another optimizer or schedule than its checkpoint's (another
+    ``optim``; another length, a raised ``trainer.max_epochs`` or ``max_steps``; another ``sched``).
 
     A schedule's state holds its plan (OneCycleLR stops with an error past its ``total_steps``; a cosine
-    rises again past ``T_max``), so the plan comes from the config and only the position from the
-    checkpoint, as timm resumes its schedulers. The lr and momentum are then those of a run planned so from
-    the start.
+    rises again past ``T_max``), and a restored optimizer its saved settings (a new ``optim.lr`` would go
+    unused), so the settings and the plan come from the config and only the position and the optimizer's
+    state (momentum buffers, Adam's moments) from the checkpoint, as timm resumes its schedulers. Each
+    param group's settings are then those of a run configured so from the start.
     """
-    for group in optimizer.param_groups:  # back to the configured values that every schedule starts from
-        group.update({key: optimizer.defaults[key] for key in ("lr", "momentum", "betas") if key in group})
-        group["initial_lr"] = group["lr"]
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    fresh = build_optimizer(net, optim)  # builds no state: only its param groups' settings are taken
+    for group, new in zip(optimizer.param_groups, fresh.param_groups, strict=True):
+        params = group["params"]
+        group.clear()  # a former schedule's keys (OneCycleLR's max_lr, ...) go too
+        group.update({**new, "params": params})
+    optimizer.defaults = fresh.defaults
+    scheduler = build_scheduler(optimizer, sched, total_steps)
     if scheduler is not None:
         with warnings.catch_warnings():  # stepped ahead without optimizer steps, on purpose
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")

@@ -271,8 +271,23 @@ def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
         # another sched: none saved no state, and a schedule of another kind would be loaded into this one
         (["sched=none", "trainer.max_epochs=2"], ["sched=onecycle", "trainer.max_epochs=3"]),
         (["sched=onecycle", "trainer.max_epochs=2"], ["sched=warmup_cosine", "trainer.max_epochs=3"]),
+        # another optim: the restored optimizer kept its saved lr, momentum and weight decay
+        (["sched=none", "trainer.max_epochs=2"], ["sched=none", "trainer.max_epochs=3", "optim.lr=0.5"]),
+        (
+            ["sched=onecycle", "trainer.max_epochs=2"],
+            ["sched=onecycle", "trainer.max_epochs=3", "optim.momentum=0.8", "optim.weight_decay=0.01"],
+        ),
+        (["optim=adamw", "trainer.max_epochs=2"], ["optim=adamw", "trainer.max_epochs=3", "optim.lr=0.003"]),
     ],
-    ids=["onecycle-longer", "cosine-more-steps", "none-then-onecycle", "onecycle-then-cosine"],
+    ids=[
+        "onecycle-longer",
+        "cosine-more-steps",
+        "none-then-onecycle",
+        "onecycle-then-cosine",
+        "constant-lr-raised",
+        "onecycle-momentum-and-decay",
+        "adamw-lr",
+    ],
 )
 def test_a_run_trained_on_with_another_schedule_follows_it_as_planned_from_the_start(
     cifar: Path,
@@ -282,8 +297,9 @@ def test_a_run_trained_on_with_another_schedule_follows_it_as_planned_from_the_s
     first: list[str],
     then: list[str],
 ) -> None:
-    """Trained on from its end with another length or sched, a run's lr and momentum are, step by step,
-    those of a run planned so from its start; a rerun of the finished run names the length to raise."""
+    """Trained on from its end with another length, sched or optim, a run's lr is, step by step, that of a
+    run planned so from its start, and its optimizer's settings are that run's; a rerun of the finished run
+    names the length to raise."""
     monkeypatch.setenv(KEY_ENV, "test-key")
     overrides = [*CIFAR, *BASE, f"data.root={cifar}"]
     planned = train(compose([*overrides, *then]), run_dir=tmp_path / "planned")
@@ -299,7 +315,7 @@ def test_a_run_trained_on_with_another_schedule_follows_it_as_planned_from_the_s
     after = {step: lr for step, lr in scalars(tmp_path / "run")["train/lr"] if step > done["global_step"]}
     assert after == {s: lr for s, lr in scalars(tmp_path / "planned")["train/lr"] if s in after} != {}
     groups = [
-        [{k: g[k] for k in ("lr", "momentum")} for g in state["optimizer_states"][0]["param_groups"]]
+        [{k: v for k, v in g.items() if k != "params"} for g in state["optimizer_states"][0]["param_groups"]]
         for state in (
             load_checkpoint(d / "checkpoints" / "last.ckpt", False)
             for d in (tmp_path / "run", tmp_path / "planned")
@@ -339,24 +355,29 @@ def test_a_ddp_job_trained_on_with_another_length_replans_on_every_rank(
         assert summary["world_size"] == 2 and len({r["weights_sha256"] for r in summary["ranks"]}) == 1
 
 
+@pytest.mark.parametrize(
+    "ranks", [[], pytest.param(DDP[:2], marks=pytest.mark.slow)], ids=["1-rank", "2-ranks"]
+)
 def test_a_run_resumed_from_another_runs_file_holds_its_best_in_its_own_folder(
-    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranks: list[str]
 ) -> None:
-    """``resume=PATH`` into a new run dir: where training never improves on the other run's best (an lr
-    of 1 from there on), that best is this run's ``best.ckpt`` too, and the other run's files stay as they
-    were."""
+    """``resume=PATH`` into a new run dir: where training never improves on the other run's best (none of
+    its epochs is validated: ``check_val_every_n_epoch`` past its end), that best is this run's
+    ``best.ckpt`` too, and the other run's files stay as they were; under DDP too (rank 0 takes the file in
+    while the other ranks wait)."""
     monkeypatch.setenv(KEY_ENV, "test-key")
-    overrides = [*CIFAR, *BASE, f"data.root={cifar}", "sched=none"]
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}", "sched=none", *ranks]
     train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path / "r1")
     source = tmp_path / "r1" / "checkpoints"
     before = {p.name: p.read_bytes() for p in source.iterdir()}
-    resumed = [f"resume={source / 'best.ckpt'}", "optim.lr=1.0", "trainer.max_epochs=4"]
+    resumed = [f"resume={source / 'best.ckpt'}", "trainer.check_val_every_n_epoch=5", "trainer.max_epochs=4"]
     done = train(compose([*overrides, *resumed]), run_dir=tmp_path / "r2")
     own = tmp_path / "r2" / "checkpoints"
     assert Path(done["best_checkpoint"]).parent == own
     assert (own / "best.ckpt").read_bytes() == before["best.ckpt"]  # no epoch of r2 did better
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     assert load_checkpoint(own / "best.ckpt", trust_unsigned=False)["global_step"] < done["global_step"]
+    assert done["world_size"] == (2 if ranks else 1)
 
 
 def test_last_is_the_final_state_and_best_names_the_best(

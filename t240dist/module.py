@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -14,11 +13,10 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from t240dist import report
 from t240dist.data import DataInfo
 from t240dist.models import build_model, compile_network
 from t240dist.optim import configure_optimizers, replan
-
-log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossAndLogits = tuple[torch.Tensor, torch.Tensor]
@@ -215,11 +213,8 @@ class ClassifierModule(pl.LightningModule):
         if restored is None or steps <= step:
             return
         # a key the checkpoint lacks (one saved before the optimizer's settings were) counts as unchanged
-        changed = [key for key, value in self.schedule.items() if key in restored and restored[key] != value]
-        if changed:
-            log.info(
-                "resumed with other %s than the checkpoint's: this config's, from step %d", changed, step
-            )
+        if any(key in restored and restored[key] != value for key, value in self.schedule.items()):
+            report.show_replan(restored, self.schedule, step)
             optimizer, configs = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs
             scheduler = replan(optimizer, self.net, self.hparams["optim"], self.hparams["sched"], steps, step)
             if configs:

@@ -71,6 +71,19 @@ def show_resume(path: Path | None) -> None:
 
 
 @rank_zero_only
+def show_replan(restored: dict[str, Any], planned: dict[str, Any], step: int) -> None:
+    """Say that a resumed run's optimizer settings and lr schedule are its config's, not its checkpoint's."""
+    names = {"steps": f"length ({restored.get('steps')} steps, now {planned['steps']})"}
+    changed = [
+        names.get(key, key) for key, value in planned.items() if key in restored and restored[key] != value
+    ]
+    log.info(
+        f"the checkpoint was saved with another {' and '.join(changed)}: from step {step} the optimizer "
+        "takes this config's settings and the lr schedule is planned again"
+    )
+
+
+@rank_zero_only
 def show_finished(summary: dict[str, Any], max_epochs: int, max_steps: int) -> None:
     """Say that a rerun found its run finished, and how to train it further."""
     stopped = summary.get("stopped_early_at_epoch")

@@ -309,9 +309,17 @@ def test_a_run_trained_on_with_another_schedule_follows_it_as_planned_from_the_s
     assert any(
         m.endswith(f"rerun with a higher {first[-1].replace('=', ' (now ')})") for m in caplog.messages
     )
-    longer = train(compose([*overrides, *then]), run_dir=tmp_path / "run")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="t240dist"):
+        longer = train(compose([*overrides, *then]), run_dir=tmp_path / "run")
     assert longer["resumed_from"] is not None and longer["global_step"] == planned["global_step"]
     assert planned["global_step"] > done["global_step"] > 0
+    prefix = "the checkpoint was saved with another "
+    [said] = [m[len(prefix) : m.index(": from step")] for m in caplog.messages if m.startswith(prefix)]
+    changed = {f"length ({done['global_step']} steps, now {planned['global_step']})"}
+    changed |= {"sched"} if first[0] != then[0] else set()
+    changed |= {"optim"} if any(o.startswith("optim.") for o in then) else set()
+    assert set(said.split(" and ")) == changed, said
     after = {step: lr for step, lr in scalars(tmp_path / "run")["train/lr"] if step > done["global_step"]}
     assert after == {s: lr for s, lr in scalars(tmp_path / "planned")["train/lr"] if s in after} != {}
     groups = [

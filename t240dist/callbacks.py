@@ -21,12 +21,12 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.model_summary import get_human_readable_count
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-from t240dist import sweep
+from t240dist import report, sweep
 from t240dist.agent import is_submitit_requeue
 from t240dist.checkpoint import at_step_boundary, written
 from t240dist.data import ImageDataModule
 from t240dist.distributed import Agreed
-from t240dist.errors import Interrupted, NonFiniteError, Preempted, resume_hint
+from t240dist.errors import CheckpointError, Interrupted, NonFiniteError, Preempted, resume_hint
 from t240dist.loggers import log_metrics, tensorboard
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event
@@ -294,6 +294,12 @@ class ExactResume(pl.Callback):
     batches done), is read from Lightning's loop as it stands at the save: after an epoch's last batch it
     is the next epoch's start. Callback states are restored before the training loader is made, so the
     data module makes it at that position (``resume_at``).
+
+    A job resumed on another number of ranks (``trainer.devices``, ``trainer.num_nodes``) or another
+    ``data.batch_size`` from an epoch's end goes on with the next epoch, as the same epochs are drawn
+    whatever the ranks; it is not bit-exact (each rank trains on other samples), and ranks the checkpoint
+    has no RNG state for keep their own. From inside an epoch it is refused: Lightning's restored count of
+    the epoch's batches, in the saving job's batches, would end that epoch at the wrong place.
     """
 
     def __init__(self) -> None:
@@ -309,18 +315,55 @@ class ExactResume(pl.Callback):
         if dist.is_available() and dist.is_initialized():
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
-        return {"ranks": ranks, "next_batch": _next_batch(self._trainer) if self._trainer else (0, 0)}
+        trainer = self._trainer
+        return {
+            "ranks": ranks,
+            "next_batch": _next_batch(trainer) if trainer else (0, 0),
+            "samples_per_batch": _samples_per_batch(trainer) if trainer else 0,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict["ranks"]
-        datamodule = self._trainer.datamodule if self._trainer else None
-        if isinstance(datamodule, ImageDataModule) and "next_batch" in state_dict:
-            datamodule.resume_at(*state_dict["next_batch"])
+        trainer = self._trainer
+        data = trainer.datamodule if trainer else None
+        # testing a checkpoint (the run's best after fit) resumes nothing
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if not fitting or not isinstance(data, ImageDataModule) or "next_batch" not in state_dict:
+            return
+        epoch, done = state_dict["next_batch"]
+        now = _samples_per_batch(trainer)
+        # a checkpoint saved before this was recorded: its ranks' count, and this batch size
+        saved = state_dict.get("samples_per_batch") or now // trainer.world_size * len(self._pending)
+        if saved != now or len(self._pending) != trainer.world_size:
+            ranks, batch = len(self._pending), saved // len(self._pending)
+            if done:
+                raise CheckpointError(
+                    f"{trainer.ckpt_path} was saved {done} batch(es) into epoch {epoch} by {ranks} rank(s) × "
+                    f"{batch} a batch, and this job has {trainer.world_size} × {now // trainer.world_size}: "
+                    f"resume it with as many ranks (trainer.devices × trainer.num_nodes) and data.batch_size="
+                    f"{batch}{_epoch_end_hint(trainer.ckpt_path)}"
+                )
+            report.show_regrouped(ranks, batch, trainer.world_size, now // trainer.world_size, epoch)
+        data.resume_at(epoch, done)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._pending is not None:
-            _set_rng_state(self._pending[trainer.global_rank])
+            if trainer.global_rank < len(self._pending):
+                _set_rng_state(self._pending[trainer.global_rank])
             self._pending = None
+
+
+def _samples_per_batch(trainer: pl.Trainer) -> int:
+    """The training samples one batch of every rank holds: the batch size times the ranks."""
+    datamodule = trainer.datamodule
+    batch_size = datamodule.cfg["batch_size"] if isinstance(datamodule, ImageDataModule) else 0
+    return batch_size * trainer.world_size
+
+
+def _epoch_end_hint(path: str | None) -> str:
+    """``, or resume=P`` for the newest epoch-end checkpoint P beside ``path`` (their names hold the step)."""
+    ends = sorted(Path(path).parent.glob("epoch*-step*.ckpt"), key=lambda p: p.stem.split("-step")[-1])
+    return f", or go on from an epoch's end with resume={ends[-1]}" if path and ends else ""
 
 
 def _next_batch(trainer: pl.Trainer) -> tuple[int, int]:

@@ -84,6 +84,15 @@ def show_replan(restored: dict[str, Any], planned: dict[str, Any], step: int) ->
 
 
 @rank_zero_only
+def show_regrouped(ranks: int, batch: int, now: int, new_batch: int, epoch: int) -> None:
+    """Say that a job resumes on other ranks or batches than it saved with: not bit-exact."""
+    log.warning(
+        f"resuming a checkpoint of {ranks} rank(s) × {batch} a batch on {now} rank(s) × {new_batch}: "
+        f"training goes on with epoch {epoch}, not bit-exact with a job that kept its ranks and batch size"
+    )
+
+
+@rank_zero_only
 def show_finished(summary: dict[str, Any], max_epochs: int, max_steps: int) -> None:
     """Say that a rerun found its run finished, and how to train it further."""
     stopped = summary.get("stopped_early_at_epoch")

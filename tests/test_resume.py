@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_same_end, compose, scalars, wait_for_checkpoint
+from conftest import assert_same_end, compose, run_cli, scalars, wait_for_checkpoint
 from datasets_on_disk import write_cifar, write_image_tree
 from snapshots import copy_after_every_write
 
@@ -361,6 +361,44 @@ def test_a_ddp_job_trained_on_with_another_length_replans_on_every_rank(
     assert after == {s: lr for s, lr in scalars(tmp_path / "planned")["train/lr"] if s in after} != {}
     for summary in (planned, done, longer):
         assert summary["world_size"] == 2 and len({r["weights_sha256"] for r in summary["ranks"]}) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved", "resumed"), [(2, 3), (3, 2)])
+def test_a_ddp_job_goes_on_with_another_number_of_ranks_from_an_epochs_end_and_names_it_otherwise(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saved: int, resumed: int
+) -> None:
+    """A job saved by 2 ranks and resumed by 3 (a rerun with another ``trainer.devices``), and the reverse.
+    From inside an epoch it is refused with one line that names the epoch-end checkpoint to go on from
+    (before, a rank the checkpoint had no RNG state for stopped with an IndexError); from there the job
+    trains the epochs left on its new ranks, says once that it is not bit-exact, and its ranks end with
+    one set of weights."""
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}", "sched=none", *DDP[:2]]
+    per_epoch = {ranks: 108 // ranks // 16 for ranks in (saved, resumed)}  # 108 images, 16 a batch
+    every = per_epoch[saved] + 1  # a recovery checkpoint one batch into the second epoch
+    first = [f"trainer.devices={saved}", "trainer.max_epochs=2", f"checkpoint.every_n_steps={every}"]
+    train(compose([*overrides, *first]), run_dir=tmp_path / "r1")
+    recovery = tmp_path / "r1" / "checkpoints" / f"recovery-step{every:06d}.ckpt"
+    then = [*overrides, f"trainer.devices={resumed}", "trainer.max_epochs=3", "hydra.run.dir=r2"]
+    refused = run_cli([*then, f"resume={recovery}"], cwd=tmp_path)
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert (
+        refused.returncode == 2 and line.startswith("CheckpointError: ") and "Traceback" not in refused.stderr
+    )
+    assert f"by {saved} rank(s) × 16 a batch, and this job has {resumed} × 16" in line
+    hint = line.split("go on from an epoch's end with ")[1]  # resume=PATH: the command it names works
+    ran = run_cli([*then, hint], cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    done = json.loads((tmp_path / "r2" / "run_summary.json").read_text())
+    step = load_checkpoint(Path(hint.removeprefix("resume=")), trust_unsigned=False)["global_step"]
+    epochs_done = step // per_epoch[saved]
+    assert done["global_step"] == step + (3 - epochs_done) * per_epoch[resumed] > step
+    assert done["world_size"] == resumed and len({r["weights_sha256"] for r in done["ranks"]}) == 1
+    said = (
+        f"resuming a checkpoint of {saved} rank(s) × 16 a batch on {resumed} rank(s) × 16: training goes on"
+    )
+    assert (tmp_path / "r2" / "train.log").read_text().count(f"{said} with epoch {epochs_done}") == 1
 
 
 @pytest.mark.parametrize(

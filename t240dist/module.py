@@ -213,8 +213,9 @@ class ClassifierModule(pl.LightningModule):
         if restored is None or steps <= step:
             return
         # a key the checkpoint lacks (one saved before the optimizer's settings were) counts as unchanged
-        if any(key in restored and restored[key] != value for key, value in self.schedule.items()):
-            report.show_replan(restored, self.schedule, step)
+        changed = [key for key, value in self.schedule.items() if key in restored and restored[key] != value]
+        if changed:
+            report.show_replan(changed, restored["steps"], steps, step)
             optimizer, configs = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs
             scheduler = replan(optimizer, self.net, self.hparams["optim"], self.hparams["sched"], steps, step)
             if configs:

@@ -71,15 +71,13 @@ def show_resume(path: Path | None) -> None:
 
 
 @rank_zero_only
-def show_replan(restored: dict[str, Any], planned: dict[str, Any], step: int) -> None:
-    """Say that a resumed run's optimizer settings and lr schedule are its config's, not its checkpoint's."""
-    names = {"steps": f"length ({restored.get('steps')} steps, now {planned['steps']})"}
-    changed = [
-        names.get(key, key) for key, value in planned.items() if key in restored and restored[key] != value
-    ]
+def show_replan(changed: list[str], saved_steps: int, steps: int, step: int) -> None:
+    """Say that a resumed run's optimizer settings and lr schedule are its config's, not its checkpoint's
+    (``changed``: which of ``sched``, ``steps`` and ``optim`` differ)."""
+    names = {"steps": f"length ({saved_steps} steps, now {steps})"}
     log.info(
-        f"the checkpoint was saved with another {' and '.join(changed)}: from step {step} the optimizer "
-        "takes this config's settings and the lr schedule is planned again"
+        f"the checkpoint was saved with another {' and '.join(names.get(key, key) for key in changed)}: from "
+        f"step {step} the optimizer takes this config's settings and the lr schedule is planned again"
     )
 
 

@@ -67,3 +67,39 @@ def write_bad_tree(root: Path) -> None:
     (train / "dog" / "empty.png").write_bytes(b"")
     (train / "dog" / "notes.png").write_text("this is not a picture")
     (train / "bird").mkdir()
+
+
+def _exif_orientation(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+JPEG_FLAVOURS = {  # how cameras, phones and the web write JPEGs: Pillow's save options
+    "baseline": {},
+    "subsampled-422": {"subsampling": 1},
+    "full-444": {"subsampling": 0, "quality": 98},
+    "progressive": {"progressive": True},
+    "optimised": {"optimize": True},
+    "restarts": {"restart_marker_blocks": 3},
+    "oriented": {"exif": _exif_orientation(6)},  # rotate 90°: neither decode path applies it
+}
+
+
+def write_jpeg_flavours(root: Path) -> None:
+    """ROOT/train and ROOT/val, class folders `a` and `b`: a JPEG of each of ``JPEG_FLAVOURS`` per class,
+    of odd sizes from 1×1 up to 321×203, and a grey one."""
+    rng = np.random.default_rng(5)
+    sizes = [(1, 1), (7, 3), (33, 17), (203, 321), (48, 64), (90, 31), (64, 64)]
+    for split in ("train", "val"):
+        for label, cls in enumerate(("a", "b")):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for (name, options), (h, w) in zip(JPEG_FLAVOURS.items(), sizes, strict=True):
+                field = (
+                    rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8) // 2
+                    + 100 * label
+                )
+                Image.fromarray(field).resize((w, h)).save(folder / f"{name}.jpg", **options)
+            grey = rng.integers(0, 256, (19, 23), dtype=np.uint8)
+            Image.fromarray(grey).save(folder / "grey.jpg")

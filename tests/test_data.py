@@ -17,7 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose, crop_cases, crop_info, torchvision_crop
-from datasets_on_disk import write_bad_tree, write_cifar, write_image_tree, write_mnist
+from datasets_on_disk import (
+    JPEG_FLAVOURS,
+    write_bad_tree,
+    write_cifar,
+    write_image_tree,
+    write_jpeg_flavours,
+    write_mnist,
+)
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -341,6 +348,23 @@ def test_device_decode_gives_the_workers_images_for_every_kind_of_file(tmp_path:
         assert float(((decoded - x).abs() * std * 255).max()) <= 1.01
     files = next(iter(device.train_dataloader().loader))  # what the workers hand over
     assert sorted(files.encoded) == [False, False, True, True]  # the CMYK JPEG and the PNG came decoded
+
+
+def test_device_decode_reads_jpegs_of_every_flavour_as_the_workers_do(tmp_path: Path) -> None:
+    """Progressive, optimised, 4:2:2 and 4:4:4, restart markers, an EXIF orientation, grey, 1×1: every file
+    decoded where it trains (libjpeg here, nvJPEG on a GPU: tests/test_gpu.py) is the workers' image."""
+    write_jpeg_flavours(tmp_path)
+    plain = ["data.augment.crop=none", "data.augment.hflip=false", "data.num_workers=0", "data.batch_size=16"]
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", *plain]
+    workers, device = _data(*args, "data.decode=workers"), _data(*args, "data.decode=device")
+    std = torch.tensor(workers.info.std).view(1, -1, 1, 1)
+    files = next(iter(device.train_dataloader().loader))
+    assert all(files.encoded) and len(files.encoded) == 2 * (len(JPEG_FLAVOURS) + 1)  # all go to the decoder
+    for loader in ("train_dataloader", "val_dataloader"):
+        x, y = next(iter(getattr(workers, loader)()))
+        decoded, labels = next(iter(getattr(device, loader)()))
+        assert torch.equal(labels, y) and decoded.shape == x.shape
+        assert float(((decoded - x).abs() * std * 255).max()) <= 1.01
 
 
 def test_device_decode_crops_flips_and_fits_each_image_as_torchvision_does(tmp_path: Path) -> None:

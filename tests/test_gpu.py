@@ -274,6 +274,29 @@ def test_image_folders_are_decoded_on_the_gpu_like_the_workers_decode_them(tmp_p
     assert "decode: device" in (tmp_path / "run" / "config.yaml").read_text()
 
 
+def test_jpegs_of_every_flavour_are_decoded_by_nvjpeg_like_the_workers_decode_them(tmp_path: Path) -> None:
+    """Progressive, optimised, 4:2:2 and 4:4:4, restart markers, an EXIF orientation, grey, 1×1: nvJPEG's
+    batched decoder takes them all (its hardware engine only some; torchvision hands it the rest)."""
+    from datasets_on_disk import write_jpeg_flavours
+
+    from t240dist.config import validate
+    from t240dist.data import ImageDataModule
+
+    write_jpeg_flavours(tmp_path)
+    plain = ["data.augment.crop=none", "data.augment.hflip=false", "data.batch_size=16", "data.image_size=16"]
+    conf = validate(compose(["data=imagefolder", f"data.root={tmp_path}", "data.decode=device", *plain]))
+    workers = ImageDataModule({**conf["data"], "decode": "workers", "num_workers": 0}, 0)
+    device = ImageDataModule({**conf["data"], "num_workers": 0}, 0)
+    for loader in ("train_dataloader", "val_dataloader"):
+        x, y = next(iter(getattr(workers, loader)()))
+        decoded, labels = next(iter(getattr(device, loader)()))
+        assert decoded.is_cuda and torch.equal(labels.cpu(), y) and decoded.shape == x.shape
+        grey_levels = (decoded.cpu() - x).abs() * torch.tensor(workers.info.std).view(1, -1, 1, 1) * 255
+        assert float(grey_levels.max()) < 12 and float(grey_levels.mean()) < 1.5, grey_levels.amax(
+            dim=(1, 2, 3)
+        )
+
+
 @pytest.mark.parametrize(("size", "sizes"), [(224, (40, 1600)), (32, (8, 200))])
 def test_one_launch_crops_flips_and_fits_a_batch_on_the_gpu_as_torchvision_does(
     size: int, sizes: tuple[int, int]

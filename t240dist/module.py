@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
@@ -62,6 +63,7 @@ class ClassifierModule(pl.LightningModule):
         self.mix = _batch_mixer(module, num_classes)
         self.schedule: dict[str, Any] = {}  # the lr schedule as configure_optimizers planned it
         self.restored_schedule: dict[str, Any] | None = None  # the checkpoint's ``schedule``, when resumed
+        self._resumed_from: dict[str, Any] | None = None  # the checkpoint being resumed, until planned
         top5 = num_classes >= 5
         self.val_loss, self.test_loss = MeanLoss(), MeanLoss()
         self.val_acc, self.test_acc = _accuracy(num_classes, 1), _accuracy(num_classes, 1)
@@ -193,6 +195,7 @@ class ClassifierModule(pl.LightningModule):
             "steps": int(self.trainer.estimated_stepping_batches),
             "optim": dict(self.hparams["optim"]),
         }
+        self._forget_replanned_schedule()
         return configure_optimizers(
             self.net, self.hparams["optim"], self.hparams["sched"], self.schedule["steps"]
         )
@@ -202,8 +205,25 @@ class ClassifierModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.restored_schedule = checkpoint.get("schedule")
-        if self.restored_schedule is not None and self.restored_schedule["sched"] != self.hparams["sched"]:
-            checkpoint["lr_schedulers"] = []  # another sched's state: Lightning would load it into this one
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self._resumed_from = checkpoint
+            self._forget_replanned_schedule()
+
+    def _changed(self) -> list[str]:
+        """The parts of the plan (``sched``, ``steps``, ``optim``) that differ from the checkpoint's; a part
+        the checkpoint lacks (saved before it was recorded) counts as unchanged."""
+        restored = self.restored_schedule or {}
+        return [key for key, value in self.schedule.items() if key in restored and restored[key] != value]
+
+    def _forget_replanned_schedule(self) -> None:
+        """Drop the resumed checkpoint's lr schedule state where ``on_train_start`` plans the schedule again:
+        Lightning would load it into this run's schedule, which may be of another kind (another ``sched``;
+        a warm-up cosine planned where the saved plan was too short for warm-up steps). Decided once both
+        the checkpoint and this run's plan are known (Lightning loads the schedule after both)."""
+        if self._resumed_from is not None and self.schedule:
+            if self._changed():
+                self._resumed_from["lr_schedulers"] = []
+            self._resumed_from = None
 
     def on_train_start(self) -> None:
         """A run resumed with another optimizer or schedule than its checkpoint's (another ``optim``; another
@@ -212,9 +232,7 @@ class ClassifierModule(pl.LightningModule):
         restored, steps, step = self.restored_schedule, self.schedule["steps"], self.trainer.global_step
         if restored is None or steps <= step:
             return
-        # a key the checkpoint lacks (one saved before the optimizer's settings were) counts as unchanged
-        changed = [key for key, value in self.schedule.items() if key in restored and restored[key] != value]
-        if changed:
+        if changed := self._changed():
             report.show_replan(changed, restored["steps"], steps, step)
             optimizer, configs = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs
             scheduler = replan(optimizer, self.net, self.hparams["optim"], self.hparams["sched"], steps, step)

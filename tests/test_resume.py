@@ -268,6 +268,13 @@ def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
             ["sched=warmup_cosine", "trainer.max_epochs=-1", "trainer.max_steps=9"],
             ["sched=warmup_cosine", "trainer.max_epochs=-1", "trainer.max_steps=14"],
         ),
+        # a plan too short for warm-up steps (a plain cosine saved) trained on to one with them (a
+        # SequentialLR): Lightning loaded the one's state into the other and stopped with a KeyError, as the
+        # default config did for `trainer.max_epochs=1`, then `trainer.max_epochs=3` (19 steps, then 57)
+        (
+            ["sched=warmup_cosine", "trainer.max_epochs=-1", "trainer.max_steps=9"],
+            ["sched=warmup_cosine", "trainer.max_epochs=-1", "trainer.max_steps=40"],
+        ),
         # another sched: none saved no state, and a schedule of another kind would be loaded into this one
         (["sched=none", "trainer.max_epochs=2"], ["sched=onecycle", "trainer.max_epochs=3"]),
         (["sched=onecycle", "trainer.max_epochs=2"], ["sched=warmup_cosine", "trainer.max_epochs=3"]),
@@ -282,6 +289,7 @@ def test_a_finished_run_reruns_as_finished_and_trains_on_when_max_epochs_rises(
     ids=[
         "onecycle-longer",
         "cosine-more-steps",
+        "cosine-gains-warm-up",
         "none-then-onecycle",
         "onecycle-then-cosine",
         "constant-lr-raised",

@@ -343,7 +343,7 @@ class ExactResume(pl.Callback):
                     f"resume it with as many ranks (trainer.devices × trainer.num_nodes) and data.batch_size="
                     f"{batch}{_epoch_end_hint(trainer.ckpt_path)}"
                 )
-            report.show_regrouped(ranks, batch, trainer.world_size, now // trainer.world_size, epoch)
+            report.show_regrouped(ranks, batch, trainer.world_size, now // trainer.world_size)
         data.resume_at(epoch, done)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

@@ -82,11 +82,11 @@ def show_replan(changed: list[str], saved_steps: int, steps: int, step: int) -> 
 
 
 @rank_zero_only
-def show_regrouped(ranks: int, batch: int, now: int, new_batch: int, epoch: int) -> None:
-    """Say that a job resumes on other ranks or batches than it saved with: not bit-exact."""
+def show_regrouped(ranks: int, batch: int, now: int, new_batch: int) -> None:
+    """Say that a job resumes from an epoch's end on other ranks or batches than it saved with."""
     log.warning(
-        f"resuming a checkpoint of {ranks} rank(s) × {batch} a batch on {now} rank(s) × {new_batch}: "
-        f"training goes on with epoch {epoch}, not bit-exact with a job that kept its ranks and batch size"
+        f"resuming a checkpoint of {ranks} rank(s) × {batch} a batch on {now} rank(s) × {new_batch} from an "
+        "epoch's end: the run is not bit-exact with one that kept its ranks and batch size"
     )
 
 

@@ -403,10 +403,8 @@ def test_a_ddp_job_goes_on_with_another_number_of_ranks_from_an_epochs_end_and_n
     epochs_done = step // per_epoch[saved]
     assert done["global_step"] == step + (3 - epochs_done) * per_epoch[resumed] > step
     assert done["world_size"] == resumed and len({r["weights_sha256"] for r in done["ranks"]}) == 1
-    said = (
-        f"resuming a checkpoint of {saved} rank(s) × 16 a batch on {resumed} rank(s) × 16: training goes on"
-    )
-    assert (tmp_path / "r2" / "train.log").read_text().count(f"{said} with epoch {epochs_done}") == 1
+    said = f"resuming a checkpoint of {saved} rank(s) × 16 a batch on {resumed} rank(s) × 16 from an epoch's"
+    assert (tmp_path / "r2" / "train.log").read_text().count(said) == 1
 
 
 @pytest.mark.parametrize(

@@ -319,7 +319,7 @@ class ExactResume(pl.Callback):
         return {
             "ranks": ranks,
             "next_batch": _next_batch(trainer) if trainer else (0, 0),
-            "samples_per_batch": _samples_per_batch(trainer) if trainer else 0,
+            "batch_size": _batch_size(trainer) if trainer else 0,  # per rank; the ranks are len(ranks)
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -331,19 +331,17 @@ class ExactResume(pl.Callback):
         if not fitting or not isinstance(data, ImageDataModule) or "next_batch" not in state_dict:
             return
         epoch, done = state_dict["next_batch"]
-        now = _samples_per_batch(trainer)
-        # a checkpoint saved before this was recorded: its ranks' count, and this batch size
-        saved = state_dict.get("samples_per_batch") or now // trainer.world_size * len(self._pending)
-        if saved != now or len(self._pending) != trainer.world_size:
-            ranks, batch = len(self._pending), saved // len(self._pending)
+        ranks, now = len(self._pending), _batch_size(trainer)
+        batch = state_dict.get("batch_size", now)  # a checkpoint saved before it was recorded: this one's
+        if (ranks, batch) != (trainer.world_size, now):
             if done:
                 raise CheckpointError(
                     f"{trainer.ckpt_path} was saved {done} batch(es) into epoch {epoch} by {ranks} rank(s) × "
-                    f"{batch} a batch, and this job has {trainer.world_size} × {now // trainer.world_size}: "
-                    f"resume it with as many ranks (trainer.devices × trainer.num_nodes) and data.batch_size="
-                    f"{batch}{_epoch_end_hint(trainer.ckpt_path)}"
+                    f"{batch} a batch, and this job has {trainer.world_size} × {now}: resume it with as many "
+                    f"ranks (trainer.devices × trainer.num_nodes) and data.batch_size={batch}"
+                    f"{_epoch_end_hint(trainer.ckpt_path)}"
                 )
-            report.show_regrouped(ranks, batch, trainer.world_size, now // trainer.world_size)
+            report.show_regrouped(ranks, batch, trainer.world_size, now)
         data.resume_at(epoch, done)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -353,17 +351,16 @@ class ExactResume(pl.Callback):
             self._pending = None
 
 
-def _samples_per_batch(trainer: pl.Trainer) -> int:
-    """The training samples one batch of every rank holds: the batch size times the ranks."""
+def _batch_size(trainer: pl.Trainer) -> int:
+    """A rank's training batch size (``data.batch_size``)."""
     datamodule = trainer.datamodule
-    batch_size = datamodule.cfg["batch_size"] if isinstance(datamodule, ImageDataModule) else 0
-    return batch_size * trainer.world_size
+    return datamodule.cfg["batch_size"] if isinstance(datamodule, ImageDataModule) else 0
 
 
-def _epoch_end_hint(path: str | None) -> str:
-    """``, or resume=P`` for the newest epoch-end checkpoint P beside ``path`` (their names hold the step)."""
+def _epoch_end_hint(path: str) -> str:
+    """The hint to resume from the newest epoch-end checkpoint beside ``path`` (names hold the step)."""
     ends = sorted(Path(path).parent.glob("epoch*-step*.ckpt"), key=lambda p: p.stem.split("-step")[-1])
-    return f", or go on from an epoch's end with resume={ends[-1]}" if path and ends else ""
+    return f", or go on from an epoch's end with resume={ends[-1]}" if ends else ""
 
 
 def _next_batch(trainer: pl.Trainer) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
 from t240dist.config import compose_config
-from t240dist.data import FIT, DataInfo
+from t240dist.data import FIT, DataInfo, ImageDataModule
 
 # A run that takes a few seconds on two CPU cores: tiny synthetic images, tiny CNN, two epochs.
 TINY = [
@@ -188,6 +188,19 @@ def crop_cases(
 def crop_info(size: int, resize: int, mean: list[float], std: list[float]) -> DataInfo:
     """The data facts a batch resize reads: the size, the fitted files' shorter side, the normalisation."""
     return DataInfo(2, 3, size, [], 1, mean, std, resize)
+
+
+def decoded_both_ways(
+    workers: ImageDataModule, device: ImageDataModule
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each split's first batch decoded by the loader workers and by ``data.decode=device``: its labels as
+    each gives them, and how far apart their pixels are, in grey levels (on the host)."""
+    std = torch.tensor(workers.info.std).view(1, -1, 1, 1)
+    for loader in ("train_dataloader", "val_dataloader"):
+        x, y = next(iter(getattr(workers, loader)()))
+        decoded, labels = next(iter(getattr(device, loader)()))
+        assert decoded.shape == x.shape
+        yield y, labels.cpu(), (decoded.cpu() - x).abs() * std * 255
 
 
 def torchvision_crop(

@@ -31,6 +31,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 
 from t240dist.errors import CheckpointError
 
@@ -41,6 +42,7 @@ _MARK = b"t240dist-signature "
 _END_OF_ZIP = b"PK\x05\x06"  # end-of-central-directory record: 22 bytes, then the comment
 LAST = "last.ckpt"  # the latest state saved: every save also appears under this name
 BEST = "best.ckpt"  # the best checkpoint by checkpoint.monitor
+_LIGHTNING_KEY_MODE = re.compile(r"'mode': '(\w+)'")  # in a ModelCheckpoint's key, as Lightning names it
 
 
 class SignedCheckpointIO(TorchCheckpointIO):
@@ -170,8 +172,39 @@ class BestCheckpoint(RunDirCheckpoint):
         super().__init__(auto_insert_metric_name=False, save_last=False, **kwargs)
         self.best_step: int | None = None  # the step whose weights the best file holds, if saved by this fit
         self._seen_best = ""
+        self._other_choice = False  # resumed with another monitor or mode: the saved scores don't count
+
+    @property
+    def state_key(self) -> str:
+        """One key whatever the monitor (Lightning's names it and mode): a run resumed with another
+        ``checkpoint.monitor`` finds the state it saved, and Lightning asks for no callback it cannot add."""
+        return type(self).__name__
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "mode": self.mode}
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A run resumed with another ``checkpoint.monitor`` or ``mode`` picks its best anew: the saved best
+        was chosen by another measure. Its file stays where it is, and rank 0 names it."""
+        states = checkpoint.get("callbacks", {})
+        for key in [k for k in states if k.startswith(f"{self.state_key}{{")]:  # saved under Lightning's key
+            states.setdefault(self.state_key, {"mode": _LIGHTNING_KEY_MODE.search(key)[1], **states.pop(key)})
+        saved = states.get(self.state_key)
+        chosen = (self.monitor, self.mode)
+        self._other_choice = saved is not None and (saved["monitor"], saved["mode"]) != chosen
+        if self._other_choice and trainer.state.fn == TrainerFn.FITTING and trainer.is_global_zero:
+            best = Path(saved["best_model_path"]).name if saved["best_model_path"] else None
+            log.warning(
+                f"the checkpoint's best was chosen by {saved['monitor']} ({saved['mode']}), this run's by "
+                f"{self.monitor} ({self.mode}): its best is picked anew from its next validation"
+                + (f", and {best} stays as it is" if best else "")
+            )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._other_choice:
+            return
         super().load_state_dict(state_dict)
         self._seen_best = self.best_model_path  # a resumed run's best: its step's weights are not in memory
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -430,6 +431,58 @@ def test_a_run_resumed_from_another_runs_file_holds_its_best_in_its_own_folder(
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     assert load_checkpoint(own / "best.ckpt", trust_unsigned=False)["global_step"] < done["global_step"]
     assert done["world_size"] == (2 if ranks else 1)
+
+
+def test_a_run_resumed_with_another_monitor_picks_its_best_by_it_and_keeps_the_former_best(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that chose its best by ``val/loss``, resumed with ``checkpoint.monitor=val/acc`` and
+    ``checkpoint.mode=max``: its best is the epoch of highest ``val/acc`` among those it validates, one line
+    says so and names the former best, whose file stays as it was; a rerun that keeps the new choice keeps
+    its best without a word. Lightning's plea for "the callbacks used to create the checkpoint" is gone."""
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}"]
+    resumed_at = train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path)["global_step"]
+    folder = tmp_path / "checkpoints"
+    former = {p.name: p.read_bytes() for p in folder.glob("epoch*")}
+    (former_best,) = [name for name, data in former.items() if data == (folder / "best.ckpt").read_bytes()]
+    by_acc = [*overrides, "checkpoint.monitor=val/acc", "checkpoint.mode=max"]
+    said = f"this run's by val/acc (max): its best is picked anew from its next validation, and {former_best}"
+    for epochs, warned in ((4, 1), (6, 0)):
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            done = train(compose([*by_acc, f"trainer.max_epochs={epochs}"]), run_dir=tmp_path)
+        assert sum(said in r.getMessage() for r in caplog.records) == warned
+        assert not [w for w in caught if "callbacks used to create the checkpoint" in str(w.message)]
+        # an epoch's validation is drawn at its last step's index: the steps taken before it, less one
+        accuracy = [(acc, -step - 1) for step, acc in scalars(tmp_path)["val/acc"] if step >= resumed_at]
+        best = Path(done["best_checkpoint"])
+        assert load_checkpoint(best, trust_unsigned=False)["global_step"] == -max(accuracy)[1]
+        assert (folder / "best.ckpt").read_bytes() == best.read_bytes()
+        assert {name: (folder / name).read_bytes() for name in former} == former
+
+
+def test_a_checkpoint_that_keeps_its_best_under_lightnings_key_resumes_with_that_best(
+    cifar: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints written before the best's state had one key kept it under Lightning's key, which names the
+    monitor and mode: a run resumed from one keeps that best where no later epoch is validated."""
+    monkeypatch.setenv(KEY_ENV, "test-key")
+    overrides = [*CIFAR, *BASE, f"data.root={cifar}"]
+    train(compose([*overrides, "trainer.max_epochs=2"]), run_dir=tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint(last, trust_unsigned=False)
+    state = saved["callbacks"].pop("BestCheckpoint")
+    del state["mode"]
+    key = (
+        "BestCheckpoint{'monitor': 'val/loss', 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+    )
+    saved["callbacks"][key + "'train_time_interval': None}"] = state
+    SignedCheckpointIO(trust_unsigned=False).write(saved, last)
+    resumed = [*overrides, "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=5"]
+    done = train(compose(resumed), run_dir=tmp_path)
+    assert done["best_checkpoint"] == state["best_model_path"] and done["global_step"] > saved["global_step"]
 
 
 def test_last_is_the_final_state_and_best_names_the_best(

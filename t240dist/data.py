@@ -614,21 +614,31 @@ def _cifar_batches(paths: list[Path]) -> Labelled:
 
 
 class _ArraysOnly(pickle.Unpickler):
-    """Unpickles data files allowing only numpy arrays: a crafted file cannot run code."""
+    """Unpickles data files allowing only numpy arrays and scalars, and the bytes of a batch that Python 3
+    pickled again (``_codecs.encode`` of latin-1 text): a crafted file cannot run code."""
 
     ALLOWED = frozenset(
         {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
+            (numpy_core, name)
+            for numpy_core in ("numpy.core.multiarray", "numpy._core.multiarray")
+            for name in ("_reconstruct", "scalar")
         }
+        | {("numpy", "ndarray"), ("numpy", "dtype")}
     )
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a data file")
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """How protocol 2 pickles bytes: their latin-1 text, encoded again."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"bytes pickled as {encoding} text are not allowed in a data file")
+    return text.encode("latin1")
 
 
 def _unpickle(path: Path) -> dict:
@@ -672,11 +682,17 @@ def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
             f"data.root '{root}' has no class folders — lay out ROOT/train/<class>/*.jpg and "
             "ROOT/val/<class>/*.jpg (or ROOT/<class>/*.jpg), or pick data=digits"
         )
-    split = (root / "train").is_dir()
-    if split and not (root / "val").is_dir():
-        raise ConfigError(f"data.root '{root}' has train/ but no val/ folder — add ROOT/val/<class>/*.jpg")
-    trees = [root / "train", root / "val", *([root / "test"] if (root / "test").is_dir() else [])]
-    trees = trees if split else [root]
+    found = split_folders(root)
+    carve = "val" not in found  # the validation split comes out of the training files
+    trees = [found[name] for name in ("train", "val", "test") if name in found] if found else [root]
+    for tree in trees[1:]:
+        if not class_folders(tree):
+            loose = sum(visible_image(f) for f in tree.iterdir())
+            raise ConfigError(
+                f"'{tree}' has no class folders ({loose} image files directly in it): its labels are "
+                f"unknown — sort them into {tree}/<class>/ as in {trees[0]} (ImageNet's val/ comes flat: "
+                f"sort it by its ground-truth file), or move {tree} out of data.root"
+            )
     classes = trained.classes if trained else class_folders(trees[0])
     if len(classes) < 2:
         raise ConfigError(
@@ -695,7 +711,7 @@ def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
                 f"'{tree}' has class folder(s) that train/ lacks ({unknown}) — add them to {trees[0]} or "
                 f"remove them from {tree}"
             )
-    sets = [ClassFolders(tree, classes) for tree in trees]
+    sets = [ClassFolders(tree, classes, cfg["on_corrupt"] == "skip") for tree in trees]
     bad = [(path, why) for ds in sets for path, why in _preflight(ds)]
     if bad and cfg["on_corrupt"] == "error":
         shown = "; ".join(f"{path}: {why}" for path, why in bad[:3])
@@ -707,9 +723,17 @@ def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     for ds in sets:
         ds.samples = ds.imgs = [(p, t) for p, t in ds.samples if p not in unreadable]
         ds.targets = [t for _, t in ds.samples]
-    if not split:
+        if not ds.samples:
+            raise ConfigError(
+                f"'{ds.root}' holds no image that can be read ({', '.join(IMAGE_EXTENSIONS)} in its class "
+                "folders) — add images, or point data.root at the folder that holds them"
+            )
+    if carve:
         val_idx, train_idx = _val_split(len(sets[0]), cfg)
-        sets = [Subset(sets[0], train_idx.tolist()), Subset(copy.copy(sets[0]), val_idx.tolist())]
+        held_out = Subset(copy.copy(sets[0]), val_idx.tolist())
+        sets = [Subset(sets[0], train_idx.tolist()), held_out, *sets[1:]]
+        for ds in sets[:2]:
+            ds.dataset.members = ds.indices  # a file that cannot be decoded is replaced from its own split
     resize = round(size / EVAL_CROP)
     mean, std = trained[:2] if trained else _file_stats(sets[0], size, resize, cfg["split_seed"])
     if cfg.get("decode") == "device":  # the workers read files and draw crops; the device decodes them
@@ -729,37 +753,112 @@ def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
 
 
 class ClassFolders(datasets.ImageFolder):
-    """torchvision's ImageFolder with two changes. Hidden entries are not classes or images: Jupyter's
-    ``.ipynb_checkpoints``, macOS's ``._*`` forks. The classes are given (``find_classes``, which torchvision
-    documents for overriding): numbered from its own sorted folder names, a split lacking a class folder
-    would give the rest labels that name other classes than the model's outputs."""
+    """torchvision's ImageFolder with three changes (each through a method torchvision documents for
+    overriding). The classes are given (``find_classes``): numbered from its own sorted folder names, a split
+    lacking a class folder would give the rest labels that name other classes than the model's outputs.
+    The files are ``folder_images``' (``make_dataset``): hidden files and folders are not images, and a
+    symlink back up the tree is not walked again. A file that cannot be decoded (``__getitem__``; the
+    check before training reads only headers and end markers) stops the run with one line, or under
+    ``data.on_corrupt=skip`` is replaced by the next file of its split, with a warning."""
 
-    def __init__(self, root: Path, classes: list[str]) -> None:
-        self.given = classes
-        super().__init__(str(root), loader=load_rgb, is_valid_file=visible_image, allow_empty=True)
+    def __init__(self, root: Path, classes: list[str], skip_corrupt: bool = False) -> None:
+        self.given, self.skip_corrupt = classes, skip_corrupt
+        self.members: list[int] | None = None  # the indices of its split where that is a part of it
+        self._skipped: set[str] = set()
+        super().__init__(str(root), loader=load_rgb, allow_empty=True)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return self.given, {name: i for i, name in enumerate(self.given)}
 
+    @staticmethod
+    def make_dataset(
+        directory: str | Path, class_to_idx: dict[str, int], *args: Any, **kwargs: Any
+    ) -> list[tuple[str, int]]:
+        return [
+            (str(path), class_to_idx[name])
+            for name in sorted(class_to_idx)
+            for path in folder_images(Path(directory) / name)
+        ]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        order = self.members if self.members is not None else range(len(self.samples))
+        for _ in range(len(order)):
+            path, target = self.samples[index]
+            try:
+                sample = self.loader(path)
+            except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, DecompressionBomb...
+                why = " ".join(str(err).split()[:12]) or type(err).__name__
+                if not self.skip_corrupt:
+                    raise ConfigError(
+                        f"{path} cannot be decoded ({why}) — fix or remove it, or set data.on_corrupt=skip"
+                    ) from None
+                if path not in self._skipped:
+                    self._skipped.add(path)
+                    log.warning(f"{path} cannot be decoded ({why}): the next file of its split stands in")
+                index = order[(list(order).index(index) + 1) % len(order)]
+                continue
+            return (self.transform(sample) if self.transform else sample), target
+        raise ConfigError(f"no file of '{self.root}' can be decoded — check its images, or data.root")
+
+
+SPLIT_NAMES = {  # a split's folder, in any case: Fruits-360's Training/Test, Kaggle's valid/
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif", ".jfif")  # torchvision's, and two more that Pillow reads
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """ROOT's split folders by split (``SPLIT_NAMES``), or none where ROOT has no training folder."""
+    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    found = {
+        split: next(folders[name] for name in names if name in folders)
+        for split, names in SPLIT_NAMES.items()
+        if any(name in folders for name in names)
+    }
+    return found if "train" in found else {}
+
+
+def hidden(name: str) -> bool:
+    """A file or folder that is no image or class: dot names (``.ipynb_checkpoints``, macOS's ``._*``
+    forks, NAS thumbnail folders) and the ``__MACOSX`` folder of a zip made on a Mac."""
+    return name.startswith(".") or name == "__MACOSX"
+
 
 def class_folders(root: Path) -> list[str]:
     """The names of ``root``'s class folders, sorted: its sub-folders but the hidden ones."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not hidden(p.name))
 
 
 def visible_image(path: str | Path) -> bool:
-    """An image file by its extension (torchvision's list), and not hidden."""
+    """An image file by its extension (``IMAGE_EXTENSIONS``), and not hidden."""
     name = Path(path).name
-    return not name.startswith(".") and has_file_allowed_extension(name, IMG_EXTENSIONS)
+    return not hidden(name) and has_file_allowed_extension(name, IMAGE_EXTENSIONS)
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files anywhere under ``folder``, in torchvision's order: symlinked folders are followed
+    (torchvision follows them), except one that leads back to ``folder`` or above it, or to a folder
+    already walked; hidden files and folders are left out. A broken link named like an image is listed,
+    for the check before training to name it."""
+    top, seen, found = Path(os.path.realpath(folder)), set(), []
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = Path(os.path.realpath(here))
+        if real in seen or (real != top and top.is_relative_to(real)):
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not hidden(d)]
+        found.append((here, [f for f in files if visible_image(f)]))
+    return [Path(here, name) for here, files in sorted(found) for name in sorted(files)]
 
 
 def _file_stats(train: Dataset, size: int, resize: int, seed: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of a seeded sample of training images, resized like the eval split."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:STATS_SAMPLE]
-    base = _base(train)
-    fit = v2.Compose(_fit_file(size, resize))
-    indices = train.indices if isinstance(train, Subset) else range(len(train))
-    return _channel_stats(torch.stack([fit(load_rgb(base.samples[indices[int(i)]][0])) for i in order]))
+    fit = v2.Compose(_fit_file(size, resize))  # the files as decoded before a transform is set
+    return _channel_stats(torch.stack([fit(train[int(i)][0]) for i in order]))
 
 
 def _channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -1069,22 +1168,28 @@ def _preflight(dataset: datasets.ImageFolder) -> list[tuple[str, str]]:
 
 
 def _unreadable(path: Path) -> str | None:
-    """Why a file cannot be trained on, or None."""
-    size = path.stat().st_size
+    """Why a file cannot be trained on, or None. A JPEG or PNG whose end marker is not at its end is
+    decoded: it is truncated, or data follows the image (a phone's trailer, a motion photo's video)."""
+    try:
+        size = path.stat().st_size
+    except OSError as err:  # a broken link, a file without read permission
+        return f"cannot be read ({err.strerror})"
     if size == 0:
         return "empty file"
+    kind = None
     try:
         with Image.open(path) as image:
             kind = image.format
-    except (UnidentifiedImageError, OSError):
-        return "not an image"
-    with path.open("rb") as f:
-        f.seek(max(0, size - 64))
-        tail = f.read().rstrip(b"\0")
-    if kind == "JPEG" and not tail.endswith(b"\xff\xd9"):
-        return "truncated JPEG"
-    if kind == "PNG" and b"IEND" not in tail[-12:]:
-        return "truncated PNG"
+            with path.open("rb") as f:
+                f.seek(max(0, size - 64))
+                tail = f.read().rstrip(b"\0")
+            ended = {"JPEG": tail.endswith(b"\xff\xd9"), "PNG": b"IEND" in tail[-12:]}.get(kind, True)
+            if not ended:
+                image.load()
+    except Image.DecompressionBombError as err:
+        return f"too large for Pillow ({str(err).split(',')[0]})"  # its decompression-bomb limit
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return "not an image" if kind is None else f"truncated {kind}"
     return None
 
 

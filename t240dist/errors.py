@@ -109,7 +109,7 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except UserError as err:
-        _fail(f"{type(err).__name__}: {err}", err)
+        _fail(f"{type(err).__name__}: {_own_line(err)}", err)
     except Preempted as err:
         exit_preempted(err)
     except RankDied as err:
@@ -182,6 +182,16 @@ def reraised(line: str, default: type[Exception] | None) -> Exception | None:
     if name in known:
         return known[name](message)
     return default(line) if default else None
+
+
+def _own_line(err: UserError) -> str:
+    """A user error's message. One raised in a DataLoader worker is raised again in this process with the
+    worker's traceback in its message (``Caught ConfigError in DataLoader worker process 0. Original
+    Traceback ...``), whose last line is the error's own: ``t240dist.errors.ConfigError: <message>``."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        return text.splitlines()[-1].partition(": ")[2]
+    return text
 
 
 def _subclasses(cls: type) -> list[type]:

@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 from omegaconf import Container, DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassConfusionMatrix
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from t240dist import report
 from t240dist.checkpoint import CheckpointError, load_checkpoint, write_atomically
@@ -40,13 +39,14 @@ from t240dist.config import (
     with_later_keys,
 )
 from t240dist.data import (
+    IMAGE_EXTENSIONS,
     DataInfo,
     ImageDataModule,
     Trained,
     file_transform,
+    folder_images,
     load_rgb,
     loader_workers,
-    visible_image,
 )
 from t240dist.errors import ConfigError, UserError
 from t240dist.fit import build_trainer
@@ -143,6 +143,12 @@ def predict(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, A
         "device": report.device_name(predictor.device),
     }
     report.write_summary(summary, out_dir, name="predict")
+    if not classified:  # a run that classified nothing is not a prediction
+        reasons = [f"{Path(row['path']).name}: {row['reason']}" for row in skipped]
+        raise ConfigError(
+            f"input={options['input']}: none of its {len(files)} image file(s) could be decoded "
+            f"({_few(reasons)}) — give images Pillow reads ({' '.join(IMAGE_EXTENSIONS)})"
+        )
     return summary
 
 
@@ -425,10 +431,10 @@ def image_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise ConfigError(f"input={path} does not exist — give an image file or a folder of images")
-    files = sorted(p for p in path.rglob("*") if visible_image(p) and p.is_file())
+    files = folder_images(path)
     if not files:
         raise ConfigError(
-            f"input={path} holds no image files ({' '.join(IMG_EXTENSIONS)}) — give a folder of images"
+            f"input={path} holds no image files ({' '.join(IMAGE_EXTENSIONS)}) — give a folder of images"
         )
     return files
 

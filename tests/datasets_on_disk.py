@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import pickle
 from pathlib import Path
 
@@ -103,3 +105,46 @@ def write_jpeg_flavours(root: Path) -> None:
                 Image.fromarray(field).resize((w, h)).save(folder / f"{name}.jpg", **options)
             grey = rng.integers(0, 256, (19, 23), dtype=np.uint8)
             Image.fromarray(grey).save(folder / "grey.jpg")
+
+
+def _jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (24, 16)) -> bytes:
+    noise = np.random.default_rng(sum(colour)).integers(0, 40, (size[1], size[0], 3))
+    out = io.BytesIO()
+    Image.fromarray((noise + np.array(colour) * 0.8).astype(np.uint8)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def write_field_tree(root: Path, outside: Path) -> dict[str, list[str]]:
+    """A tree as people's folders come: Fruits-360's ``Training``/``Test`` split names, photos with data after
+    the image (a phone's trailer, zero padding), a PNG with bytes after its end, GIF and JFIF files, a NAS's
+    hidden thumbnail folder and macOS's ``.AppleDouble`` inside a class, a Mac zip's ``__MACOSX`` folder, a
+    symlink back up the tree, a class sub-folder linked from ``outside``, a broken link. Returns each
+    class's training files that are images (relative to ``Training/<class>``), by class."""
+    expected: dict[str, list[str]] = {"apple": [], "pear": []}
+    for split, count in (("Training", 6), ("Test", 2)):
+        for c, colour in (("apple", (200, 40, 40)), ("pear", (40, 200, 40))):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i}.jpg").write_bytes(_jpeg(colour))
+                expected[c] += [f"{i}.jpg"] if split == "Training" else []
+    apple, pear = root / "Training" / "apple", root / "Training" / "pear"
+    (apple / "phone.jpg").write_bytes(_jpeg((210, 30, 30)) + b"SEFH" + b"\x01" * 100)
+    (apple / "padded.JPG").write_bytes(_jpeg((190, 50, 50)) + b"\0" * 500)
+    shot = io.BytesIO()
+    Image.new("RGB", (20, 20), (220, 20, 20)).save(shot, "PNG")
+    (apple / "shot.png").write_bytes(shot.getvalue() + b"extra" * 20)
+    Image.new("RGB", (20, 20), (30, 210, 30)).save(pear / "web.gif")
+    (pear / "web.jfif").write_bytes(_jpeg((30, 190, 30)))
+    expected["apple"] += ["padded.JPG", "phone.jpg", "shot.png"]
+    expected["pear"] += ["web.gif", "web.jfif"]
+    for hidden in (apple / ".@__thumb", apple / ".AppleDouble", root / "Training" / "__MACOSX" / "pear"):
+        hidden.mkdir(parents=True)
+        (hidden / "0.jpg").write_bytes(_jpeg((0, 0, 250)))
+    os.symlink("..", pear / "up")  # a loop: would walk Training/ (apple's files as pears) again and again
+    (outside / "ripe").mkdir(parents=True)
+    (outside / "ripe" / "r.jpg").write_bytes(_jpeg((60, 220, 60)))
+    os.symlink(outside / "ripe", pear / "ripe")
+    os.symlink(root / "gone.jpg", pear / "gone.jpg")
+    expected["pear"] += ["ripe/r.jpg"]
+    return expected

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose, crop_cases, crop_info, decoded_both_ways, torchvision_crop
+from conftest import compose, crop_cases, crop_info, decoded_both_ways, run_cli, torchvision_crop
 from datasets_on_disk import (
     JPEG_FLAVOURS,
     write_bad_tree,
     write_cifar,
+    write_field_tree,
     write_image_tree,
     write_jpeg_flavours,
     write_mnist,
@@ -200,6 +201,86 @@ def test_bad_files_stop_the_run_with_one_line_naming_them(tmp_path: Path) -> Non
     assert message.endswith("— fix or remove them, or set data.on_corrupt=skip")
 
 
+def test_a_tree_as_peoples_folders_come_trains_on_each_image_once_under_its_class(tmp_path: Path) -> None:
+    """``write_field_tree``: every image is found once under its class (hidden folders, ``__MACOSX`` and a
+    loop left out, a linked folder followed), photos with data after the image are kept, ``Training``/``Test``
+    are the splits (validation carved from training), and the one broken link is named."""
+    root = tmp_path / "root"
+    expected = write_field_tree(root, tmp_path / "outside")
+    args = ["data=imagefolder", f"data.root={root}", "data.image_size=16", "data.augment.crop=none"]
+    gone = f"{root}/Training/pear/gone.jpg: cannot be read (No such file or directory)"
+    with pytest.raises(ConfigError) as err:
+        _data(*args)
+    assert str(err.value) == (
+        f"data.root '{root}' has 1 unreadable image(s) or empty class folder(s) ({gone}) — fix or remove "
+        "them, or set data.on_corrupt=skip"
+    )
+    data = _data(*args, "data.on_corrupt=skip")
+    assert data.info.class_names == ["apple", "pear"] and data.info.skipped == (gone,)
+    training = data.train_set.dataset
+    assert training.root == str(root / "Training") and data.test_set.root == str(root / "Test")
+    assert sorted(data.train_set.indices + data.val_set.indices) == list(range(len(training.samples)))
+    found: dict[str, list[str]] = {"apple": [], "pear": []}
+    for path, label in training.samples:
+        name = data.info.class_names[label]
+        found[name].append(str(Path(path).relative_to(root / "Training" / name)))
+    assert {c: sorted(files) for c, files in found.items()} == {c: sorted(f) for c, f in expected.items()}
+    for split in (data.train_set, data.val_set, data.test_set):
+        assert all(split[i][0].shape == (3, 16, 16) for i in range(len(split)))  # each one decodes
+
+
+def _garbled_jpeg(path: Path) -> None:
+    """A JPEG whose scan has 400 bytes of noise, its markers intact: only decoding it finds that out."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    scan = data.find(b"\xff\xda")
+    data[scan + 2000 : scan + 2400] = rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_files_that_fail_only_when_decoded_stop_the_run_with_one_line_or_are_stood_in_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated BMP and a JPEG with a garbled scan pass the check before training (headers and end
+    markers): decoding them names the file in one line; under ``data.on_corrupt=skip`` the next file of
+    the same split stands in, with a warning."""
+    write_image_tree(tmp_path, per_class=4)
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "train" / "dog" / "half.bmp")
+    half = (tmp_path / "train" / "dog" / "half.bmp").read_bytes()
+    (tmp_path / "train" / "dog" / "half.bmp").write_bytes(half[: len(half) // 2])
+    _garbled_jpeg(tmp_path / "val" / "cat" / "garbled.jpg")
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.num_workers=0"]
+    with pytest.raises(ConfigError, match=r"^\S+/train/dog/half.bmp cannot be decoded \(image file is trunc"):
+        _data(*args)  # the normalisation's sample decodes every training file here
+    data = _data(*args, "data.on_corrupt=skip")
+    samples = [Path(p).relative_to(tmp_path).as_posix() for p, _ in data.val_set.samples]
+    garbled = samples.index("val/cat/garbled.jpg")
+    x, y = data.val_set[garbled]
+    assert torch.equal(x, data.val_set[garbled + 1][0]) and y == data.val_set[garbled + 1][1]
+    said = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(said) == 2 and said[1].endswith(
+        "garbled.jpg cannot be decoded (broken data stream when "
+        "reading image file): the next file of its split stands in"
+    )
+
+
+def test_a_file_that_a_loader_worker_cannot_decode_stops_the_run_with_its_own_line(tmp_path: Path) -> None:
+    """The error raised in a DataLoader worker comes back with the worker's traceback in its message: the
+    run prints the error's own line, exit 2."""
+    write_image_tree(tmp_path / "tree", per_class=4)
+    _garbled_jpeg(tmp_path / "tree" / "val" / "cat" / "garbled.jpg")
+    args = ["data=imagefolder", f"data.root={tmp_path / 'tree'}", "data.image_size=16", "data.num_workers=2"]
+    args += ["data.batch_size=4", "trainer.max_epochs=1", "monitor=off", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = run_cli(args, tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    garbled = tmp_path / "tree" / "val" / "cat" / "garbled.jpg"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"ConfigError: {garbled} cannot be decoded (broken data stream when reading image file) — fix or "
+        "remove it, or set data.on_corrupt=skip"
+    )
+
+
 def test_skip_trains_on_the_rest_and_converts_odd_modes(tmp_path: Path) -> None:
     write_bad_tree(tmp_path)
     data = _data("data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.on_corrupt=skip")
@@ -245,6 +326,32 @@ def test_one_imagefolder_is_split_by_val_fraction_and_seed(tmp_path: Path) -> No
     assert a.val_set.indices == b.val_set.indices != c.val_set.indices
     assert not set(a.train_set.indices) & set(a.val_set.indices)
     assert a.info.class_names == ["cat", "dog"] and a.train_set[0][0].shape == (3, 16, 16)
+
+
+def test_cifar_batches_pickled_again_by_python_3_read_as_the_originals(tmp_path: Path) -> None:
+    """Protocol 2 pickles bytes as ``_codecs.encode`` of latin-1 text, and numpy labels as numpy scalars:
+    a copy of the batches loaded and dumped again that way gives the same images and labels."""
+    for name in ("original", "again"):
+        (tmp_path / name).mkdir()
+    write_cifar(tmp_path / "original")
+    for path in (tmp_path / "original").iterdir():
+        batch = pickle.loads(path.read_bytes())
+        if b"labels" in batch:
+            batch[b"labels"] = [np.int64(label) for label in batch[b"labels"]]
+        (tmp_path / "again" / path.name).write_bytes(pickle.dumps(batch, protocol=2))
+    original, again = (
+        _data("data=cifar10", f"data.root={tmp_path / name}") for name in ("original", "again")
+    )
+    for split in ("val_set", "test_set"):  # (the training split's crops and flips are drawn per call)
+        for i in (0, -1):
+            x, y = getattr(again, split)[i]
+            assert torch.equal(x, getattr(original, split)[i][0]) and y == getattr(original, split)[i][1]
+    assert again.info.class_names == original.info.class_names
+    (tmp_path / "again" / "data_batch_1").write_bytes(  # the text of bytes decoded another way: refused
+        pickle.dumps({b"data": 1}, protocol=2).replace(b"latin1", b"utf_8_", 1)
+    )
+    with pytest.raises(ConfigError, match=r"data_batch_1 is not a CIFAR-10 python batch \(bytes pickled as"):
+        _data("data=cifar10", f"data.root={tmp_path / 'again'}")
 
 
 def test_a_crafted_cifar_batch_is_refused_and_its_payload_never_runs(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -270,6 +271,33 @@ def test_predict_classifies_image_files_as_the_network_does_and_lists_unreadable
     with (tmp_path / "one.csv").open(newline="") as f:
         [row] = list(csv.DictReader(f))
     assert float(row["prob_1"]) == pytest.approx(probs[0].item(), abs=0.02)
+
+
+def test_predict_reads_a_folder_as_training_does_and_fails_where_nothing_was_classified(
+    run: dict, tmp_path: Path
+) -> None:
+    """Linked folders are followed (training follows them), a link back up is not, hidden folders are
+    skipped and a broken link is listed; a folder of which no file decodes stops with one line."""
+    good = _image_folder(tmp_path / "outside")
+    images = tmp_path / "images"
+    (images / ".thumbnails").mkdir(parents=True)
+    Image.new("RGB", (9, 9)).save(images / ".thumbnails" / "t.jpg")
+    Image.new("RGB", (9, 9), (200, 0, 0)).save(images / "own.png")
+    os.symlink(tmp_path / "outside", images / "linked")
+    os.symlink("..", images / "linked_up")
+    os.symlink(tmp_path / "gone.jpg", images / "gone.jpg")
+    overrides = [f"ckpt={run['best_checkpoint']}", f"input={images}", f"output={tmp_path / 'p.csv'}"]
+    summary = predict(compose_config(overrides, "predict"), overrides, tmp_path / "run")
+    with (tmp_path / "p.csv").open(newline="") as f:
+        paths = [Path(row["path"]).relative_to(images).as_posix() for row in csv.DictReader(f)]
+    linked = [f"linked/{p.relative_to(tmp_path / 'outside').as_posix()}" for p in good]
+    assert paths == ["own.png", *linked]  # a folder's files, then its sub-folders'
+    skipped = sorted(Path(s["path"]).name for s in summary["skipped"])
+    assert skipped == ["a_broken.jpg", "a_truncated.png", "gone.jpg"]
+    bad = [f"ckpt={run['best_checkpoint']}", f"input={tmp_path / 'outside' / 'a_broken.jpg'}"]
+    bad += [f"output={tmp_path / 'bad.csv'}"]
+    with pytest.raises(ConfigError, match=r"none of its 1 image file\(s\) could be decoded \(a_broken.jpg: "):
+        predict(compose_config(bad, "predict"), bad, tmp_path / "bad")
 
 
 def test_export_writes_an_onnx_model_that_onnx_runtime_runs_like_pytorch(

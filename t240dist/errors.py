@@ -235,13 +235,16 @@ def _hydra_line(err: BaseException) -> str:
             return f"{key} is not a config key — use {ours or closest}={value.group(1).strip()} ({why})"
         # (+KEY=... would be refused too: only trainer takes new keys, handled above)
         return f"{key} is not a config key — check its spelling (python -m train --cfg job lists the keys)"
-    home = re.match(r"LexerNoViableAltException: ([\w.+]+)=(~\S*)", text)
-    if home:  # bash expands ~ after the = of ckpt=~/x, not of data.root=~/x (nor zsh of either)
-        key, value = home.groups()
+    unread = re.match(r"LexerNoViableAltException: ([\w.+]+)=(\S*)", text)
+    if unread and unread.group(2).startswith("~"):  # bash expands ~ after ckpt=, not data.root= (nor zsh)
+        key, value = unread.groups()
         return (
             f"{key}={value}: Hydra reads a bare ~ as its delete operator — quote the value, "
             f"'{key}=\"{value}\"', or write {key}=$HOME{value[1:]}"
         )
+    if unread:  # a character Hydra's grammar takes only in quotes: ü, a space after escaping, ...
+        key, value = unread.groups()
+        return f"{key}={value}: Hydra reads this value only in quotes — write '{key}=\"{value}\"'"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "full_key" not in ln]
     lines = [ln for ln in lines if not ln.startswith(("object_type", "reference_type"))]
     what, rest = lines[0], lines[1:]

@@ -187,6 +187,15 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
             "ConfigError: data.root=~/cifar: Hydra reads a bare ~ as its delete operator — quote the value, "
             "'data.root=\"~/cifar\"', or write data.root=$HOME/cifar",
         ),
+        (
+            ["data=cifar10", "data.root=/data/größe"],  # and the quoted value reads: the line after this
+            "ConfigError: data.root=/data/größe: Hydra reads this value only in quotes — write "
+            "'data.root=\"/data/größe\"'",
+        ),
+        (
+            ["data=cifar10", 'data.root="/data/größe"'],
+            "ConfigError: data.root '/data/größe' has no data_batch_1",
+        ),
     ]
     with ThreadPoolExecutor(len(cases)) as pool:  # four interpreters start at once, not one after another
         runs = pool.map(

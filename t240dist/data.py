@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import queue
+import signal
 import threading
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler, Subset
@@ -160,6 +162,7 @@ class ImageDataModule(pl.LightningDataModule):
             "num_workers": workers,
             "persistent_workers": workers > 0,
             "pin_memory": torch.cuda.is_available(),
+            "worker_init_fn": start_worker,
         }
         # A generator of its own: each iterator a DataLoader makes draws its workers' seed from it, which
         # must not move the global RNG that dropout and MixUp use (a validation would shift them otherwise)
@@ -666,6 +669,16 @@ def _read_idx(path: Path) -> torch.Tensor:
             f"{path} holds {len(body)} bytes, its header says {math.prod(shape)} — it is truncated"
         )
     return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(shape)
+
+
+def start_worker(worker_id: int) -> None:
+    """A loader worker leaves SIGTERM, SIGUSR1 and SIGUSR2 to the training process, which saves at its next
+    step and ends its workers: a scheduler signals every process of a job (SLURM), and workers that died
+    of it took the run down before it saved. Then Lightning's worker seeding, which it adds only to loaders
+    without a ``worker_init_fn`` (``seed_everything(workers=True)``)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+    pl_worker_init_function(worker_id)
 
 
 def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:

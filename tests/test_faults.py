@@ -78,6 +78,35 @@ def test_a_killed_rank_stops_the_job_within_seconds_with_one_line(
     assert _nothing_left(job) or not process_tree(job.pid)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.slow
+def test_a_signal_to_every_process_of_a_run_with_loader_workers_saves_and_exits_75(
+    tmp_path: Path, reap: list[subprocess.Popen], signum: int
+) -> None:
+    """SLURM signals every process of a job, the DataLoader workers too: they leave it to the training
+    process, which saves at its next step and exits 75 (its workers died of it before, and took the run
+    down with a traceback)."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, "data.train_size=512", "data.num_workers=2", "trainer.max_epochs=1000"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "train", *args, "checkpoint.every_n_steps=1", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, KEY_ENV: "test-key"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    reap.append(job)
+    wait_for_checkpoint(run_dir / "checkpoints" / "recovery-*.ckpt", min_step=1)
+    assert len(process_tree(job.pid)) >= 2  # the workers
+    os.killpg(job.pid, signum)
+    stderr = job.communicate(timeout=60)[1]
+    assert job.returncode == EXIT_PREEMPTED and "Traceback" not in stderr, stderr[-3000:]
+    [saved] = (run_dir / "checkpoints").glob("preempted-step*.ckpt")
+    assert stderr.strip().splitlines()[-1].startswith(f"Preempted: saved {saved} at step ")
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_after_one_save(tmp_path: Path, reap: list[subprocess.Popen]) -> None:
     """The ranks agree on a signal that only one of them got (Lightning's own per-step SIGTERM broadcast

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_same_end, compose, run_cli, scalars, wait_for_checkpoint
+from conftest import assert_same_end, compose, process_tree, run_cli, scalars, wait_for_checkpoint
 from datasets_on_disk import write_cifar, write_image_tree
 from snapshots import copy_after_every_write
 
@@ -158,14 +158,15 @@ def test_resume_from_the_best_checkpoint_older_than_the_last_matches_the_uninter
 
 @contextmanager
 def sigterm_after(pattern: Path, min_step: int) -> Iterator[None]:
-    """Send this process SIGTERM, as a scheduler would, once a checkpoint matching ``pattern`` of step
-    ``min_step`` or later exists (from a thread: the run itself is not told). One that came after the run
-    ended would be ignored."""
+    """Send this process and its DataLoader workers SIGTERM, as a scheduler signals every process of a job,
+    once a checkpoint matching ``pattern`` of step ``min_step`` or later exists (from a thread: the run
+    itself is not told). One that came after the run ended would be ignored."""
     before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def send() -> None:
         wait_for_checkpoint(pattern, min_step)
-        os.kill(os.getpid(), signal.SIGTERM)
+        for pid in [os.getpid(), *process_tree(os.getpid())]:
+            os.kill(pid, signal.SIGTERM)
 
     sender = threading.Thread(target=send)
     sender.start()

@@ -8,6 +8,8 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -421,19 +423,49 @@ class Preemption(Checkpoint):
         self.received: set[int] = set()
         self._stop = False  # the ranks agreed to stop, at the next step boundary
         self._previous: dict[int, Any] = {}
+        self._whole_run = False  # inside ``handling``
         self._agreed = Agreed()
 
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """Handle the signals from before training until after the test (``fit_and_test``). Lightning puts
+        its own handler in at each stage's start (taken over again at ``on_train_start`` and
+        ``on_test_start``), and between and after the stages the default action would be left: its
+        handler ended a test with exit 0 and nothing said, the default one killed the process."""
+        self._whole_run = True
+        self._take_over()
+        try:
+            yield
+        finally:
+            self._whole_run = False
+            self._restore()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+        self._take_over()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
+        if not self._whole_run:
+            self._restore()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._restore()
+        if not self._whole_run:
+            self._restore()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over()
+        self._stop_testing()
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._stop_testing()
+
+    def _stop_testing(self) -> None:
+        """A signal once training is saved (after its last step, in the test): stop at the next test batch.
+        A rerun finds the run trained and tests it."""
+        if self.received:
+            kind = Interrupted if signal.SIGINT in self.received else Preempted
+            raise kind(f"stopped before the test ended; training is saved — {resume_hint(self.run_dir)}")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -456,10 +488,18 @@ class Preemption(Checkpoint):
             kind = Interrupted if signal.SIGINT in self.received else Preempted
             raise kind(f"saved {path} at step {trainer.global_step} — {resume_hint(self.run_dir)}")
 
+    def _take_over(self) -> None:
+        """Put this handler in (over Lightning's), keeping the handlers from before the first time."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            if not (signum == signal.SIGINT and signum in self.received):  # a second Ctrl-C: not ours
+                self._previous.setdefault(signum, signal.signal(signum, self._request))
+
     def _request(self, signum: int, frame: Any) -> None:
         self.received.add(signum)
         if signum == signal.SIGINT:  # a second Ctrl-C: Python's KeyboardInterrupt, at once
-            signal.signal(signum, self._previous.pop(signum))
+            signal.signal(signum, self._previous[signum])
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -50,7 +50,7 @@ from t240dist.data import ImageDataModule
 from t240dist.distributed import DDP, cluster_plugins, ends_process_group, gather_ranks
 from t240dist.errors import CheckpointError, ConfigError
 from t240dist.loggers import build_loggers
-from t240dist.module import ClassifierModule
+from t240dist.module import VAL, ClassifierModule
 from t240dist.optim import scaled_lr
 from t240dist.telemetry import GpuMonitor, Totals
 
@@ -106,13 +106,14 @@ def fit_and_test(
     if resume is None:
         restart_curves(trainer, step=0)
     report.log_hparams(trainer.loggers, conf, run_dir)
-    with ends_process_group():
+    with ends_process_group(), _callback(trainer, Preemption).handling():
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         finished = _finished_before(resume, trainer, run_dir)
         if finished is not None:
             written(trainer)
             return finished
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # the last validation's metrics: this fit's, else those its checkpoint kept (it trained nothing)
+        val = {**module.validated, **{k: float(v) for k, v in trainer.callback_metrics.items() if k in VAL}}
         stopped = _stopped_early(trainer)  # before the test, which loads the callbacks' state of the best
         # the final weights, before testing loads the best; and, for the ranks to compare, the weights alone
         fingerprint, weights = model_fingerprints(module.net, weights=trainer.world_size > 1)

@@ -26,6 +26,7 @@ LossAndLogits = tuple[torch.Tensor, torch.Tensor]
 GRAPH_WARMUP_STEPS = 3
 CONFIG_GROUPS = ("model", "optim", "sched", "module")  # the run config's groups the module is built from
 TRAIN_CURVES = ("train/loss", "train/acc")  # what training_step hands over on logging steps, in this order
+VAL = ("val/loss", "val/acc", "val/top5")  # what a validation logs
 
 
 class ClassifierModule(pl.LightningModule):
@@ -64,6 +65,7 @@ class ClassifierModule(pl.LightningModule):
         self.schedule: dict[str, Any] = {}  # the lr schedule as configure_optimizers planned it
         self.restored_schedule: dict[str, Any] | None = None  # the checkpoint's ``schedule``, when resumed
         self._resumed_from: dict[str, Any] | None = None  # the checkpoint being resumed, until planned
+        self.validated: dict[str, float] = {}  # the last validation's metrics, as the checkpoint kept them
         top5 = num_classes >= 5
         self.val_loss, self.test_loss = MeanLoss(), MeanLoss()
         self.val_acc, self.test_acc = _accuracy(num_classes, 1), _accuracy(num_classes, 1)
@@ -202,9 +204,13 @@ class ClassifierModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["schedule"] = self.schedule
+        # the last validation's metrics, for a summary of a resumed run that validates no more (tensors:
+        # reading them would wait for the GPU)
+        checkpoint["validated"] = {k: v for k, v in self.trainer.callback_metrics.items() if k in VAL}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.restored_schedule = checkpoint.get("schedule")
+        self.validated = {k: float(v) for k, v in checkpoint.get("validated", {}).items()}
         if self.trainer.state.fn == TrainerFn.FITTING:
             self._resumed_from = checkpoint
             self._forget_replanned_schedule()

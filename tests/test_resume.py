@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -193,6 +194,52 @@ def test_a_run_preempted_by_sigterm_and_rerun_matches_the_uninterrupted_run(
     resumed = train(compose(uninterrupted.overrides), run_dir=run_dir)
     assert resumed["resumed_from"] == str(saved)
     assert_ends_as(resumed, run_dir, uninterrupted)
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "word"), [(signal.SIGTERM, 75, "Preempted"), (signal.SIGINT, 130, "Interrupted")]
+)
+@pytest.mark.slow
+def test_a_signal_during_the_final_test_stops_it_and_the_rerun_tests_as_the_uninterrupted_run(
+    tmp_path: Path, reap: list[subprocess.Popen], signum: int, code: int, word: str
+) -> None:
+    """Training is saved, the test is under way (a large test split): the signal stops the test with one
+    line and its exit code (Lightning's handler had ended it with exit 0 and no summary); the rerun trains
+    nothing, tests, and its summary is the uninterrupted run's, validation metrics included (kept in the
+    checkpoint: the rerun validates nothing)."""
+    args = ["data=synthetic", "data.train_size=512", "data.val_size=256", "data.test_size=20000"]
+    args += ["trainer.max_epochs=1", "monitor=off", "trainer.enable_progress_bar=false"]
+    uninterrupted = run_cli([*args, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, KEY_ENV: "test-key"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    reap.append(job)
+    log = run_dir / "train.log"
+    while not (log.exists() and "`Trainer.fit` stopped" in log.read_text()):
+        time.sleep(0.01)
+    os.kill(job.pid, signum)
+    stderr = job.communicate(timeout=120)[1]
+    assert job.returncode == code and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"{word}: stopped before the test ended; training is saved — rerun the same command with "
+        f"hydra.run.dir={run_dir} to resume"
+    )
+    assert not (run_dir / "run_summary.json").exists()
+    rerun = run_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    done, whole = (
+        json.loads((d / "run_summary.json").read_text()) for d in (run_dir, tmp_path / "whole")
+    )
+    same = ("test_acc", "test_loss", "val_acc", "val_loss", "objective", "model_fingerprint", "global_step")
+    assert {k: done[k] for k in same} == {k: whole[k] for k in same}
 
 
 SNAPSHOTS = Path(__file__).with_name("snapshots.py")

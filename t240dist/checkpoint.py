@@ -173,6 +173,7 @@ class BestCheckpoint(RunDirCheckpoint):
         self.best_step: int | None = None  # the step whose weights the best file holds, if saved by this fit
         self._seen_best = ""
         self._other_choice = False  # resumed with another monitor or mode: the saved scores don't count
+        self._relink = False  # name the restored best best.ckpt (rank 0 of a fit)
 
     @property
     def state_key(self) -> str:
@@ -192,6 +193,7 @@ class BestCheckpoint(RunDirCheckpoint):
         for key in [k for k in states if k.startswith(f"{self.state_key}{{")]:  # saved under Lightning's key
             states.setdefault(self.state_key, {"mode": _LIGHTNING_KEY_MODE.search(key)[1], **states.pop(key)})
         saved = states.get(self.state_key)
+        self._relink = trainer.is_global_zero and trainer.state.fn == TrainerFn.FITTING
         chosen = (self.monitor, self.mode)
         self._other_choice = saved is not None and (saved["monitor"], saved["mode"]) != chosen
         if self._other_choice and trainer.state.fn == TrainerFn.FITTING and trainer.is_global_zero:
@@ -207,6 +209,9 @@ class BestCheckpoint(RunDirCheckpoint):
             return
         super().load_state_dict(state_dict)
         self._seen_best = self.best_model_path  # a resumed run's best: its step's weights are not in memory
+        best = Path(self.best_model_path) if self.best_model_path else None
+        if self._relink and best is not None and best.parent.resolve() == Path(self.dirpath).resolve():
+            _name_if_there(best, BEST)  # killed between the save and naming it best: best.ckpt was older
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A run resumed from another run's file (``resume=PATH``) takes that run's best into its own folder
@@ -332,6 +337,9 @@ def resume_checkpoint(resume: str, directory: Path, trust_unsigned: bool) -> Pat
             continue
         if path.name == LAST:  # the save's own name, which the next save does not take over
             return next((other for other in found if other != path and other.samefile(path)), path)
+        last = directory / LAST
+        if not (last.exists() and last.samefile(path)):  # killed between the save and naming it last
+            alias(path, last)
         return path
     return None
 

@@ -161,6 +161,32 @@ def test_resume_auto_takes_the_newest_save_when_saves_share_a_file_time(
     assert picked == newest  # by its own name: last.ckpt names the next save once there is one
 
 
+def test_a_kill_between_a_save_and_its_names_leaves_names_that_the_rerun_puts_right(
+    tmp_path: Path, key: None
+) -> None:
+    """A save is written, then named ``last.ckpt`` (and ``best.ckpt`` where it is the best): a kill in
+    between leaves both naming older files. Made here from a finished run's folder, as the kill at the
+    end of its last epoch leaves it (the final save and the summary not yet written): the rerun resumes
+    from the newest save and names it last, and names the best it restored best."""
+    args = [*TINY, "checkpoint.every_n_steps=1", "monitor=off"]
+    done = train(compose(args), run_dir=tmp_path)
+    folder = tmp_path / "checkpoints"
+    newest = Path(done["best_checkpoint"])
+    assert newest.name == f"epoch001-step{done['global_step']:06d}.ckpt"  # the last epoch's is the best
+    (folder / "last.ckpt").unlink()
+    (tmp_path / "run_summary.json").unlink()
+    [recovery] = folder.glob("recovery-*.ckpt")
+    alias(recovery, folder / "last.ckpt")  # the save before
+    alias(recovery, folder / "epoch000-step000004.ckpt")  # the former best, not yet rotated out
+    alias(recovery, folder / "best.ckpt")
+    later = time.time_ns() + 10**9
+    os.utime(newest, ns=(later, later))
+    again = train(compose(args), run_dir=tmp_path)
+    assert again["resumed_from"] == str(newest) and again["global_step"] == done["global_step"]
+    assert (folder / "last.ckpt").samefile(newest) and (folder / "best.ckpt").samefile(newest)
+    assert again["test_acc"] == done["test_acc"]
+
+
 @pytest.mark.slow
 def test_full_disk_fails_with_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path, key: None) -> None:
     run_dir = tmp_path / "run"

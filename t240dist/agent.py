@@ -34,6 +34,7 @@ from t240dist.config import slurm_starts_the_ranks
 from t240dist.errors import ConfigError, Interrupted, Preempted, RankDied
 
 CONFIG_FILE = "config.yaml"  # the resolved config of a run, in its run dir: what every worker trains
+AGENT_PID = "T240DIST_AGENT_PID"  # set for the workers by the process that runs their agent
 # The signals the agent forwards to the workers as it shuts them down: torch's default set, plus SLURM's
 # and submitit's warnings before a time limit (the workers save on each). Saved and put back around a
 # launch, since the agent leaves its handlers installed in the process that ran it.
@@ -105,6 +106,7 @@ def launch_workers(conf: dict[str, Any], run_dir: Path, workers: int, task: str 
         signals_to_handle=",".join(s.name for s in _AGENT_SIGNALS),
     )
     handlers = {signum: signal.getsignal(signum) for signum in _AGENT_SIGNALS}
+    os.environ[AGENT_PID] = str(os.getpid())  # the workers' parent, for them to tell that it is gone
     started = time.time_ns()
     try:
         with tempfile.TemporaryDirectory(prefix="t240dist-agent-") as logs:
@@ -232,9 +234,11 @@ def stop_when_orphaned(poll_s: float = 1.0) -> None:
     """Send this worker SIGTERM when its agent is gone (killed with SIGKILL, say): the ranks then save at
     the next step boundary and stop, as when they are preempted, instead of training on unwatched.
 
-    The agent starts workers in sessions of their own, so nothing else reaches them when it dies.
+    The agent starts workers in sessions of their own, so nothing else reaches them when it dies. Its pid
+    comes from ``launch_workers`` (an agent that died before this call already left the worker to init);
+    under torchrun the agent is the parent at this call.
     """
-    agent = os.getppid()
+    agent = int(os.environ.get(AGENT_PID, os.getppid()))
 
     def watch() -> None:
         while os.getppid() == agent:

@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY, compose, process_tree, wait_for_checkpoint
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, ProcessFailure
 
-from t240dist.agent import _first
+from t240dist.agent import AGENT_PID, _first
 from t240dist.checkpoint import KEY_ENV
 from t240dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RANK_DIED
 from t240dist.run import train
@@ -172,6 +172,24 @@ def test_a_restarted_job_resumes_from_the_last_checkpoint_bit_exactly(
     assert Path(summary["resumed_from"]).parent == run_dir / "checkpoints"
     assert summary["model_fingerprint"] == expected["model_fingerprint"]
     assert summary["test_acc"] == expected["test_acc"] and summary["global_step"] == 3 * 512 // (32 * 2)
+
+
+def test_a_worker_whose_agent_died_before_it_watched_stops_at_once(tmp_path: Path) -> None:
+    """A worker learns its agent's pid from the agent (``T240DIST_AGENT_PID``): one whose agent is gone by
+    the time it starts watching (its parent is then init, or a subreaper) is stopped with SIGTERM at once,
+    not left training unwatched; one whose agent lives trains on."""
+    watch = (
+        "from t240dist.agent import stop_when_orphaned; import time; stop_when_orphaned(0.05); time.sleep(5)"
+    )
+    gone = subprocess.run(
+        [sys.executable, "-c", watch], env={**os.environ, AGENT_PID: "999999999"}, timeout=60, check=False
+    )
+    assert gone.returncode == -signal.SIGTERM
+    alive = subprocess.Popen([sys.executable, "-c", watch], env={**os.environ, AGENT_PID: str(os.getpid())})
+    with pytest.raises(subprocess.TimeoutExpired):
+        alive.wait(timeout=2)
+    alive.kill()
+    alive.wait()
 
 
 @pytest.mark.slow

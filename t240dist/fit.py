@@ -172,6 +172,8 @@ def fit_and_test(
     }
     summary["objective"] = sweep.objective(summary, conf["sweep"])
     report.write_summary(summary, run_dir)
+    if resume is not None and not _callback(trainer, FinalCheckpoint).trained:  # tested what it resumed
+        report.show_finished(summary, trainer.max_epochs, trainer.max_steps)
     return summary
 
 

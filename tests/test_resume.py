@@ -235,6 +235,7 @@ def test_a_signal_during_the_final_test_stops_it_and_the_rerun_tests_as_the_unin
     assert not (run_dir / "run_summary.json").exists()
     rerun = run_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "this run already finished: 1 epoch(s)" in rerun.stdout + rerun.stderr  # and was tested
     done, whole = (
         json.loads((d / "run_summary.json").read_text()) for d in (run_dir, tmp_path / "whole")
     )

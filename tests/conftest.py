@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from t240dist.checkpoint import KEY_ENV
 from t240dist.config import compose_config
 from t240dist.data import FIT, DataInfo, ImageDataModule
 
@@ -51,6 +52,22 @@ def reap() -> Iterator[list[subprocess.Popen]]:
     for process in started:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def start_run(args: list[str], run_dir: Path, reap: list[subprocess.Popen]) -> subprocess.Popen:
+    """``python -m train ARGS`` into ``run_dir``, signed with the tests' key, in a session of its own (a
+    signal to it reaches nothing else; ``reap`` kills what is left of it): its stderr piped, as text."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        env={**os.environ, KEY_ENV: "test-key"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    reap.append(job)
+    return job
 
 
 def compose(overrides: list[str]) -> DictConfig:

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose, process_tree, wait_for_checkpoint
+from conftest import TINY, compose, process_tree, start_run, wait_for_checkpoint
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, ProcessFailure
 
 from t240dist.agent import AGENT_PID, _first
-from t240dist.checkpoint import KEY_ENV
 from t240dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RANK_DIED
 from t240dist.run import train
 
@@ -26,17 +25,7 @@ DDP = [*TINY, "data.train_size=512", "trainer=ddp", "trainer.accelerator=cpu", "
 def _job(tmp_path: Path, reap: list[subprocess.Popen], *args: str) -> tuple[subprocess.Popen, Path]:
     """``python -m train`` of a 2-rank CPU job, in a session of its own, and its run dir."""
     run_dir = tmp_path / "run"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "train", *DDP, *args, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        env={**os.environ, KEY_ENV: "test-key"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    reap.append(job)
-    return job, run_dir
+    return start_run([*DDP, *args], run_dir, reap), run_dir
 
 
 def _training(tmp_path: Path, reap: list[subprocess.Popen]) -> tuple[subprocess.Popen, dict[int, int], Path]:
@@ -88,16 +77,7 @@ def test_a_signal_to_every_process_of_a_run_with_loader_workers_saves_and_exits_
     down with a traceback)."""
     run_dir = tmp_path / "run"
     args = [*TINY, "data.train_size=512", "data.num_workers=2", "trainer.max_epochs=1000"]
-    job = subprocess.Popen(
-        [sys.executable, "-m", "train", *args, "checkpoint.every_n_steps=1", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        env={**os.environ, KEY_ENV: "test-key"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    reap.append(job)
+    job = start_run([*args, "checkpoint.every_n_steps=1"], run_dir, reap)
     wait_for_checkpoint(run_dir / "checkpoints" / "recovery-*.ckpt", min_step=1)
     assert len(process_tree(job.pid)) >= 2  # the workers
     os.killpg(job.pid, signum)

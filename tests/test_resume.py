@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_same_end, compose, process_tree, run_cli, scalars, wait_for_checkpoint
+from conftest import (
+    assert_same_end,
+    compose,
+    process_tree,
+    run_cli,
+    scalars,
+    start_run,
+    wait_for_checkpoint,
+)
 from datasets_on_disk import write_cifar, write_image_tree
 from snapshots import copy_after_every_write
 
@@ -212,16 +220,7 @@ def test_a_signal_during_the_final_test_stops_it_and_the_rerun_tests_as_the_unin
     uninterrupted = run_cli([*args, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     run_dir = tmp_path / "run"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "train", *args, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path,
-        env={**os.environ, KEY_ENV: "test-key"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    reap.append(job)
+    job = start_run(args, run_dir, reap)
     log = run_dir / "train.log"
     while not (log.exists() and "`Trainer.fit` stopped" in log.read_text()):
         time.sleep(0.01)
@@ -236,9 +235,7 @@ def test_a_signal_during_the_final_test_stops_it_and_the_rerun_tests_as_the_unin
     rerun = run_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "this run already finished: 1 epoch(s)" in rerun.stdout + rerun.stderr  # and was tested
-    done, whole = (
-        json.loads((d / "run_summary.json").read_text()) for d in (run_dir, tmp_path / "whole")
-    )
+    done, whole = (json.loads((d / "run_summary.json").read_text()) for d in (run_dir, tmp_path / "whole"))
     same = ("test_acc", "test_loss", "val_acc", "val_loss", "objective", "model_fingerprint", "global_step")
     assert {k: done[k] for k in same} == {k: whole[k] for k in same}
 

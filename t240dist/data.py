@@ -168,7 +168,8 @@ class ImageDataModule(pl.LightningDataModule):
         # must not move the global RNG that dropout and MixUp use (a validation would shift them otherwise)
         options["generator"] = torch.Generator().manual_seed(self.seed)
         if self.cfg.get("decode") == "device":  # no pinning: a FileBatch holds nothing to pin
-            options.update(collate_fn=FileBatch.collate, pin_memory=False)
+            collate = functools.partial(FileBatch.collate, skip_corrupt=self.cfg["on_corrupt"] == "skip")
+            options.update(collate_fn=collate, pin_memory=False)
         if not train:
             loader = DataLoader(dataset, sampler=self._eval_shard(dataset), **options)
         else:
@@ -673,12 +674,26 @@ def _read_idx(path: Path) -> torch.Tensor:
 
 def start_worker(worker_id: int) -> None:
     """A loader worker leaves SIGTERM, SIGUSR1 and SIGUSR2 to the training process, which saves at its next
-    step and ends its workers: a scheduler signals every process of a job (SLURM), and workers that died
-    of it took the run down before it saved. Then Lightning's worker seeding, which it adds only to loaders
-    without a ``worker_init_fn`` (``seed_everything(workers=True)``)."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    step and then ends its workers: a scheduler signals every process of a job (SLURM), and workers that
+    died of it took the run down before it saved. A SIGTERM from the training process itself (its
+    DataLoader's, or multiprocessing's at exit, ending workers that did not stop) still ends the worker.
+    Then Lightning's worker seeding, which it adds only to loaders without a ``worker_init_fn``
+    (``seed_everything(workers=True)``)."""
+    for signum in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # not on macOS: there a SIGTERM ends the worker, as before
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread's, and those it starts
+        threading.Thread(target=_end_on_parents_sigterm, args=(os.getppid(),), daemon=True).start()
     pl_worker_init_function(worker_id)
+
+
+def _end_on_parents_sigterm(parent: int) -> None:
+    """Take each SIGTERM sent to this worker; one that ``parent`` sent ends it, with exit code 0: the
+    DataLoader's SIGCHLD handler, still in place where the run ended by an error, would raise on a worker
+    killed by a signal (inside multiprocessing's exit, printing a traceback after the run's one line)."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
 
 
 def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
@@ -916,6 +931,7 @@ class FileImage:
     content: bytes | torch.Tensor  # a JPEG's bytes; other files (PNG, CMYK, ...) decoded here (3, H, W)
     height: int
     width: int
+    path: str
     box: tuple[int, int, int, int] = FIT  # top, left, height, width; FIT: as the eval split
     flip: bool = False
 
@@ -927,9 +943,9 @@ class FileImage:
             jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
             width, height = image.size
         if jpeg:
-            return cls(data, height, width)
+            return cls(data, height, width, path)
         pixels = TF.pil_to_tensor(load_rgb(io.BytesIO(data)))
-        return cls(pixels, pixels.shape[1], pixels.shape[2])
+        return cls(pixels, pixels.shape[1], pixels.shape[2], path)
 
 
 class PlanCrop:
@@ -947,7 +963,7 @@ class PlanCrop:
                 RandomResizedCrop.get_params(torch.empty(()).expand(1, h, w), [0.08, 1.0], [3 / 4, 4 / 3])
             )
         flip = self.hflip and bool(torch.rand(()) < 0.5)
-        return FileImage(file.content, h, w, box, flip)
+        return FileImage(file.content, h, w, file.path, box, flip)
 
 
 @dataclass
@@ -965,9 +981,11 @@ class FileBatch:
     boxes: list[tuple[int, int, int, int]]
     flips: list[bool]
     labels: torch.Tensor
+    paths: list[str]
+    skip_corrupt: bool  # data.on_corrupt=skip: a JPEG that does not decode gives way to another of the batch
 
     @classmethod
-    def collate(cls, samples: list[tuple[FileImage, int]]) -> FileBatch:
+    def collate(cls, samples: list[tuple[FileImage, int]], skip_corrupt: bool = False) -> FileBatch:
         files = [file for file, _ in samples]
         jpegs = [f.content for f in files if isinstance(f.content, bytes)]
         return cls(
@@ -978,6 +996,8 @@ class FileBatch:
             [f.box for f in files],
             [f.flip for f in files],
             torch.tensor([label for _, label in samples]),
+            [f.path for f in files],
+            skip_corrupt,
         )
 
     def decode(self, device: torch.device, info: DataInfo) -> tuple[torch.Tensor, torch.Tensor]:
@@ -990,11 +1010,40 @@ class FileBatch:
             # stream has run, into memory the caching allocator has handed back while queued kernels still
             # read it: NaNs in the training step on an H200 (vision#9606, torchcodec#1634). Drain it first.
             torch.cuda.current_stream(device).synchronize()
-        decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+        try:
+            decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
+        except RuntimeError:  # a file whose headers read but whose data does not decode: one by one
+            decoded = iter(self._decode_each(jpegs, device))
         others = iter(self.pixels)
         files = [next(decoded) if jpeg else next(others).to(device) for jpeg in self.encoded]
-        images = _crop_resizer(device)(files, self.boxes, self.flips, info)
-        return images, self.labels.to(device, non_blocking=True)
+        boxes, flips, labels = self.boxes, self.flips, self.labels
+        if None in files:  # under data.on_corrupt=skip: the next decoded image of the batch stands in
+            good = [i for i, file in enumerate(files) if file is not None]
+            if not good:
+                raise ConfigError(f"no file of a batch decodes ({', '.join(self.paths)}) — check data.root")
+            stand_in = [min(good, key=lambda j, i=i: (j < i, j)) for i in range(len(files))]
+            files, boxes, flips = ([seq[i] for i in stand_in] for seq in (files, boxes, flips))
+            labels = labels[stand_in]
+        images = _crop_resizer(device)(files, boxes, flips, info)
+        return images, labels.to(device, non_blocking=True)
+
+    def _decode_each(self, jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+        """Each JPEG decoded on its own: a file that does not decode stops the run with one line naming it,
+        or under ``data.on_corrupt=skip`` is None, with a warning."""
+        paths = [path for path, jpeg in zip(self.paths, self.encoded, strict=True) if jpeg]
+        images: list[torch.Tensor | None] = []
+        for path, jpeg in zip(paths, jpegs, strict=True):
+            try:
+                images.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as err:
+                why = " ".join(str(err).split(", ")[-1].split()[:12])
+                if not self.skip_corrupt:
+                    raise ConfigError(
+                        f"{path} cannot be decoded ({why}) — fix or remove it, or set data.on_corrupt=skip"
+                    ) from None
+                log.warning(f"{path} cannot be decoded ({why}): another image of its batch stands in")
+                images.append(None)
+        return images
 
 
 CropResize = Callable[

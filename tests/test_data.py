@@ -242,27 +242,33 @@ def _garbled_jpeg(path: Path) -> None:
 def test_files_that_fail_only_when_decoded_stop_the_run_with_one_line_or_are_stood_in_for(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A truncated BMP and a JPEG with a garbled scan pass the check before training (headers and end
-    markers): decoding them names the file in one line; under ``data.on_corrupt=skip`` the next file of
-    the same split stands in, with a warning."""
+    """A JPEG with a garbled scan and a truncated BMP pass the check before training (headers and end
+    markers): decoding them names the file in one line, where the workers decode and where the device
+    does; under ``data.on_corrupt=skip`` the next file of the same split stands in (the next image of its
+    batch, on the device), with a warning."""
     write_image_tree(tmp_path, per_class=4)
+    _garbled_jpeg(tmp_path / "val" / "cat" / "garbled.jpg")
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.num_workers=0"]
+    args += ["data.augment.crop=none", "data.batch_size=64"]  # the whole validation split in one batch
+    samples = [Path(p).relative_to(tmp_path).as_posix() for p, _ in _data(*args).val_set.samples]
+    garbled = samples.index("val/cat/garbled.jpg")
+    with pytest.raises(
+        ConfigError, match=r"^\S+/val/cat/garbled.jpg cannot be decoded \(.+\) — fix or remove"
+    ):
+        next(iter(_data(*args, "data.decode=device").val_dataloader()))
+    for decode in ("workers", "device"):
+        x, y = next(iter(_data(*args, f"data.decode={decode}", "data.on_corrupt=skip").val_dataloader()))
+        assert torch.equal(x[garbled], x[garbled + 1]) and y[garbled] == y[garbled + 1]
+    said = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert [m.rsplit(": ", 1)[1] for m in said] == [
+        "the next file of its split stands in",
+        "another image of its batch stands in",
+    ]
     Image.new("RGB", (40, 30), (9, 9, 9)).save(tmp_path / "train" / "dog" / "half.bmp")
     half = (tmp_path / "train" / "dog" / "half.bmp").read_bytes()
     (tmp_path / "train" / "dog" / "half.bmp").write_bytes(half[: len(half) // 2])
-    _garbled_jpeg(tmp_path / "val" / "cat" / "garbled.jpg")
-    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.num_workers=0"]
     with pytest.raises(ConfigError, match=r"^\S+/train/dog/half.bmp cannot be decoded \(image file is trunc"):
         _data(*args)  # the normalisation's sample decodes every training file here
-    data = _data(*args, "data.on_corrupt=skip")
-    samples = [Path(p).relative_to(tmp_path).as_posix() for p, _ in data.val_set.samples]
-    garbled = samples.index("val/cat/garbled.jpg")
-    x, y = data.val_set[garbled]
-    assert torch.equal(x, data.val_set[garbled + 1][0]) and y == data.val_set[garbled + 1][1]
-    said = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
-    assert len(said) == 2 and said[1].endswith(
-        "garbled.jpg cannot be decoded (broken data stream when "
-        "reading image file): the next file of its split stands in"
-    )
 
 
 def test_a_file_that_a_loader_worker_cannot_decode_stops_the_run_with_its_own_line(tmp_path: Path) -> None:

@@ -233,7 +233,7 @@ def test_a_signal_during_the_final_test_stops_it_and_the_rerun_tests_as_the_unin
         f"hydra.run.dir={run_dir} to resume"
     )
     assert not (run_dir / "run_summary.json").exists()
-    rerun = run_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    rerun = run_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path, **{KEY_ENV: "test-key"})  # start_run's
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "this run already finished: 1 epoch(s)" in rerun.stdout + rerun.stderr  # and was tested
     done, whole = (json.loads((d / "run_summary.json").read_text()) for d in (run_dir, tmp_path / "whole"))

@@ -424,6 +424,7 @@ class Preemption(Checkpoint):
         self._stop = False  # the ranks agreed to stop, at the next step boundary
         self._previous: dict[int, Any] = {}
         self._whole_run = False  # inside ``handling``
+        self._trained = False  # this process fitted (its training is saved by the time it tests)
         self._agreed = Agreed()
 
     @contextmanager
@@ -441,6 +442,7 @@ class Preemption(Checkpoint):
             self._restore()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
         self._take_over()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -454,18 +456,21 @@ class Preemption(Checkpoint):
             self._restore()
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_over()
-        self._stop_testing()
+        if self._whole_run:
+            self._take_over()
+            self._stop_testing()
 
     def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self._stop_testing()
+        if self._whole_run:
+            self._stop_testing()
 
     def _stop_testing(self) -> None:
-        """A signal once training is saved (after its last step, in the test): stop at the next test batch.
-        A rerun finds the run trained and tests it."""
+        """A signal once training is saved (after its last step, in the test; or in ``train.evaluate``):
+        stop at the next test batch. A rerun finds the run trained and tests it."""
         if self.received:
             kind = Interrupted if signal.SIGINT in self.received else Preempted
-            raise kind(f"stopped before the test ended; training is saved — {resume_hint(self.run_dir)}")
+            saved = "; training is saved" if self._trained else ""
+            raise kind(f"stopped before the test ended{saved} — {resume_hint(self.run_dir)}")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

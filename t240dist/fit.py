@@ -106,7 +106,7 @@ def fit_and_test(
     if resume is None:
         restart_curves(trainer, step=0)
     report.log_hparams(trainer.loggers, conf, run_dir)
-    with ends_process_group(), _callback(trainer, Preemption).handling():
+    with ends_process_group(), callback_of(trainer, Preemption).handling():
         trainer.fit(module, datamodule=data, ckpt_path=resume)
         finished = _finished_before(resume, trainer, run_dir)
         if finished is not None:
@@ -159,8 +159,8 @@ def fit_and_test(
         "data": conf["data"]["name"],
         "train_size": info.train_size,
         "skipped_files": len(info.skipped),
-        "nonfinite_skipped_steps": _callback(trainer, NonFiniteGuard).skipped,
-        **(monitor.summary() if (monitor := _callback(trainer, GpuMonitor)) else Totals().summary(images=0)),
+        "nonfinite_skipped_steps": callback_of(trainer, NonFiniteGuard).skipped,
+        **(monitor.summary() if (monitor := callback_of(trainer, GpuMonitor)) else Totals().summary(0)),
         "seed": conf["seed"],
         "best_checkpoint": checkpoint.best_model_path or None,
         "resumed_from": str(resume) if resume else None,
@@ -172,7 +172,7 @@ def fit_and_test(
     }
     summary["objective"] = sweep.objective(summary, conf["sweep"])
     report.write_summary(summary, run_dir)
-    if resume is not None and not _callback(trainer, FinalCheckpoint).trained:  # tested what it resumed
+    if resume is not None and not callback_of(trainer, FinalCheckpoint).trained:  # tested what it resumed
         report.show_finished(summary, trainer.max_epochs, trainer.max_steps)
     return summary
 
@@ -336,14 +336,14 @@ def _effective_batch(conf: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any
     }
 
 
-def _callback(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
+def callback_of(trainer: pl.Trainer, kind: type[CallbackT]) -> CallbackT | None:
     """The trainer's callback of type ``kind`` (build_trainer adds at most one of each), or None."""
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 def _stopped_early(trainer: pl.Trainer) -> int | None:
     """The epoch that early stopping ended training at; None if it did not (or was off)."""
-    stopper = _callback(trainer, EarlyStop)
+    stopper = callback_of(trainer, EarlyStop)
     return stopper.stopped_epoch if stopper is not None and stopper.wait_count >= stopper.patience else None
 
 
@@ -376,7 +376,7 @@ def _finished_before(resume: Path | None, trainer: pl.Trainer, run_dir: Path) ->
     summary. ``None`` when this fit trained, or when the summary is missing (a run stopped after its final
     save: it is tested now).
     """
-    final = _callback(trainer, FinalCheckpoint)
+    final = callback_of(trainer, FinalCheckpoint)
     if resume is None or final is None or final.trained:
         return None
     done = sweep.read_summary(run_dir)  # {} where the run wrote none

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from t240dist import report
+from t240dist.callbacks import Preemption
 from t240dist.checkpoint import CheckpointError, load_checkpoint, write_atomically
 from t240dist.config import (
     EvaluateOptions,
@@ -49,7 +50,7 @@ from t240dist.data import (
     loader_workers,
 )
 from t240dist.errors import ConfigError, UserError
-from t240dist.fit import build_trainer
+from t240dist.fit import build_trainer, callback_of
 from t240dist.loggers import log_metrics, tensorboard
 from t240dist.module import ClassifierModule
 
@@ -71,7 +72,8 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
     names = restored.hp["class_names"]
     confusion = ConfusionMatrix(names, out_dir / "confusion_matrix.png")
     trainer, _, _ = build_trainer(conf, out_dir, extra=[confusion])
-    tested = trainer.test(restored.module(), datamodule=data, verbose=False)[0]
+    with callback_of(trainer, Preemption).handling():  # a signal stops it with one line, not exit 0
+        tested = trainer.test(restored.module(), datamodule=data, verbose=False)[0]
     matrix = confusion.matrix
     summary = {
         "checkpoint": str(restored.path),

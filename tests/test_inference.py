@@ -6,8 +6,10 @@ import csv
 import json
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,8 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from t240dist.checkpoint import KEY_ENV, CheckpointError, load_checkpoint
 from t240dist.config import compose_config, validate
 from t240dist.data import ImageDataModule, Trained, file_transform, load_rgb
-from t240dist.errors import ConfigError
-from t240dist.inference import EvaluateOptions, evaluate, export, predict, restore
+from t240dist.errors import ConfigError, Preempted
+from t240dist.inference import ConfusionMatrix, EvaluateOptions, evaluate, export, predict, restore
 from t240dist.module import ClassifierModule
 from t240dist.run import train
 
@@ -271,6 +273,26 @@ def test_predict_classifies_image_files_as_the_network_does_and_lists_unreadable
     with (tmp_path / "one.csv").open(newline="") as f:
         [row] = list(csv.DictReader(f))
     assert float(row["prob_1"]) == pytest.approx(probs[0].item(), abs=0.02)
+
+
+def test_a_signal_stops_evaluate_with_one_line_not_exit_0(
+    run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM in evaluate's first test batch: it stops with Preempted (exit 75), which names no saved
+    training; Lightning's own handler had ended the test as if it were done (exit 0)."""
+    first_batch = ConfusionMatrix.on_test_batch_end
+
+    def signalled(self: ConfusionMatrix, *args: Any, **kwargs: Any) -> None:
+        first_batch(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # a callback before Preemption's, which acts on it
+
+    monkeypatch.setattr(ConfusionMatrix, "on_test_batch_end", signalled)
+    before = signal.getsignal(signal.SIGTERM)
+    args = [f"ckpt={run['best_checkpoint']}", "data.batch_size=16"]
+    with pytest.raises(Preempted, match=r"^stopped before the test ended — rerun the same command with "):
+        evaluate(compose_config(args, "evaluate"), args, tmp_path)
+    assert signal.getsignal(signal.SIGTERM) == before  # this process's handler, back
+    assert not (tmp_path / "eval_summary.json").exists()
 
 
 def test_predict_reads_a_folder_as_training_does_and_fails_where_nothing_was_classified(

@@ -171,12 +171,16 @@ def _recorded(failure: ProcessFailure) -> tuple[str, str]:
 
 
 def _saved_since(run_dir: Path, started_ns: int) -> str:
-    """What the workers saved when they were stopped by a signal: the preemption checkpoint of this launch."""
+    """What the workers saved when they were stopped by a signal: the preemption checkpoint of this launch;
+    else (stopped in the test, training saved) its newest save, ``last.ckpt``."""
     found = (run_dir / "checkpoints").glob("preempted-step*.ckpt")
     saved = [path for path in found if path.stat().st_mtime_ns > started_ns]
-    if not saved:
-        return "stopped before the ranks could save"
-    return f"saved {max(saved, key=lambda path: path.stat().st_mtime_ns)}"
+    if saved:
+        return f"saved {max(saved, key=lambda path: path.stat().st_mtime_ns)}"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file() and last.stat().st_mtime_ns > started_ns:
+        return f"stopped; the newest save of this launch is {last}"
+    return "stopped before the ranks could save"
 
 
 def _first(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:

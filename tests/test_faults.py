@@ -87,6 +87,29 @@ def test_a_signal_to_every_process_of_a_run_with_loader_workers_saves_and_exits_
     assert stderr.strip().splitlines()[-1].startswith(f"Preempted: saved {saved} at step ")
 
 
+@pytest.mark.parametrize("target", ["job", "rank1"])
+@pytest.mark.slow
+def test_a_signal_in_a_ddp_jobs_final_test_stops_it_at_once_with_one_line(
+    tmp_path: Path, reap: list[subprocess.Popen], target: str
+) -> None:
+    """Training is saved, the test is under way: SIGTERM to the job (forwarded to every rank) or to one rank
+    stops it within seconds, exit 75, its line naming the save (one rank's used to wait for the collective
+    timeout and blame another rank)."""
+    job, run_dir = _job(tmp_path, reap, "data.test_size=20000", "trainer.max_epochs=1")
+    log = run_dir / "train.log"
+    while not (log.exists() and "`Trainer.fit` stopped" in log.read_text()):
+        time.sleep(0.01)
+    ranks = {int(env["RANK"]): pid for pid, env in process_tree(job.pid).items() if "RANK" in env}
+    os.kill(job.pid if target == "job" else ranks[1], signal.SIGTERM)
+    stopped = time.monotonic()
+    stderr = job.communicate(timeout=60)[1]
+    assert job.returncode == EXIT_PREEMPTED and time.monotonic() - stopped < 20, stderr[-3000:]
+    assert "Traceback" not in stderr and not (run_dir / "run_summary.json").exists()
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("Preempted: stopped") and "rerun the same command with hydra.run.dir=" in last
+    assert "before the ranks could save" not in last
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_after_one_save(tmp_path: Path, reap: list[subprocess.Popen]) -> None:
     """The ranks agree on a signal that only one of them got (Lightning's own per-step SIGTERM broadcast

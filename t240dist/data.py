@@ -780,6 +780,18 @@ def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     return sets[0], sets[1], sets[2] if len(sets) > 2 else sets[1], info
 
 
+def undecodable(path: str, why: str, skip: bool, stand_in: str) -> None:
+    """A file that does not decode, for the reason ``why``: stops the run with one line naming it, or under
+    ``data.on_corrupt=skip`` (``skip``) warns that ``stand_in`` takes its place. The check before training
+    reads only headers and end markers, so this is where the rest of a broken file shows."""
+    why = " ".join(why.split()[:12])
+    if not skip:
+        raise ConfigError(
+            f"{path} cannot be decoded ({why}) — fix or remove it, or set data.on_corrupt=skip"
+        ) from None  # called where the decoder's error is handled: its traceback is not the user's
+    log.warning(f"{path} cannot be decoded ({why}): {stand_in} stands in")
+
+
 class ClassFolders(datasets.ImageFolder):
     """torchvision's ImageFolder with three changes (each through a method torchvision documents for
     overriding). The classes are given (``find_classes``): numbered from its own sorted folder names, a split
@@ -815,14 +827,10 @@ class ClassFolders(datasets.ImageFolder):
             try:
                 sample = self.loader(path)
             except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, DecompressionBomb...
-                why = " ".join(str(err).split()[:12]) or type(err).__name__
-                if not self.skip_corrupt:
-                    raise ConfigError(
-                        f"{path} cannot be decoded ({why}) — fix or remove it, or set data.on_corrupt=skip"
-                    ) from None
                 if path not in self._skipped:
+                    why = str(err) or type(err).__name__
+                    undecodable(path, why, self.skip_corrupt, "the next file of its split")
                     self._skipped.add(path)
-                    log.warning(f"{path} cannot be decoded ({why}): the next file of its split stands in")
                 index = order[(list(order).index(index) + 1) % len(order)]
                 continue
             return (self.transform(sample) if self.transform else sample), target
@@ -1036,12 +1044,7 @@ class FileBatch:
             try:
                 images.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device))
             except RuntimeError as err:
-                why = " ".join(str(err).split(", ")[-1].split()[:12])
-                if not self.skip_corrupt:
-                    raise ConfigError(
-                        f"{path} cannot be decoded ({why}) — fix or remove it, or set data.on_corrupt=skip"
-                    ) from None
-                log.warning(f"{path} cannot be decoded ({why}): another image of its batch stands in")
+                undecodable(path, str(err).split(", ")[-1], self.skip_corrupt, "another image of its batch")
                 images.append(None)
         return images
 

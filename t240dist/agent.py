@@ -120,6 +120,7 @@ def launch_workers(conf: dict[str, Any], run_dir: Path, workers: int, task: str 
         kind = Interrupted if err.sigval == signal.SIGINT else Preempted
         raise kind(f"{_saved_since(run_dir, started)} — {errors.resume_hint(run_dir)}") from None
     finally:
+        os.environ.pop(AGENT_PID)  # the next in-process job (a sweep's) may train here, with no agent
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
 

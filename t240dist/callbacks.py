@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pytorch_lightning as pl
@@ -468,9 +468,7 @@ class Preemption(Checkpoint):
         """A signal once training is saved (after its last step, in the test; or in ``train.evaluate``):
         stop at the next test batch. A rerun finds the run trained and tests it."""
         if self.received:
-            kind = Interrupted if signal.SIGINT in self.received else Preempted
-            saved = "; training is saved" if self._trained else ""
-            raise kind(f"stopped before the test ended{saved} — {resume_hint(self.run_dir)}")
+            self._stop_now(f"stopped before the test ended{'; training is saved' if self._trained else ''}")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -487,11 +485,16 @@ class Preemption(Checkpoint):
             path = self.directory / f"preempted-step{trainer.global_step:06d}.ckpt"
             trainer.save_checkpoint(path, weights_only=False)  # the whole state (and no note about it)
             written(trainer)
-            for signum in self.received:
-                if is_submitit_requeue(self._previous.get(signum)):
-                    self._previous[signum](signum, None)  # requeues and exits on rank 0; returns elsewhere
-            kind = Interrupted if signal.SIGINT in self.received else Preempted
-            raise kind(f"saved {path} at step {trainer.global_step} — {resume_hint(self.run_dir)}")
+            self._stop_now(f"saved {path} at step {trainer.global_step}")
+
+    def _stop_now(self, what: str) -> NoReturn:
+        """End the run after the signal: in a submitit job, submitit's handler for its signal requeues the
+        job and exits (on rank 0; it returns elsewhere); then ``Preempted``, or ``Interrupted`` for Ctrl-C."""
+        for signum in self.received:
+            if is_submitit_requeue(self._previous.get(signum)):
+                self._previous[signum](signum, None)
+        kind = Interrupted if signal.SIGINT in self.received else Preempted
+        raise kind(f"{what} — {resume_hint(self.run_dir)}")
 
     def _take_over(self) -> None:
         """Put this handler in (over Lightning's), keeping the handlers from before the first time."""

@@ -6,12 +6,14 @@ with the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,39 @@ def test_slurm_launcher_sizes_the_job_from_the_trainer() -> None:
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
     assert launcher["signal_delay_s"] > 0 and launcher["max_num_timeout"] > 0
+
+
+@pytest.mark.slow
+def test_one_process_submitit_job_signalled_in_its_test_requeues_and_its_rerun_tests(tmp_path: Path) -> None:
+    """A one-device trial under submitit (no agent: t240dist's handler displaced submitit's in the process
+    that trains) gets submitit's signal once training is saved, during the final test: the job is requeued,
+    as a signal during training requeues it, and the requeued job trains nothing and tests."""
+    sweep = tmp_path / "sweep"
+    args = [*TINY, "trainer.max_epochs=1", "data.test_size=20000", "monitor=off", f"hydra.sweep.dir={sweep}"]
+    hydra = subprocess.Popen(
+        [sys.executable, "-m", "train", "-m", "hydra/launcher=submitit_local", *args],
+        cwd=tmp_path,
+        env={**os.environ, **KEY},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        log = sweep / "0" / "train.log"
+        deadline = time.monotonic() + 240
+        while not (log.exists() and "`Trainer.fit` stopped" in log.read_text()):
+            assert time.monotonic() < deadline and hydra.poll() is None, "the job never reached its test"
+            time.sleep(0.01)
+        [task] = [pid for pid, env in process_tree(hydra.pid).items() if "SUBMITIT_LOCAL_GLOBALID" in env]
+        os.kill(task, signal.SIGUSR2)  # what submitit's scheduler sends before the time limit
+        output = hydra.communicate(timeout=300)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(hydra.pid, signal.SIGKILL)
+    assert hydra.returncode == 0, output[-3000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "Requeued job" in logs, logs[-3000:]
+    assert "this run already finished: 1 epoch(s)" in logs
+    summary = json.loads((sweep / "0" / "run_summary.json").read_text())
+    assert summary["test_acc"] is not None and summary["epochs"] == 1

@@ -53,6 +53,16 @@ def write_image_tree(root: Path, per_class: int, splits: bool = True) -> None:
                 )
 
 
+def write_garbled_jpeg(path: Path) -> None:
+    """A JPEG whose scan has 400 bytes of noise, its markers intact: only decoding it finds that out."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    scan = data.find(b"\xff\xda")
+    data[scan + 2000 : scan + 2400] = rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
 def write_bad_tree(root: Path) -> None:
     """A tree with one good image per class and each kind of bad or odd file."""
     for split in ("train", "val"):

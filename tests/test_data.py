@@ -22,6 +22,7 @@ from datasets_on_disk import (
     write_bad_tree,
     write_cifar,
     write_field_tree,
+    write_garbled_jpeg,
     write_image_tree,
     write_jpeg_flavours,
     write_mnist,
@@ -229,16 +230,6 @@ def test_a_tree_as_peoples_folders_come_trains_on_each_image_once_under_its_clas
         assert all(split[i][0].shape == (3, 16, 16) for i in range(len(split)))  # each one decodes
 
 
-def _garbled_jpeg(path: Path) -> None:
-    """A JPEG whose scan has 400 bytes of noise, its markers intact: only decoding it finds that out."""
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(path)
-    data = bytearray(path.read_bytes())
-    scan = data.find(b"\xff\xda")
-    data[scan + 2000 : scan + 2400] = rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
-
-
 def test_files_that_fail_only_when_decoded_stop_the_run_with_one_line_or_are_stood_in_for(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -247,7 +238,7 @@ def test_files_that_fail_only_when_decoded_stop_the_run_with_one_line_or_are_sto
     does; under ``data.on_corrupt=skip`` the next file of the same split stands in (the next image of its
     batch, on the device), with a warning."""
     write_image_tree(tmp_path, per_class=4)
-    _garbled_jpeg(tmp_path / "val" / "cat" / "garbled.jpg")
+    write_garbled_jpeg(tmp_path / "val" / "cat" / "garbled.jpg")
     args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.num_workers=0"]
     args += ["data.augment.crop=none", "data.batch_size=64"]  # the whole validation split in one batch
     samples = [Path(p).relative_to(tmp_path).as_posix() for p, _ in _data(*args).val_set.samples]
@@ -275,7 +266,7 @@ def test_a_file_that_a_loader_worker_cannot_decode_stops_the_run_with_its_own_li
     """The error raised in a DataLoader worker comes back with the worker's traceback in its message: the
     run prints the error's own line, exit 2."""
     write_image_tree(tmp_path / "tree", per_class=4)
-    _garbled_jpeg(tmp_path / "tree" / "val" / "cat" / "garbled.jpg")
+    write_garbled_jpeg(tmp_path / "tree" / "val" / "cat" / "garbled.jpg")
     args = ["data=imagefolder", f"data.root={tmp_path / 'tree'}", "data.image_size=16", "data.num_workers=2"]
     args += ["data.batch_size=4", "trainer.max_epochs=1", "monitor=off", f"hydra.run.dir={tmp_path / 'run'}"]
     done = run_cli(args, tmp_path)

@@ -290,6 +290,29 @@ def test_jpegs_of_every_flavour_are_decoded_by_nvjpeg_like_the_workers_decode_th
         assert torch.equal(labels, y) and float(grey_levels.max()) < 12 and float(grey_levels.mean()) < 1.5
 
 
+def test_a_jpeg_that_nvjpeg_cannot_decode_is_named_or_stood_in_for_as_on_the_cpu(tmp_path: Path) -> None:
+    """A garbled scan (its markers intact) in a batch nvJPEG decodes: one line naming the file, or under
+    ``data.on_corrupt=skip`` the next image of its batch stands in, as where the CPU decodes it."""
+    from datasets_on_disk import write_garbled_jpeg, write_image_tree
+
+    from t240dist.config import validate
+    from t240dist.data import ImageDataModule
+    from t240dist.errors import ConfigError
+
+    write_image_tree(tmp_path, per_class=4)
+    write_garbled_jpeg(tmp_path / "val" / "cat" / "garbled.jpg")
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.decode=device"]
+    conf = validate(compose([*args, "data.augment.crop=none", "data.batch_size=64", "data.num_workers=0"]))
+    data = ImageDataModule(conf["data"], 0)
+    with pytest.raises(
+        ConfigError, match=r"^\S+/val/cat/garbled.jpg cannot be decoded \(.+\) — fix or remove"
+    ):
+        next(iter(data.val_dataloader()))
+    garbled = [Path(p).name for p, _ in data.val_set.samples].index("garbled.jpg")
+    x, y = next(iter(ImageDataModule({**conf["data"], "on_corrupt": "skip"}, 0).val_dataloader()))
+    assert x.is_cuda and torch.equal(x[garbled], x[garbled + 1]) and y[garbled] == y[garbled + 1]
+
+
 @pytest.mark.parametrize(("size", "sizes"), [(224, (40, 1600)), (32, (8, 200))])
 def test_one_launch_crops_flips_and_fits_a_batch_on_the_gpu_as_torchvision_does(
     size: int, sizes: tuple[int, int]

@@ -28,7 +28,7 @@ from t240dist.agent import is_submitit_requeue
 from t240dist.checkpoint import at_step_boundary, written
 from t240dist.data import ImageDataModule
 from t240dist.distributed import Agreed
-from t240dist.errors import CheckpointError, Interrupted, NonFiniteError, Preempted, resume_hint
+from t240dist.errors import PREEMPTING, CheckpointError, Interrupted, NonFiniteError, Preempted, resume_hint
 from t240dist.loggers import log_metrics, tensorboard
 from t240dist.module import TRAIN_CURVES
 from t240dist.readback import host_copy, timing_event
@@ -415,7 +415,7 @@ class Preemption(Checkpoint):
     owns requeue there) and exits.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+    SIGNALS = (*PREEMPTING, signal.SIGINT)
 
     def __init__(self, directory: Path, run_dir: Path) -> None:
         self.directory = directory

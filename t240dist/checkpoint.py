@@ -33,7 +33,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
-from t240dist.errors import CheckpointError
+from t240dist.errors import CheckpointError, own_dir_hint
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +314,8 @@ def resume_checkpoint(resume: str, directory: Path, trust_unsigned: bool) -> Pat
     if resume == "never":
         if any(directory.glob("*.ckpt")):
             raise CheckpointError(
-                f"resume=never, but {directory} holds an earlier run's checkpoints — give this run a "
-                "hydra.run.dir of its own, or continue that run with resume=auto"
+                f"resume=never, but {directory} holds an earlier run's checkpoints — "
+                f"{own_dir_hint('this run')}, or continue that run with resume=auto"
             )
         return None
     if resume != "auto":

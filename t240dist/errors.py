@@ -9,7 +9,9 @@ import gc
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,13 +58,13 @@ class SweepError(UserError):
 
 
 class Preempted(Exception):
-    """The run was asked to stop (SIGTERM/SIGUSR1/SIGUSR2) and saved a checkpoint to resume from."""
+    """The run was asked to stop (SIGTERM/SIGUSR1/SIGUSR2); a rerun resumes from what it saved."""
 
     exit_code = EXIT_PREEMPTED
 
 
 class Interrupted(Preempted):
-    """The run was stopped by Ctrl-C (SIGINT) and saved a checkpoint to resume from."""
+    """The run was stopped by Ctrl-C (SIGINT); a rerun resumes from what it saved."""
 
     exit_code = EXIT_INTERRUPTED
 
@@ -86,8 +88,18 @@ def run_app(app: Callable[[], Any]) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
         os.environ.update({"HYDRA_FULL_ERROR": "1", _SET_BY_US: "1"})
     exit_without_final_collection()
-    with one_line_errors():
+    with one_line_errors(), preempted_by_signals(_stopped_hint):
         app()
+
+
+def _stopped_hint() -> str:
+    """How to go on after a signal outside training and testing: from the job's run dir, or a grid's sweep
+    dir (Hydra's config is the last job's between a sweep's jobs); before any job, nothing was done."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return resume_hint(Path(HydraConfig.get().runtime.output_dir).absolute())
+    return "nothing was trained yet: rerun the same command"
 
 
 def exit_without_final_collection() -> None:
@@ -170,8 +182,65 @@ def exit_preempted(err: Preempted) -> NoReturn:
 
 
 def resume_hint(run_dir: Any) -> str:
-    """How to continue a stopped run: the default run dir is new on every run, so it names this one."""
-    return f"rerun the same command with hydra.run.dir={run_dir} to resume"
+    """How to continue a stopped run: the default run dir is new on every run, so it names this one. A
+    trial's: the grid's sweep dir (its rerun goes on with the stopped trial; the finished ones find
+    themselves finished); nothing for an Optuna study in a storage (its rerun runs the trial again, in its
+    run dir). A rank's process has no Hydra config: its agent, in the sweep's process, words the hint."""
+    sweeper = _sweeper()
+    if sweeper is None:
+        return f"rerun the same command with hydra.run.dir={run_dir} to resume"
+    if sweeper.get("storage"):
+        return "rerun the same command to resume: the study runs this trial again, in its run dir"
+    if sweeper["_target_"].endswith(".BasicSweeper"):
+        return f"rerun the same command with hydra.sweep.dir={_sweep_dir()} to resume"
+    return f"rerun this trial's overrides with hydra.run.dir={run_dir} to resume it (the study was in memory)"
+
+
+def own_dir_hint(who: str) -> str:
+    """How to keep a new run out of an earlier run's dir: a run dir of its own, or a sweep dir for a sweep."""
+    if _sweeper() is not None:
+        return "give the sweep a hydra.sweep.dir of its own"
+    return f"give {who} a hydra.run.dir of its own"
+
+
+def _sweeper() -> DictConfig | None:
+    """The Hydra sweeper's config in a multirun's job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return HydraConfig.get().sweeper
+
+
+def _sweep_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().sweep.dir).absolute()
+
+
+PREEMPTING = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # a scheduler's: SLURM's, submitit's, kill's
+
+
+@contextmanager
+def preempted_by_signals(hint: Callable[[], str]) -> Iterator[None]:
+    """Let a preempting signal raise ``Preempted`` (exit 75, one line: the signal and ``hint()``) while
+    nothing else handles it: a run's own handler (``callbacks.Preemption``) takes over while it trains
+    and tests, and hands back to this one. Without it a signal between a sweep's trials or before a run
+    trained killed the process (exit 143) with nothing said and a sweep's summary unwritten."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> NoReturn:
+        raise Preempted(f"stopped by {signal.Signals(signum).name} — {hint()}")
+
+    previous = {signum: signal.signal(signum, stop) for signum in PREEMPTING}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def reraised(line: str, default: type[Exception] | None) -> Exception | None:

@@ -48,7 +48,7 @@ from t240dist.checkpoint import (
 from t240dist.config import check_steps, global_rank, validate_run, world_size
 from t240dist.data import ImageDataModule
 from t240dist.distributed import DDP, cluster_plugins, ends_process_group, gather_ranks
-from t240dist.errors import CheckpointError, ConfigError
+from t240dist.errors import CheckpointError, ConfigError, own_dir_hint
 from t240dist.loggers import build_loggers
 from t240dist.module import VAL, ClassifierModule
 from t240dist.optim import scaled_lr
@@ -74,8 +74,8 @@ def fit_and_test(
     if debug:  # a debug run saves nothing: it neither resumes a run nor writes its summary over one's
         if any((run_dir / "checkpoints").glob("*.ckpt")):
             raise CheckpointError(
-                f"{debug} saves nothing, but {run_dir} holds a run's checkpoints — give the debug run a "
-                "hydra.run.dir of its own"
+                f"{debug} saves nothing, but {run_dir} holds a run's checkpoints — "
+                f"{own_dir_hint('the debug run')}"
             )
         resume = None
     else:

@@ -16,7 +16,14 @@ from conftest import TINY, compose, process_tree, start_run, wait_for_checkpoint
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, ProcessFailure
 
 from t240dist.agent import AGENT_PID, _first
-from t240dist.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_RANK_DIED
+from t240dist.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    EXIT_RANK_DIED,
+    PREEMPTING,
+    Preempted,
+    preempted_by_signals,
+)
 from t240dist.run import train
 
 DDP = [*TINY, "data.train_size=512", "trainer=ddp", "trainer.accelerator=cpu", "checkpoint.every_n_steps=1"]
@@ -256,3 +263,15 @@ def test_the_first_failure_is_named_whatever_order_the_agent_saw_them_in(
 ) -> None:
     failures = {rank: _failure(tmp_path, monkeypatch, rank, *case) for rank, case in cases.items()}
     assert _first(failures)[0] == cause
+
+
+def test_a_signal_that_no_run_handles_raises_preempted_and_the_handlers_are_given_back() -> None:
+    """Between a sweep's trials, or before a run trains, a scheduler's signal stops the process with
+    ``Preempted`` (exit 75, one line), not the default action's death by it (exit 143, nothing said)."""
+    before = [signal.getsignal(signum) for signum in PREEMPTING]
+    for signum in PREEMPTING:
+        stopped = pytest.raises(Preempted, match=rf"^stopped by {signum.name} — go on$")
+        with stopped, preempted_by_signals(lambda: "go on"):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # not reached: the handler raises at the next bytecode
+    assert [signal.getsignal(signum) for signum in PREEMPTING] == before

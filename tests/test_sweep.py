@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from hydra_plugins.t240dist_optuna import _study
 from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
+from t240dist.checkpoint import KEY_ENV
 from t240dist.errors import EXIT_RANK_DIED, ConfigError, SweepError
 from t240dist.run import train
 from t240dist.sweep import take_own_share, write_sweep_summary
@@ -191,7 +193,7 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
     time.sleep(2.5)  # trial 1 goes stale: no heartbeat for twice the heartbeat interval
 
     second = _start([*args, "hydra.sweeper.n_trials=3", "hydra.sweep.dir=multirun/s/2"], tmp_path, "second")
-    _wait_for(tmp_path, "multirun/s/2/1/checkpoints/*.ckpt", second)  # its 2nd trial has saved once
+    _wait_for(tmp_path, "multirun/s/2/3/checkpoints/*.ckpt", second)  # its 2nd trial (trial 3) has saved
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=120) == 75, (tmp_path / "second.out").read_text()[-2000:]
     assert "Preempted: saved" in (tmp_path / "second.out").read_text()
@@ -209,9 +211,9 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
     sweeps = _sweep_dirs(tmp_path)
     assert trials[0].user_attrs["run_dir"] == str(sweeps[0] / "0")  # trial 0 ran once, in the first sweep
     # trial 4 continued the preempted trial 3 in its run dir, from the checkpoint it saved on SIGTERM
-    assert trials[4].user_attrs["run_dir"] == trials[3].user_attrs["run_dir"] == str(sweeps[1] / "1")
-    rerun = _run_summary(sweeps[1] / "1")
-    assert Path(rerun["resumed_from"]).parent == sweeps[1] / "1" / "checkpoints"
+    assert trials[4].user_attrs["run_dir"] == trials[3].user_attrs["run_dir"] == str(sweeps[1] / "3")
+    rerun = _run_summary(sweeps[1] / "3")
+    assert Path(rerun["resumed_from"]).parent == sweeps[1] / "3" / "checkpoints"
     assert rerun["epochs"] == 12 and not list(sweeps[2].glob("*/run_summary.json"))  # no new run dir
     rows = _rows(sweeps[2])  # the summary covers the whole study
     assert [r["state"] for r in rows] == ["complete"] * 3 + ["fail"] * 2
@@ -220,7 +222,75 @@ def test_optuna_study_in_sqlite_resumes_after_sigkill_and_sigterm(tmp_path: Path
     # metrics, curves (the rerun of trial 1, killed at its start, began from scratch)
     params = trials[4].user_attrs["overrides"].split()
     train(compose([*TINY, "trainer.max_epochs=12", *params]), run_dir=tmp_path / "alone")
-    assert_same_end(sweeps[1] / "1", tmp_path / "alone")
+    assert_same_end(sweeps[1] / "3", tmp_path / "alone")
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_and_rerun_at_once_in_its_sweep_dir_reruns_its_trial_and_gives_new_ones_their_dirs(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL to the sweeper while trial 1 trains, then the same command at once, into the same sweep dir:
+    trial 1's heartbeats are not stale yet (default interval, 60 s), but its sweeper is gone, so it is run
+    again, in its run dir, from its checkpoint; the rerun's new trial runs in a dir of its own (its job
+    numbers had restarted at 0 and put it in trial 0's dir, where it found trial 0 finished and reported
+    trial 0's result as its own)."""
+    args = ["-m", "sweep=optuna", *TINY, "data.train_size=2048", "trainer.max_epochs=3", "monitor=off"]
+    args += ["hydra.sweeper.storage=sqlite:///study.db", "hydra.sweeper.study_name=s", "hydra.sweep.dir=sw"]
+    first = _start([*args, "hydra.sweeper.n_trials=2"], tmp_path, "first")
+    _wait_for(tmp_path, "sw/1/checkpoints/epoch000-*.ckpt", first)
+    first.kill()
+    assert first.wait() == -signal.SIGKILL
+    rerun = run_cli([*args, "hydra.sweeper.n_trials=3"], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[2].params == trials[1].params and trials[3].params != trials[0].params
+    sweep_dir = tmp_path / "sw"
+    assert [t.user_attrs["run_dir"] for t in trials] == [str(sweep_dir / n) for n in ("0", "1", "1", "3")]
+    assert "epoch000-" in _run_summary(sweep_dir / "1")["resumed_from"]
+    assert _run_summary(sweep_dir / "3")["resumed_from"] is None  # trial 3 trained from scratch
+    assert {r["trial"] for r in _rows(sweep_dir)} == {"0", "1", "2", "3"}
+
+
+@pytest.mark.slow
+def test_a_grid_sweep_signalled_at_any_moment_stops_with_one_line_and_its_rerun_ends_as_the_whole_grid(
+    tmp_path: Path, reap: list[subprocess.Popen]
+) -> None:
+    """SIGTERM at seeded random moments of a two-trial grid (starting up, in a trial, between trials): exit
+    75 and one line, never death by the signal (exit 143) with nothing said; rerun into the sweep dir its
+    line names, the grid ends with the metrics of a grid that nothing stopped."""
+    args = ["-m", "optim.lr=0.1,0.05", *TINY, "monitor=off"]
+    started = time.monotonic()
+    whole = run_cli([*args, "hydra.sweep.dir=whole"], tmp_path, **{KEY_ENV: "test-key"})
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    took = time.monotonic() - started
+    metrics = {r["overrides"]: (r["test_acc"], r["val_acc"]) for r in _rows(tmp_path / "whole")}
+    for k, delay in enumerate(random.Random(0).uniform(1.0, took) for _ in range(3)):
+        job = subprocess.Popen(
+            [sys.executable, "-m", "train", *args, f"hydra.sweep.dir=sw{k}"],
+            cwd=tmp_path,
+            env={**os.environ, KEY_ENV: "test-key"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        reap.append(job)
+        time.sleep(delay)
+        job.send_signal(signal.SIGTERM)
+        stderr = job.communicate(timeout=120)[1]
+        if job.returncode == 0:
+            continue  # it had ended
+        assert job.returncode == 75 and "Traceback" not in stderr, (delay, stderr[-2000:])
+        line = stderr.strip().splitlines()[-1]
+        assert re.fullmatch(
+            rf"Preempted: .+ — (rerun the same command with hydra\.sweep\.dir={tmp_path / f'sw{k}'} to "
+            "resume|nothing was trained yet: rerun the same command)",
+            line,
+        ), (delay, line)
+        rerun = run_cli([*args, f"hydra.sweep.dir=sw{k}"], tmp_path, **{KEY_ENV: "test-key"})
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert {r["overrides"]: (r["test_acc"], r["val_acc"]) for r in _rows(tmp_path / f"sw{k}")} == metrics
 
 
 @pytest.mark.slow
@@ -386,6 +456,14 @@ def test_a_stored_study_is_found_by_its_name_and_keeps_its_direction(tmp_path: P
         ConfigError, match=r"study 'lr' in .* is to maximize, not minimize — use sweep.direction="
     ):
         _study.open_study(minimize, _study._storage(minimize, launcher=None))  # type: ignore[arg-type]
+    for url, why in [
+        (f"sqlite:///{tmp_path / 'absent' / 'x.db'}", "unable to open database file"),
+        ("sqlite3://x.db", "Can't load plugin: sqlalchemy.dialects:sqlite3"),
+    ]:
+        with pytest.raises(
+            ConfigError, match=rf"^hydra\.sweeper\.storage=\S+ cannot be opened \({why}\) — check"
+        ):
+            _study._storage(_settings(storage=url, study_name="lr"), launcher=None)  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu

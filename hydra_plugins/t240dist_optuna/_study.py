@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import re
+import socket
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
 from t240dist import sweep
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 # A trial that a killed or preempted sweep left unfinished is run again, once: one that kills the sweep itself
 # must not be retried forever.
 RERUN_INTERRUPTED = RetryHeartbeatStaleTrialCallback(max_retry=1)
+OWNER = "sweeper"  # a trial's user attribute: host:pid of the sweeper process that runs it
 
 
 def run_study(
@@ -57,7 +61,7 @@ def run_study(
         f"Optuna study '{study.study_name}' ({where}): {settings.direction} {objective}, "
         f"{len(counted_trials(study))} of {settings.n_trials} trials finished"
     )
-    job_idx = 0
+    _rerun_orphans(study)
     try:
         with sweep.sharing(study):
             while True:
@@ -70,8 +74,7 @@ def run_study(
                 trials = [study.ask(space) for _ in range(min(settings.n_jobs, left))]
                 overrides = [_overrides(trial, fixed, slot) for slot, trial in enumerate(trials)]
                 with _heartbeats(storage, trials):
-                    returns = launcher.launch(overrides, initial_job_idx=job_idx)
-                job_idx += len(returns)
+                    returns = _launch(launcher, trials, overrides)
                 # every job of the batch is told, a preempted one too, before the sweep stops for it
                 exhausted = [
                     _tell(study, trial, job, objective) for trial, job in zip(trials, returns, strict=True)
@@ -133,11 +136,18 @@ def _storage(settings: OptunaSweeperConf, launcher: Launcher) -> RDBStorage | No
             "hydra.sweeper.study_name is not set — a rerun finds the study in hydra.sweeper.storage by its "
             "name: give hydra.sweeper.study_name=NAME"
         )
-    return RDBStorage(
-        settings.storage,
-        heartbeat_interval=settings.heartbeat_interval,
-        heartbeat_stale_trial_callback=RERUN_INTERRUPTED,
-    )
+    try:
+        return RDBStorage(
+            settings.storage,
+            heartbeat_interval=settings.heartbeat_interval,
+            heartbeat_stale_trial_callback=RERUN_INTERRUPTED,
+        )
+    except SQLAlchemyError as err:  # a folder that is not there, a malformed URL, a server not answering
+        why = str(getattr(err, "orig", None) or err).splitlines()[0]
+        raise ConfigError(
+            f"hydra.sweeper.storage={settings.storage} cannot be opened ({why}) — check the URL; for "
+            "sqlite:///PATH, that PATH's folder exists (sqlite:////ABS/PATH for an absolute path)"
+        ) from None
 
 
 def open_study(settings: OptunaSweeperConf, storage: RDBStorage | None) -> optuna.Study:
@@ -174,14 +184,51 @@ def _overrides(trial: Trial, fixed: dict[str, str], slot: int) -> list[str]:
     """
     params = [f"{name}={value}" for name, value in trial.params.items()]
     trial.set_user_attr("overrides", " ".join(params))
+    trial.set_user_attr(OWNER, f"{socket.gethostname()}:{os.getpid()}")
     # A storage knows a trial by an id that optuna keeps in a private attribute; Trial(study, id) is public.
     identity = f"sweep.trial={{number:{trial.number},id:{trial._trial_id},slot:{slot}}}"
     interrupted = trial.user_attrs.get("run_dir")
-    if interrupted is None:
-        return [*params, *fixed.values(), identity]
+    if interrupted is None:  # a new trial: a run dir holding checkpoints is another trial's, not its own
+        return [*params, *fixed.values(), identity, "resume=never"]
     run_dir = Path(interrupted)
     place = [f"hydra.sweep.dir={_quoted(str(run_dir.parent))}", f"hydra.sweep.subdir={_quoted(run_dir.name)}"]
     return [*params, *fixed.values(), identity, *place]
+
+
+def _launch(launcher: Launcher, trials: list[Trial], overrides: list[list[str]]) -> list[JobReturn]:
+    """Run the trials' jobs, each numbered as its trial (``hydra.job.num``, the run dir's default name):
+    numbered from 0 in every sweeper run, a new trial of a resumed study landed in an earlier trial's run
+    dir, and resumed that trial. Trials whose numbers follow each other (those of one batch, as a rule) are
+    launched together."""
+    returns: list[JobReturn] = []
+    start = 0
+    for end in range(1, len(trials) + 1):
+        if end == len(trials) or trials[end].number != trials[end - 1].number + 1:
+            returns += launcher.launch(overrides[start:end], initial_job_idx=trials[start].number)
+            start = end
+    return returns
+
+
+def _rerun_orphans(study: optuna.Study) -> None:
+    """Fail, and queue to run again, the trials that a sweeper process of this machine, now gone (killed),
+    left running: their heartbeats would take two intervals to go stale, and a rerun started sooner
+    asked new trials in their place and left them running for good."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        where, _, pid = trial.user_attrs.get(OWNER, "").rpartition(":")
+        if where == host and pid.isdigit() and not _alive(int(pid)):
+            study.tell(trial.number, state=TrialState.FAIL)
+            RERUN_INTERRUPTED(study, copy.deepcopy(study.get_trials(deepcopy=False)[trial.number]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _quoted(text: str) -> str:

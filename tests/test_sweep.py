@@ -294,6 +294,27 @@ def test_a_grid_sweep_signalled_at_any_moment_stops_with_one_line_and_its_rerun_
 
 
 @pytest.mark.slow
+def test_a_mistyped_search_parameter_fails_its_trial_once_and_the_corrected_command_runs_new_trials(
+    tmp_path: Path,
+) -> None:
+    """A search parameter that is no config key: one line, exit 2, and its trial failed (it had been left
+    running, and every rerun ran it again with its bad key). The corrected command asks new trials, and the
+    trial that never ran counts neither toward ``n_trials`` nor as a failure."""
+    args = ["-m", "sweep=optuna", *TINY, "trainer.max_epochs=1", "monitor=off", "hydra.sweeper.n_trials=2"]
+    args += ["hydra.sweeper.storage=sqlite:///study.db", "hydra.sweeper.study_name=s", "hydra.sweep.dir=sw"]
+    typo = run_cli([*args, "optim.lrr=interval(0.01,0.1)"], cwd=tmp_path)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1].startswith(
+        "ConfigError: optim.lrr is not a config key"
+    ), typo.stderr[-2000:]
+    fixed = run_cli(args, cwd=tmp_path)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert "optim.lrr" in trials[0].params and all("optim.lrr" not in t.params for t in trials[1:])
+    assert [r["state"] for r in _rows(tmp_path / "sw")] == ["complete", "complete", "fail"]
+
+
+@pytest.mark.slow
 def test_submitit_local_runs_two_rank_trials_concurrently_with_their_sampled_params(tmp_path: Path) -> None:
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=3"]
     parallel = ["hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2"]
@@ -361,11 +382,8 @@ def _kill_rank1_of_trial(sweep: subprocess.Popen, run_dir: Path) -> int:
     return rank1
 
 
-def _rank_died(pid: int, run_dir: Path) -> str:
-    return (
-        f"RankDied: rank 1 (pid {pid}) was killed by SIGKILL — the job stops; "
-        f"rerun the same command with hydra.run.dir={run_dir} to resume"
-    )
+def _rank_died(pid: int, hint: str) -> str:
+    return f"RankDied: rank 1 (pid {pid}) was killed by SIGKILL — the job stops; {hint}"
 
 
 @pytest.mark.slow
@@ -382,8 +400,9 @@ def test_a_grid_sweep_survives_a_killed_rank_of_one_ddp_trial(tmp_path: Path) ->
         "optim.lr=0.02": "complete",
         "optim.lr=0.05": "fail",
     }
-    assert rows["optim.lr=0.05"]["error"] == _rank_died(rank1, sweep_dir / "1")
-    assert (tmp_path / "grid.out").read_text().strip().splitlines()[-1] == _rank_died(rank1, sweep_dir / "1")
+    died = _rank_died(rank1, f"rerun the same command with hydra.sweep.dir={sweep_dir} to resume")
+    assert rows["optim.lr=0.05"]["error"] == died
+    assert (tmp_path / "grid.out").read_text().strip().splitlines()[-1] == died
 
 
 @pytest.mark.slow
@@ -397,7 +416,9 @@ def test_an_optuna_sweep_survives_a_killed_rank_of_one_ddp_trial(tmp_path: Path)
 
     rows = _rows(sweep_dir)
     assert [r["state"] for r in rows] == ["complete", "fail"]
-    assert rows[1]["error"] == _rank_died(rank1, sweep_dir / "0")
+    in_memory = f"rerun this trial's overrides with hydra.run.dir={sweep_dir / '0'} to resume it"
+    in_memory += " (the study was in memory)"
+    assert rows[1]["error"] == _rank_died(rank1, in_memory)
 
 
 def test_search_space_takes_params_and_command_line_sweeps_which_win() -> None:

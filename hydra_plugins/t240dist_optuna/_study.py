@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # must not be retried forever.
 RERUN_INTERRUPTED = RetryHeartbeatStaleTrialCallback(max_retry=1)
 OWNER = "sweeper"  # a trial's user attribute: host:pid of the sweeper process that runs it
+UNLAUNCHED = "unlaunched"  # a trial's user attribute: its launch raised before its job ran
 
 
 def run_study(
@@ -73,7 +74,7 @@ def run_study(
                     break
                 trials = [study.ask(space) for _ in range(min(settings.n_jobs, left))]
                 overrides = [_overrides(trial, fixed, slot) for slot, trial in enumerate(trials)]
-                with _heartbeats(storage, trials):
+                with _heartbeats(storage, trials), _told_if_unlaunched(study, trials):
                     returns = _launch(launcher, trials, overrides)
                 # every job of the batch is told, a preempted one too, before the sweep stops for it
                 exhausted = [
@@ -170,10 +171,15 @@ def open_study(settings: OptunaSweeperConf, storage: RDBStorage | None) -> optun
 
 
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Finished trials that count toward ``n_trials``: one that was run again counts through its rerun."""
+    """Finished trials that count toward ``n_trials``: one that was run again counts through its rerun, one
+    whose job never started (its overrides composed no config) not at all."""
     trials = study.get_trials(deepcopy=False)
     rerun = {n for trial in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(trial)}
-    return [t for t in trials if t.state.is_finished() and t.number not in rerun]
+    return [
+        t
+        for t in trials
+        if t.state.is_finished() and t.number not in rerun and UNLAUNCHED not in t.user_attrs
+    ]
 
 
 def _overrides(trial: Trial, fixed: dict[str, str], slot: int) -> list[str]:
@@ -209,6 +215,37 @@ def _launch(launcher: Launcher, trials: list[Trial], overrides: list[list[str]])
     return returns
 
 
+def _fail_to_rerun(study: optuna.Study, trial: Trial | int, error: str | None = None) -> None:
+    """Fail an interrupted trial (with ``error``, as its user attribute, where it is a live ``Trial``) and
+    queue it to run again, once, with its parameters and run dir."""
+    if isinstance(trial, Trial):
+        _record(study, trial, state=TrialState.FAIL, error=error)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+    number = trial.number if isinstance(trial, Trial) else trial
+    # a copy: the callback appends to the trial's retry history, which must not change the study's own
+    RERUN_INTERRUPTED(study, copy.deepcopy(study.get_trials(deepcopy=False)[number]))
+
+
+@contextmanager
+def _told_if_unlaunched(study: optuna.Study, trials: list[Trial]) -> Iterator[None]:
+    """Tell the trials of a launch that raised instead of returning: a signal or Ctrl-C stopped the sweep
+    (run again when it resumes), or their overrides composed no config (a mistyped search parameter:
+    failed with its line, not counted, so that the corrected command asks new trials in their place).
+    Left running, each came back with its bad parameter at every rerun."""
+    try:
+        yield
+    except BaseException as err:
+        stored = study.get_trials(deepcopy=False)
+        for trial in [t for t in trials if stored[t.number].state == TrialState.RUNNING]:
+            if isinstance(err, (Preempted, KeyboardInterrupt)):
+                _fail_to_rerun(study, trial, sweep.error_line(err))
+            else:  # never a job: it counts neither toward n_trials nor as a failure
+                trial.set_user_attr(UNLAUNCHED, True)
+                _record(study, trial, error=sweep.error_line(err))
+        raise
+
+
 def _rerun_orphans(study: optuna.Study) -> None:
     """Fail, and queue to run again, the trials that a sweeper process of this machine, now gone (killed),
     left running: their heartbeats would take two intervals to go stale, and a rerun started sooner
@@ -217,8 +254,7 @@ def _rerun_orphans(study: optuna.Study) -> None:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         where, _, pid = trial.user_attrs.get(OWNER, "").rpartition(":")
         if where == host and pid.isdigit() and not _alive(int(pid)):
-            study.tell(trial.number, state=TrialState.FAIL)
-            RERUN_INTERRUPTED(study, copy.deepcopy(study.get_trials(deepcopy=False)[trial.number]))
+            _fail_to_rerun(study, trial.number)
 
 
 def _alive(pid: int) -> bool:
@@ -278,9 +314,7 @@ def _tell(study: optuna.Study, trial: Trial, job: JobReturn, objective: str) -> 
     if isinstance(outcome, Pruned):
         return _record(study, trial, state=TrialState.PRUNED)
     if isinstance(outcome, Preempted):  # the sweep was asked to stop: run this trial again when resumed
-        _record(study, trial, error=sweep.error_line(outcome))
-        # a copy: the callback appends to the trial's retry history, which must not change the study's own
-        RERUN_INTERRUPTED(study, copy.deepcopy(study.get_trials(deepcopy=False)[trial.number]))
+        _fail_to_rerun(study, trial, sweep.error_line(outcome))
         return False
     if job.status == JobStatus.FAILED:  # its traceback: hydra.verbose=hydra_plugins.t240dist_optuna._study
         log.debug(f"trial {trial.number} raised", exc_info=outcome)

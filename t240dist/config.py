@@ -452,6 +452,7 @@ class ImageFolderData(Strict):
     on_corrupt: Literal["error", "skip"]
     augment: Augment
     decode: Literal["auto", "workers", "device"]
+    worker_decode_share: Annotated[float, Field(ge=0, le=1)]
 
     @field_validator("decode")
     @classmethod

@@ -22,6 +22,7 @@ import pickle
 import queue
 import signal
 import threading
+import zlib
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -768,7 +769,7 @@ def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
         augment = cfg["augment"]
         train_tf, eval_tf = PlanCrop(augment["crop"], augment["hflip"]), PlanCrop()
         for ds in sets:
-            _base(ds).loader = FileImage.read
+            _base(ds).loader = functools.partial(FileImage.read, share=cfg["worker_decode_share"])
     else:
         train_tf, eval_tf = _transforms(cfg["augment"], size, mean, std, resize)
     _set_transform(sets[0], train_tf)
@@ -944,13 +945,15 @@ class FileImage:
     flip: bool = False
 
     @classmethod
-    def read(cls, path: str) -> FileImage:
-        """The file's bytes where it is a baseline RGB or grey JPEG (nvJPEG's), else its RGB pixels."""
+    def read(cls, path: str, share: float = 0.0) -> FileImage:
+        """The file's bytes where it is a baseline RGB or grey JPEG (nvJPEG's), else its RGB pixels; also
+        the pixels of the ``share`` of JPEG files (``data.worker_decode_share``) that the worker decodes
+        itself, the same files in every epoch (picked by a hash of the path), to unload the device."""
         data = Path(path).read_bytes()  # read once: the header is parsed from these bytes
         with Image.open(io.BytesIO(data)) as image:
             jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
             width, height = image.size
-        if jpeg:
+        if jpeg and zlib.crc32(path.encode()) % 1024 >= share * 1024:
             return cls(data, height, width, path)
         pixels = TF.pil_to_tensor(load_rgb(io.BytesIO(data)))
         return cls(pixels, pixels.shape[1], pixels.shape[2], path)

@@ -36,6 +36,7 @@ from t240dist.data import (
     FIT,
     BatchAugment,
     DeviceBatches,
+    FileImage,
     ImageDataModule,
     _crop_resize_each,
     _crop_resizer,
@@ -558,6 +559,32 @@ def test_the_batch_kernel_compiles_for_volta_ampere_and_hopper(arch: int) -> Non
     signature = {"table": "*i64", "out": "*fp32", "size": "i32", **floats, "BLOCK": "constexpr"}
     source = triton.compiler.ASTSource(crops._crop_resize, signature, constexprs={"BLOCK": 256})
     assert triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["cubin"]
+
+
+def test_the_workers_decode_their_share_of_jpegs_the_same_files_each_epoch_and_the_batch_is_the_same(
+    tmp_path: Path,
+) -> None:
+    """``data.worker_decode_share``: under ``data.decode=device`` that share of the JPEG files comes
+    decoded by the workers (the same files every time, picked by path), the rest as bytes; the batch the
+    device makes is the one it makes decoding every file itself (libjpeg both ways here)."""
+    write_image_tree(tmp_path, per_class=40)
+    jpegs = [str(p) for p in sorted(tmp_path.glob("*/*/*.jpg"))]
+    decoded = [isinstance(FileImage.read(p, share=0.5).content, torch.Tensor) for p in jpegs]
+    assert 0.3 < sum(decoded) / len(jpegs) < 0.7
+    assert decoded == [isinstance(FileImage.read(p, share=0.5).content, torch.Tensor) for p in jpegs]
+    assert not any(isinstance(FileImage.read(p).content, torch.Tensor) for p in jpegs)
+    assert all(isinstance(FileImage.read(p, share=1.0).content, torch.Tensor) for p in jpegs)
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "data.decode=device"]
+    args += [
+        "data.num_workers=0",
+        "data.batch_size=160",
+        "data.augment.crop=none",
+        "data.augment.hflip=false",
+    ]
+    x, y = next(iter(_data(*args).val_dataloader()))
+    for share in (0.5, 1.0):
+        shared_x, shared_y = next(iter(_data(*args, f"data.worker_decode_share={share}").val_dataloader()))
+        assert torch.equal(shared_y, y) and torch.allclose(shared_x, x, atol=1e-5)
 
 
 def test_device_decode_crops_are_seeded_per_sample_whatever_the_worker(tmp_path: Path) -> None:

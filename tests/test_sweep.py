@@ -15,7 +15,16 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY, assert_same_end, compose, fits_80_columns, process_tree, run_cli, scalars
+from conftest import (
+    TINY,
+    assert_same_end,
+    compose,
+    fits_80_columns,
+    process_tree,
+    run_cli,
+    scalars,
+    wait_for_checkpoint,
+)
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -312,6 +321,32 @@ def test_a_mistyped_search_parameter_fails_its_trial_once_and_the_corrected_comm
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert "optim.lrr" in trials[0].params and all("optim.lrr" not in t.params for t in trials[1:])
     assert [r["state"] for r in _rows(tmp_path / "sw")] == ["complete", "complete", "fail"]
+
+
+@pytest.mark.slow
+def test_a_trial_preempted_twice_is_run_again_each_time_and_ends_as_one_nothing_stopped(
+    tmp_path: Path,
+) -> None:
+    """A preemptible partition may stop a trial more than once: each SIGTERM queues it again (a killed
+    sweeper's trial is run again once), in its run dir, and the third run completes it; the study has
+    its one trial complete, not a failure over ``max_failure_rate``."""
+    args = ["-m", "sweep=optuna", *TINY, "data.train_size=1024", "trainer.max_epochs=3", "monitor=off"]
+    args += ["hydra.sweeper.storage=sqlite:///study.db", "hydra.sweeper.study_name=s", "hydra.sweep.dir=sw"]
+    args += ["hydra.sweeper.n_trials=1", "checkpoint.every_n_steps=1"]
+    saves = tmp_path / "sw" / "0" / "checkpoints" / "*-step*.ckpt"
+    for k, step in enumerate((5, 40)):
+        sweep = _start(args, tmp_path, f"run{k}")
+        wait_for_checkpoint(saves, min_step=step)
+        sweep.send_signal(signal.SIGTERM)
+        assert sweep.wait(timeout=120) == 75, (tmp_path / f"run{k}.out").read_text()[-2000:]
+    done = run_cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE"]
+    assert {t.user_attrs["run_dir"] for t in trials} == {str(tmp_path / "sw" / "0")}
+    assert len({tuple(t.params.items()) for t in trials}) == 1
+    summary = _run_summary(tmp_path / "sw" / "0")
+    assert "preempted-step" in summary["resumed_from"] and summary["epochs"] == 3
 
 
 @pytest.mark.slow

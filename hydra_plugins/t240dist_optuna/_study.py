@@ -39,9 +39,11 @@ from t240dist import sweep
 from t240dist.errors import ConfigError, Preempted, Pruned, SweepError
 
 log = logging.getLogger(__name__)
-# A trial that a killed or preempted sweep left unfinished is run again, once: one that kills the sweep itself
-# must not be retried forever.
+# A trial that a killed sweep left unfinished is run again, once: one that kills the sweep itself must not be
+# retried forever. A preempted trial (a signal, Ctrl-C) is run again however often it is preempted: a
+# preemptible partition may stop it many times, and that is no failure of its parameters.
 RERUN_INTERRUPTED = RetryHeartbeatStaleTrialCallback(max_retry=1)
+RERUN_PREEMPTED = RetryHeartbeatStaleTrialCallback(max_retry=None)
 OWNER = "sweeper"  # a trial's user attribute: host:pid of the sweeper process that runs it
 UNLAUNCHED = "unlaunched"  # a trial's user attribute: its launch raised before its job ran
 
@@ -215,16 +217,21 @@ def _launch(launcher: Launcher, trials: list[Trial], overrides: list[list[str]])
     return returns
 
 
-def _fail_to_rerun(study: optuna.Study, trial: Trial | int, error: str | None = None) -> None:
+def _fail_to_rerun(
+    study: optuna.Study,
+    trial: Trial | int,
+    error: str | None = None,
+    again: RetryHeartbeatStaleTrialCallback = RERUN_PREEMPTED,
+) -> None:
     """Fail an interrupted trial (with ``error``, as its user attribute, where it is a live ``Trial``) and
-    queue it to run again, once, with its parameters and run dir."""
+    queue it to run again (``again`` says how often), with its parameters and run dir."""
     if isinstance(trial, Trial):
         _record(study, trial, state=TrialState.FAIL, error=error)
     else:
         study.tell(trial, state=TrialState.FAIL)
     number = trial.number if isinstance(trial, Trial) else trial
     # a copy: the callback appends to the trial's retry history, which must not change the study's own
-    RERUN_INTERRUPTED(study, copy.deepcopy(study.get_trials(deepcopy=False)[number]))
+    again(study, copy.deepcopy(study.get_trials(deepcopy=False)[number]))
 
 
 @contextmanager
@@ -254,7 +261,7 @@ def _rerun_orphans(study: optuna.Study) -> None:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         where, _, pid = trial.user_attrs.get(OWNER, "").rpartition(":")
         if where == host and pid.isdigit() and not _alive(int(pid)):
-            _fail_to_rerun(study, trial.number)
+            _fail_to_rerun(study, trial.number, again=RERUN_INTERRUPTED)
 
 
 def _alive(pid: int) -> bool:

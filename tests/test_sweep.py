@@ -512,6 +512,14 @@ def test_a_stored_study_is_found_by_its_name_and_keeps_its_direction(tmp_path: P
         ConfigError, match=r"study 'lr' in .* is to maximize, not minimize — use sweep.direction="
     ):
         _study.open_study(minimize, _study._storage(minimize, launcher=None))  # type: ignore[arg-type]
+    study = _study.open_study(settings, _study._storage(settings, launcher=None))  # type: ignore[arg-type]
+    logged = {"optim.lr": FloatDistribution(0.001, 0.5, log=True)}
+    study.tell(study.ask(logged), 0.5)
+    _study._check_space(study, {**logged, "model.width": CategoricalDistribution([8, 16])})  # a new one: fine
+    with pytest.raises(
+        ConfigError, match=r"^study 'lr' sampled optim\.lr from FloatDistribution\(.*log=True"
+    ):
+        _study._check_space(study, {"optim.lr": FloatDistribution(0.01, 0.1)})  # its ask raised mid-trial
     for url, why in [
         (f"sqlite:///{tmp_path / 'absent' / 'x.db'}", "unable to open database file"),
         ("sqlite3://x.db", "Can't load plugin: sqlalchemy.dialects:sqlite3"),

@@ -29,7 +29,13 @@ from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    check_distribution_compatibility,
+)
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
@@ -64,6 +70,7 @@ def run_study(
         f"Optuna study '{study.study_name}' ({where}): {settings.direction} {objective}, "
         f"{len(counted_trials(study))} of {settings.n_trials} trials finished"
     )
+    _check_space(study, space)
     _rerun_orphans(study)
     try:
         with sweep.sharing(study):
@@ -201,6 +208,21 @@ def _overrides(trial: Trial, fixed: dict[str, str], slot: int) -> list[str]:
     run_dir = Path(interrupted)
     place = [f"hydra.sweep.dir={_quoted(str(run_dir.parent))}", f"hydra.sweep.subdir={_quoted(run_dir.name)}"]
     return [*params, *fixed.values(), identity, *place]
+
+
+def _check_space(study: optuna.Study, space: dict[str, BaseDistribution]) -> None:
+    """One line where the search gives a parameter another kind or scale of range than the stored study
+    sampled it from: optuna keeps one per parameter name, and its ``ask`` raised, mid-trial."""
+    for trial in study.get_trials(deepcopy=False):
+        for name, sampled in trial.distributions.items():
+            try:
+                check_distribution_compatibility(sampled, space.get(name, sampled))
+            except ValueError as err:
+                raise ConfigError(
+                    f"study '{study.study_name}' sampled {name} from {sampled}, not {space[name]} "
+                    f"({str(err).rstrip('.')}) — sweep it as before, or give the new search another "
+                    "hydra.sweeper.study_name"
+                ) from None
 
 
 def _launch(launcher: Launcher, trials: list[Trial], overrides: list[list[str]]) -> list[JobReturn]:

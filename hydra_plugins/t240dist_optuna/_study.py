@@ -4,8 +4,10 @@ A study in a storage survives: rerunning the same command loads it and runs unti
 finished trials (complete, pruned or failed), so finished trials are not rerun. A trial whose job raised,
 or whose objective is NaN or infinite, is told FAIL with its error line (user attribute ``error``) and the
 sweep goes on until more than ``max_failure_rate`` of ``n_trials`` have failed. Trials left running by a
-killed sweep stop getting heartbeats; the next run fails them and runs them again with the same parameters,
-in their run dirs, from their last checkpoints.
+killed sweep (its process gone from this machine, or their heartbeats stale) are failed by the next run and
+run again once, and preempted ones however often they are preempted: with the same parameters, in their run
+dirs, from their last checkpoints. Trial N runs in the run dir of job number N, so no new trial lands in an
+earlier one's.
 """
 
 from __future__ import annotations

@@ -186,37 +186,36 @@ def resume_hint(run_dir: Any) -> str:
     trial's: the grid's sweep dir (its rerun goes on with the stopped trial; the finished ones find
     themselves finished); nothing for an Optuna study in a storage (its rerun runs the trial again, in its
     run dir). A rank's process has no Hydra config: its agent, in the sweep's process, words the hint."""
-    sweeper = _sweeper()
-    if sweeper is None:
+    hydra = _multirun()
+    if hydra is None:
         return f"rerun the same command with hydra.run.dir={run_dir} to resume"
-    if sweeper.get("storage"):
+    if hydra.sweeper.get("storage"):
         return "rerun the same command to resume: the study runs this trial again, in its run dir"
-    if sweeper["_target_"].endswith(".BasicSweeper"):
-        return f"rerun the same command with hydra.sweep.dir={_sweep_dir()} to resume"
+    if is_grid(hydra.sweeper):
+        return f"rerun the same command with hydra.sweep.dir={Path(hydra.sweep.dir).absolute()} to resume"
     return f"rerun this trial's overrides with hydra.run.dir={run_dir} to resume it (the study was in memory)"
 
 
 def own_dir_hint(who: str) -> str:
     """How to keep a new run out of an earlier run's dir: a run dir of its own, or a sweep dir for a sweep."""
-    if _sweeper() is not None:
+    if _multirun() is not None:
         return "give the sweep a hydra.sweep.dir of its own"
     return f"give {who} a hydra.run.dir of its own"
 
 
-def _sweeper() -> DictConfig | None:
-    """The Hydra sweeper's config in a multirun's job, else None."""
+def _multirun() -> DictConfig | None:
+    """Hydra's config (``hydra.*``) in a multirun's job, else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    return HydraConfig.get().sweeper
+    return HydraConfig.get()
 
 
-def _sweep_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().sweep.dir).absolute()
+def is_grid(sweeper: DictConfig) -> bool:
+    """Whether ``sweeper`` (``hydra.sweeper``) is Hydra's basic sweeper, which runs a grid."""
+    return str(sweeper._target_).endswith(".BasicSweeper")
 
 
 PREEMPTING = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # a scheduler's: SLURM's, submitit's, kill's

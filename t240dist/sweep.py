@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from t240dist.config import global_rank
-from t240dist.errors import Preempted, Pruned, exit_preempted, one_line_errors
+from t240dist.errors import Preempted, Pruned, exit_preempted, is_grid, one_line_errors
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "sweep_summary.csv"
@@ -186,7 +186,7 @@ def with_grid_summary(app: Callable[[], Any]) -> Callable[[], None]:
 
 
 def _basic_sweep(config: DictConfig) -> bool:
-    return config.hydra.mode == RunMode.MULTIRUN and config.hydra.sweeper._target_.endswith(".BasicSweeper")
+    return config.hydra.mode == RunMode.MULTIRUN and is_grid(config.hydra.sweeper)
 
 
 def _write_basic_summary(config: DictConfig, show: bool) -> None:

@@ -243,19 +243,15 @@ def _launch(launcher: Launcher, trials: list[Trial], overrides: list[list[str]])
 
 def _fail_to_rerun(
     study: optuna.Study,
-    trial: Trial | int,
+    trial: Trial,
     error: str | None = None,
     again: RetryHeartbeatStaleTrialCallback = RERUN_PREEMPTED,
 ) -> None:
-    """Fail an interrupted trial (with ``error``, as its user attribute, where it is a live ``Trial``) and
-    queue it to run again (``again`` says how often), with its parameters and run dir."""
-    if isinstance(trial, Trial):
-        _record(study, trial, state=TrialState.FAIL, error=error)
-    else:
-        study.tell(trial, state=TrialState.FAIL)
-    number = trial.number if isinstance(trial, Trial) else trial
+    """Fail an interrupted trial (``error`` as its user attribute) and queue it to run again (``again`` says
+    how often), with its parameters and run dir."""
+    _record(study, trial, state=TrialState.FAIL, error=error)
     # a copy: the callback appends to the trial's retry history, which must not change the study's own
-    again(study, copy.deepcopy(study.get_trials(deepcopy=False)[number]))
+    again(study, copy.deepcopy(study.get_trials(deepcopy=False)[trial.number]))
 
 
 @contextmanager
@@ -285,7 +281,9 @@ def _rerun_orphans(study: optuna.Study) -> None:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         where, _, pid = trial.user_attrs.get(OWNER, "").rpartition(":")
         if where == host and pid.isdigit() and not _alive(int(pid)):
-            _fail_to_rerun(study, trial.number, again=RERUN_INTERRUPTED)
+            _fail_to_rerun(
+                study, Trial(study, trial._trial_id), again=RERUN_INTERRUPTED
+            )  # id: see _overrides
 
 
 def _alive(pid: int) -> bool:
@@ -294,7 +292,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

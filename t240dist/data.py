@@ -981,13 +981,15 @@ class PlanCrop:
 class FileBatch:
     """A batch of ``FileImage`` (``data.decode=device``): decoded, cropped and normalised where it trains.
 
-    The JPEGs travel as one tensor of their bytes, one after another: a worker hands the batch over in one
-    shared-memory block, not one per file.
+    The JPEGs travel as one tensor of their bytes, one after another, and the files decoded in the worker
+    as one tensor of their pixels: a worker hands the batch over in two shared-memory blocks, not one per
+    file, and the device takes the pixels in one copy.
     """
 
     jpegs: torch.Tensor  # uint8
     sizes: list[int]  # each JPEG's byte count, in batch order
-    pixels: list[torch.Tensor]  # the other files, decoded, in batch order
+    pixels: torch.Tensor  # uint8: the other files' (3, H, W) pixels, flattened, one after another
+    shapes: list[tuple[int, int]]  # their (H, W), in batch order
     encoded: list[bool]  # per image: a JPEG (else the next of ``pixels``)
     boxes: list[tuple[int, int, int, int]]
     flips: list[bool]
@@ -999,10 +1001,12 @@ class FileBatch:
     def collate(cls, samples: list[tuple[FileImage, int]], skip_corrupt: bool = False) -> FileBatch:
         files = [file for file, _ in samples]
         jpegs = [f.content for f in files if isinstance(f.content, bytes)]
+        pixels = [f.content for f in files if isinstance(f.content, torch.Tensor)]
         return cls(
             torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if jpegs else torch.empty(0),
             [len(j) for j in jpegs],
-            [f.content for f in files if isinstance(f.content, torch.Tensor)],
+            torch.cat([p.flatten() for p in pixels]) if pixels else torch.empty(0, dtype=torch.uint8),
+            [(p.shape[1], p.shape[2]) for p in pixels],
             [isinstance(f.content, bytes) for f in files],
             [f.box for f in files],
             [f.flip for f in files],
@@ -1025,8 +1029,8 @@ class FileBatch:
             decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
         except RuntimeError:  # a file whose headers read but whose data does not decode: one by one
             decoded = iter(self._decode_each(jpegs, device))
-        others = iter(self.pixels)
-        files = [next(decoded) if jpeg else next(others).to(device) for jpeg in self.encoded]
+        others = iter(self.decoded_in_workers(device))
+        files = [next(decoded) if jpeg else next(others) for jpeg in self.encoded]
         boxes, flips, labels = self.boxes, self.flips, self.labels
         if None in files:  # under data.on_corrupt=skip: the next decoded image of the batch stands in
             good = [i for i, file in enumerate(files) if file is not None]
@@ -1037,6 +1041,11 @@ class FileBatch:
             labels = labels[stand_in]
         images = _crop_resizer(device)(files, boxes, flips, info)
         return images, labels.to(device, non_blocking=True)
+
+    def decoded_in_workers(self, device: torch.device) -> list[torch.Tensor]:
+        """The files the workers decoded, (3, H, W) each in batch order, on ``device`` in one copy."""
+        flat = self.pixels.to(device, non_blocking=True).split([3 * h * w for h, w in self.shapes])
+        return [image.view(3, h, w) for image, (h, w) in zip(flat, self.shapes, strict=True)]
 
     def _decode_each(self, jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
         """Each JPEG decoded on its own: a file that does not decode stops the run with one line naming it,

@@ -481,7 +481,8 @@ def test_device_decode_crops_flips_and_fits_each_image_as_torchvision_does(tmp_p
         for files in loader:
             images, labels = files.decode(torch.device("cpu"), info)
             assert torch.equal(labels, files.labels) and images.shape == (len(labels), 3, 16, 16)
-            jpegs, others = iter(files.jpegs.split(files.sizes)), iter(files.pixels)
+            jpegs = iter(files.jpegs.split(files.sizes))
+            others = iter(files.decoded_in_workers(torch.device("cpu")))
             for image, jpeg, box, flip in zip(images, files.encoded, files.boxes, files.flips, strict=True):
                 pixels = decode_jpeg(next(jpegs), mode=ImageReadMode.RGB) if jpeg else next(others)
                 torch.testing.assert_close(image, torchvision_crop(pixels, box, flip, info))

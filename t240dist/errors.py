@@ -300,7 +300,8 @@ def _hydra_line(err: BaseException) -> str:
         value = re.search(rf"\+{re.escape(key)}=(.*)", text)
         if (ours or closest) and value:
             why = "t240dist's key" if ours else "the closest key; python -m train --cfg job lists them all"
-            return f"{key} is not a config key — use {ours or closest}={value.group(1).strip()} ({why})"
+            fix = f"{ours or closest}={_as_typed(key, value.group(1))}"
+            return f"{key} is not a config key — use {fix} ({why})"
         # (+KEY=... would be refused too: only trainer takes new keys, handled above)
         return f"{key} is not a config key — check its spelling (python -m train --cfg job lists the keys)"
     unread = re.match(r"LexerNoViableAltException: ([\w.+]+)=(\S*)", text)
@@ -324,6 +325,13 @@ def _hydra_line(err: BaseException) -> str:
         "; ".join(rest) if rest else "check the override's spelling (python -m train --help lists the groups)"
     )
     return f"{what} — {fix}"
+
+
+def _as_typed(key: str, value: str) -> str:
+    """The value of ``key`` as the command line gave it: a sweep's ``0.1,0.2`` under ``-m``, where Hydra
+    names one job's ``0.1``; else ``value`` as Hydra names it."""
+    typed = [arg.partition("=")[2] for arg in sys.argv[1:] if arg.partition("=")[0].lstrip("+") == key]
+    return typed[-1] if typed else value.strip()
 
 
 def _closest_key(key: str, cause: BaseException | None) -> str | None:

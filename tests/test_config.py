@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -291,10 +292,6 @@ def test_hydra_full_error_gives_the_traceback_and_still_exit_2(tmp_path: Path) -
         (["+workers=0"], "ConfigError: workers is not a config key — use data.num_workers=0"),
         (["model.name=nosuchnet"], "ConfigError: model.name: 'nosuchnet' is not a torchvision classifier"),
         (["model=torchvision", "model.name=resnet19"], "— use model=torchvision model.name=resnet18"),
-        (["lr=0.05"], "ConfigError: lr is not a config key — use optim.lr=0.05"),  # the names of other tools
-        (["epochs=2"], "ConfigError: epochs is not a config key — use trainer.max_epochs=2"),
-        (["trainer.gpus=1"], "ConfigError: trainer.gpus is not an argument of Lightning's Trainer — use"),
-        (["+workers=0"], "ConfigError: workers is not a config key — use data.num_workers=0"),
         (["patience=1"], "ConfigError: patience is not a config key — use early_stopping.patience=1"),
     ],
 )
@@ -308,6 +305,24 @@ def test_a_hint_leads_to_a_command_that_works(tmp_path: Path, mistake: list[str]
     rerun = run_cli([*fixed, *tiny, *quick, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_a_mistyped_key_in_a_sweep_is_answered_with_the_sweep_that_works(tmp_path: Path) -> None:
+    tiny = [a for a in TINY if a != "model.width=8"]
+    done = run_cli(["-m", "optim.lrr=0.01,0.02", *tiny, f"hydra.sweep.dir={tmp_path / 'typo'}"], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("ConfigError: optim.lrr is not a config key — use optim.lr=0.01,0.02 (")
+    ), done.stderr[-1000:]
+    quick = ["trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    sweep = ["-m", "optim.lr=0.01,0.02", f"hydra.sweep.dir={tmp_path / 's'}"]
+    rerun = run_cli([*sweep, *tiny, *quick], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "s" / "sweep_summary.csv").open()))
+    assert [row["state"] for row in rows] == ["complete", "complete"], rows
 
 
 @pytest.mark.parametrize("crop", ["none", "pad", "resized"])

@@ -18,7 +18,7 @@ from PIL import Image
 
 from t240dist.checkpoint import KEY_ENV
 from t240dist.config import compose_config
-from t240dist.data import DeviceBatches
+from t240dist.data import DeviceBatches, ImageDataModule
 from t240dist.inference import evaluate, predict
 from t240dist.run import train
 
@@ -57,10 +57,14 @@ def _add_callbacks(monkeypatch: pytest.MonkeyPatch, *extra: pl.Callback) -> None
     monkeypatch.setattr(pl, "Trainer", trainer_with_extra)
 
 
-def test_training_steps_never_synchronise_the_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("on_gpu", ["auto", "false"])  # batches made on the GPU; a DataLoader's, copied
+def test_training_steps_never_synchronise_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_gpu: str
+) -> None:
     """Logging steps included: every step logs its curves and refreshes the progress bar."""
     _add_callbacks(monkeypatch, StrictSync())
-    overrides = [*TINY, "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=true"]
+    overrides = [*TINY, f"data.on_gpu={on_gpu}", "trainer.log_every_n_steps=1"]
+    overrides += ["trainer.enable_progress_bar=true"]
     overrides += ["module.mixup_alpha=0.2", "model.channels_last=true", "trainer.precision=bf16-mixed"]
     try:
         assert train(compose(overrides), run_dir=tmp_path)["global_step"] == 8
@@ -70,6 +74,18 @@ def test_training_steps_never_synchronise_the_gpu(tmp_path: Path, monkeypatch: p
     for tag in ("train/loss", "train/acc", "train/lr", "perf/images_per_s"):
         assert [step for step, _ in curves[tag]] == list(range(8)), tag
     assert all(v > 0 for _, v in curves["perf/images_per_s"])
+
+
+def test_a_host_batch_reaches_the_gpu_whole_while_the_training_stream_is_busy() -> None:
+    """The copy runs on a stream of its own; what the training stream queues next sees all of it."""
+    data = ImageDataModule(compose([*TINY, "data.on_gpu=false"])["data"], seed=0)
+    x, y = torch.rand(256, 3, 224, 224).pin_memory(), torch.arange(256).pin_memory()
+    busy = torch.rand(2048, 2048, device="cuda")
+    for _ in range(50):  # queued on the training stream ahead of the copy
+        busy = torch.sin(busy @ busy)
+    moved = data.transfer_batch_to_device((x, y), torch.device("cuda", 0), 0)
+    assert isinstance(moved, tuple) and all(t.is_cuda for t in moved)
+    assert torch.equal((moved[0] + 0).cpu(), x) and torch.equal((moved[1] + 0).cpu(), y)
 
 
 class TrainLoader(pl.Callback):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -58,6 +59,8 @@ def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -
         "workers": rows,
         "feed_images_per_s": feed,
         "workers_to_feed": _workers_to_feed(rows, feed),
+        "cpus": loader_workers(os.cpu_count() or 1),  # the CPUs this process may use
+        "decode": conf["data"].get("decode"),
     }
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     _print_table(result)
@@ -75,6 +78,15 @@ def _workers_to_feed(rows: dict[str, dict[str, Any]], feed: float | None) -> int
     if fed:
         return min(fed)
     return math.ceil(feed / min(per_worker)) if per_worker else None
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    """What the workers needed mean on this machine: a worker count to train with, or where to decode."""
+    need, cpus = result["workers_to_feed"], result["cpus"]
+    if need < cpus:  # a CPU stays for the training process
+        return f"this machine has {cpus} CPUs: train with data.num_workers={need}"
+    fix = ": decode on the GPU, data.decode=device" if result["decode"] == "workers" else ""
+    return f"more than this machine's {cpus} CPUs leave beside training{fix}"
 
 
 def _timed_batches(data: ImageDataModule, bench: dict[str, Any]) -> tuple[int, float, int]:
@@ -113,6 +125,7 @@ def _print_table(result: dict[str, Any]) -> None:
         table.add_row(workers, f"{row['images_per_s']:,.0f}", "-" if per is None else f"{per:,.0f}")
     Console().print(table)
     if result["workers_to_feed"] is not None:  # 0: the main process alone fed it
-        print(f"to feed {result['feed_images_per_s']:,.0f} img/s: {result['workers_to_feed']} workers")
+        need = f"{result['workers_to_feed']} workers"
+        print(f"to feed {result['feed_images_per_s']:,.0f} img/s: {need} — {_verdict(result)}")
     elif result["feed_images_per_s"]:
         print("bench.feed_images_per_s: time 1 worker or more (bench.data_workers=[4]) to size the feed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from datasets_on_disk import write_cifar, write_image_tree
 from t240dist.bench import PLAIN, SINGLE, run_bench, run_predict_bench
 from t240dist.config import compose_config
 from t240dist.data import ImageDataModule
-from t240dist.data_bench import _workers_to_feed
+from t240dist.data_bench import _verdict, _workers_to_feed
 from t240dist.whole_job_bench import write_class_coloured_cifar
 
 
@@ -196,4 +197,25 @@ def test_data_bench_times_the_runs_own_training_loader_for_each_worker_count(tmp
     fed = [int(w) for w, row in result["workers"].items() if row["images_per_s"] >= 1000]
     # the fewest workers measured that fed it, else extrapolated from the one worker's rate
     assert result["workers_to_feed"] == (min(fed) if fed else math.ceil(1000 / one["images_per_s"]))
-    assert f"to feed 1,000 img/s: {result['workers_to_feed']} workers" in done.stdout
+    assert f"to feed 1,000 img/s: {result['workers_to_feed']} workers — " in done.stdout
+    assert result["cpus"] == len(os.sched_getaffinity(0)) and result["decode"] == "workers"  # auto on a CPU
+    assert _verdict(result) in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("need", "cpus", "decode", "verdict"),
+    [
+        (12, 16, "workers", "this machine has 16 CPUs: train with data.num_workers=12"),
+        (
+            25,
+            16,
+            "workers",
+            "more than this machine's 16 CPUs leave beside training: decode on the GPU, data.decode=device",
+        ),
+        (16, 16, "device", "more than this machine's 16 CPUs leave beside training"),
+    ],
+)
+def test_the_workers_needed_are_weighed_against_this_machines_cpus(
+    need: int, cpus: int, decode: str, verdict: str
+) -> None:
+    assert _verdict({"workers_to_feed": need, "cpus": cpus, "decode": decode}) == verdict

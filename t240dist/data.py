@@ -259,13 +259,18 @@ _ONE_RANK = {"num_replicas": 1, "rank": 0}
 
 
 @functools.cache  # said once per process and setting, not once per loader
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as torch counts them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def loader_workers(requested: int) -> int:
     """``data.num_workers``, at most the CPUs this process may run on (torch's own count), saying so.
 
     More workers than CPUs only queue behind each other (torch warns of slowness and freezes); the results
     do not change, since each sample's augmentation is seeded by its index, not by its worker.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = usable_cpus()
     if requested <= cpus:
         return requested
     log.info(f"data.num_workers={requested}, but this process may use {cpus} CPU(s): {cpus} loader workers")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from t240dist.config import check_steps
-from t240dist.data import DecodedAhead, ImageDataModule, loader_workers
+from t240dist.data import DecodedAhead, ImageDataModule, loader_workers, usable_cpus
 
 
 def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -59,7 +58,7 @@ def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -
         "workers": rows,
         "feed_images_per_s": feed,
         "workers_to_feed": _workers_to_feed(rows, feed),
-        "cpus": loader_workers(os.cpu_count() or 1),  # the CPUs this process may use
+        "cpus": usable_cpus(),
         "decode": conf["data"].get("decode"),
     }
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

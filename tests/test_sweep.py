@@ -34,7 +34,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from hydra_plugins.t240dist_optuna import _study
 from hydra_plugins.t240dist_optuna.optuna_sweeper import OptunaSweeperConf
 from t240dist.checkpoint import KEY_ENV
-from t240dist.errors import EXIT_RANK_DIED, ConfigError, SweepError
+from t240dist.errors import EXIT_RANK_DIED, PREEMPTING, ConfigError, SweepError
 from t240dist.run import train
 from t240dist.sweep import take_own_share, write_sweep_summary
 
@@ -300,6 +300,50 @@ def test_a_grid_sweep_signalled_at_any_moment_stops_with_one_line_and_its_rerun_
         rerun = run_cli([*args, f"hydra.sweep.dir=sw{k}"], tmp_path, **{KEY_ENV: "test-key"})
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert {r["overrides"]: (r["test_acc"], r["val_acc"]) for r in _rows(tmp_path / f"sw{k}")} == metrics
+
+
+@pytest.mark.slow
+def test_an_optuna_study_signalled_at_any_moment_stops_with_one_line_and_its_rerun_completes_it(
+    tmp_path: Path, reap: list[subprocess.Popen]
+) -> None:
+    """SIGTERM, SIGUSR1 and SIGUSR2 (a scheduler's) at seeded random moments of a two-trial study in a
+    storage (starting up, in a trial, between trials): exit 75 and one line that says to rerun the same
+    command, never death by the signal; the same command then ends the study with its two trials complete,
+    a trial stopped mid-run resumed in its run dir."""
+    args = ["-m", "sweep=optuna", *TINY, "monitor=off", "hydra.sweeper.n_trials=2"]
+    args += ["hydra.sweeper.sampler.seed=0", "hydra.sweeper.study_name=s"]
+    started = time.monotonic()
+    whole = run_cli([*args, "hydra.sweeper.storage=sqlite:///whole.db", "hydra.sweep.dir=whole"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    took = time.monotonic() - started
+    moments = random.Random(1).sample([random.Random(k).uniform(1.0, took) for k in range(3)], 3)
+    for k, (delay, sig) in enumerate(zip(moments, PREEMPTING, strict=True)):
+        command = [*args, f"hydra.sweeper.storage=sqlite:///s{k}.db", f"hydra.sweep.dir=sw{k}"]
+        job = subprocess.Popen(
+            [sys.executable, "-m", "train", *command],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        reap.append(job)
+        time.sleep(delay)
+        job.send_signal(sig)
+        stderr = job.communicate(timeout=120)[1]
+        if job.returncode != 0:  # else it had ended
+            assert job.returncode == 75 and "Traceback" not in stderr, (sig, delay, stderr[-2000:])
+            line = stderr.strip().splitlines()[-1]
+            assert line.startswith("Preempted: ") and "rerun the same command" in line, (sig, delay, line)
+        rerun = run_cli(command, tmp_path)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / f's{k}.db'}").trials
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        assert len(done) == 2 and all(t.state.name in ("COMPLETE", "FAIL") for t in trials), (sig, trials)
+        for stopped in (t for t in trials if t.state.name == "FAIL"):  # preempted: run again, in its dir
+            again = [t for t in done if t.user_attrs["run_dir"] == stopped.user_attrs["run_dir"]]
+            assert again and again[0].params == stopped.params, (sig, delay)
+        assert [r["state"] for r in _rows(tmp_path / f"sw{k}")].count("complete") == 2
 
 
 @pytest.mark.slow

@@ -116,20 +116,33 @@ def predict(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, A
     output.parent.mkdir(parents=True, exist_ok=True)
     skipped: list[dict[str, str]] = []
     started = time.perf_counter()
-    with output.open("w", newline="") as f:
-        rows = csv.writer(f)
-        ranks = range(1, predictor.top_k + 1)
-        rows.writerow(["path", *(f"{kind}_{r}" for r in ranks for kind in ("class", "prob"))])
-        for indices, images, failed in loader:
-            skipped += [{"path": str(files[i]), "reason": why} for i, why in failed]
-            if images is None:
-                continue
-            probs, classes = predictor(images)
-            for i, top_probs, top_classes in zip(indices, probs.tolist(), classes.tolist(), strict=True):
-                ranked = [(names[k], f"{p:.6f}") for k, p in zip(top_classes, top_probs, strict=True)]
-                rows.writerow([str(files[i]), *(value for pair in ranked for value in pair)])
+    partial = output.with_name(f"{output.name}.partial")  # output is replaced only by a prediction
+    try:
+        with partial.open("w", newline="") as f:
+            rows = csv.writer(f)
+            ranks = range(1, predictor.top_k + 1)
+            rows.writerow(["path", *(f"{kind}_{r}" for r in ranks for kind in ("class", "prob"))])
+            for indices, images, failed in loader:
+                skipped += [{"path": str(files[i]), "reason": why} for i, why in failed]
+                if images is None:
+                    continue
+                probs, classes = predictor(images)
+                for i, top_probs, top_classes in zip(indices, probs.tolist(), classes.tolist(), strict=True):
+                    ranked = [(names[k], f"{p:.6f}") for k, p in zip(top_classes, top_probs, strict=True)]
+                    rows.writerow([str(files[i]), *(value for pair in ranked for value in pair)])
+    except BaseException:  # stopped or failed: no half-written file stays
+        partial.unlink(missing_ok=True)
+        raise
     wall = time.perf_counter() - started
     classified = len(files) - len(skipped)
+    if not classified:  # a run that classified nothing is not a prediction: it writes nothing
+        partial.unlink()
+        reasons = [f"{Path(row['path']).name}: {row['reason']}" for row in skipped]
+        raise ConfigError(
+            f"input={options['input']}: none of its {len(files)} image file(s) could be decoded "
+            f"({_few(reasons)}) — give images Pillow reads ({' '.join(IMAGE_EXTENSIONS)})"
+        )
+    partial.replace(output)
     summary = {
         "checkpoint": str(restored.path),
         "input": options["input"],
@@ -145,12 +158,6 @@ def predict(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, A
         "device": report.device_name(predictor.device),
     }
     report.write_summary(summary, out_dir, name="predict")
-    if not classified:  # a run that classified nothing is not a prediction
-        reasons = [f"{Path(row['path']).name}: {row['reason']}" for row in skipped]
-        raise ConfigError(
-            f"input={options['input']}: none of its {len(files)} image file(s) could be decoded "
-            f"({_few(reasons)}) — give images Pillow reads ({' '.join(IMAGE_EXTENSIONS)})"
-        )
     return summary
 
 

@@ -318,8 +318,12 @@ def test_predict_reads_a_folder_as_training_does_and_fails_where_nothing_was_cla
     assert skipped == ["a_broken.jpg", "a_truncated.png", "gone.jpg"]
     bad = [f"ckpt={run['best_checkpoint']}", f"input={tmp_path / 'outside' / 'a_broken.jpg'}"]
     bad += [f"output={tmp_path / 'bad.csv'}"]
+    (tmp_path / "bad.csv").write_text("an earlier prediction\n")
     with pytest.raises(ConfigError, match=r"none of its 1 image file\(s\) could be decoded \(a_broken.jpg: "):
         predict(compose_config(bad, "predict"), bad, tmp_path / "bad")
+    # nothing predicted, nothing written: the earlier output stays, no summary claims a prediction
+    assert (tmp_path / "bad.csv").read_text() == "an earlier prediction\n"
+    assert not (tmp_path / "bad.csv.partial").exists() and not (tmp_path / "bad").exists()
 
 
 def test_export_writes_an_onnx_model_that_onnx_runtime_runs_like_pytorch(

@@ -60,6 +60,7 @@ def run_data_bench(bench: dict[str, Any], conf: dict[str, Any], run_dir: Path) -
         "workers_to_feed": _workers_to_feed(rows, feed),
         "cpus": usable_cpus(),
         "decode": conf["data"].get("decode"),
+        "gpu": torch.cuda.is_available(),
     }
     (run_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     _print_table(result)
@@ -84,7 +85,9 @@ def _verdict(result: dict[str, Any]) -> str:
     need, cpus = result["workers_to_feed"], result["cpus"]
     if need < cpus:  # a CPU stays for the training process
         return f"this machine has {cpus} CPUs: train with data.num_workers={need}"
-    fix = ": decode on the GPU, data.decode=device" if result["decode"] == "workers" else ""
+    fix = ""
+    if result["decode"] == "workers":  # (data.decode=device decodes on the CPU where there is no GPU)
+        fix = ": decode on the GPU, data.decode=device" if result["gpu"] else ": time it on the GPU's machine"
     return f"more than this machine's {cpus} CPUs leave beside training{fix}"
 
 

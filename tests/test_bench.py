@@ -200,22 +200,31 @@ def test_data_bench_times_the_runs_own_training_loader_for_each_worker_count(tmp
     assert f"to feed 1,000 img/s: {result['workers_to_feed']} workers — " in done.stdout
     assert result["cpus"] == len(os.sched_getaffinity(0)) and result["decode"] == "workers"  # auto on a CPU
     assert _verdict(result) in done.stdout
+    assert f"wrote {tmp_path / 'bench' / 'bench.json'}" in done.stdout
 
 
 @pytest.mark.parametrize(
-    ("need", "cpus", "decode", "verdict"),
+    ("need", "cpus", "decode", "gpu", "verdict"),
     [
-        (12, 16, "workers", "this machine has 16 CPUs: train with data.num_workers=12"),
+        (12, 16, "workers", True, "this machine has 16 CPUs: train with data.num_workers=12"),
         (
             25,
             16,
             "workers",
+            True,
             "more than this machine's 16 CPUs leave beside training: decode on the GPU, data.decode=device",
         ),
-        (16, 16, "device", "more than this machine's 16 CPUs leave beside training"),
+        (
+            13,
+            2,
+            "workers",
+            False,
+            "more than this machine's 2 CPUs leave beside training: time it on the GPU's machine",
+        ),  # no GPU here: the feed rate is another machine's
+        (16, 16, "device", True, "more than this machine's 16 CPUs leave beside training"),
     ],
 )
 def test_the_workers_needed_are_weighed_against_this_machines_cpus(
-    need: int, cpus: int, decode: str, verdict: str
+    need: int, cpus: int, decode: str, gpu: bool, verdict: str
 ) -> None:
-    assert _verdict({"workers_to_feed": need, "cpus": cpus, "decode": decode}) == verdict
+    assert _verdict({"workers_to_feed": need, "cpus": cpus, "decode": decode, "gpu": gpu}) == verdict

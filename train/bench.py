@@ -30,17 +30,18 @@ def main(cfg: DictConfig) -> None:
 
             conf = plain(without_bench(cfg))
             run_job_bench(plain(cfg.bench), conf, job_overrides(HydraConfig.get().overrides.task), run_dir)
-            return
-        if cfg.bench.task == "data":
+        elif cfg.bench.task == "data":
             from t240dist.config import validate
             from t240dist.data_bench import run_data_bench
 
             conf = validate(without_bench(cfg))
             run_data_bench(plain(cfg.bench), conf, run_dir)
-            return
-        from t240dist.bench import bench  # torch: once there is work to do
+        else:
+            from t240dist.bench import bench  # torch: once there is work to do
 
-        bench(cfg, run_dir)
+            bench(cfg, run_dir)
+        if (run_dir / "bench.json").is_file():  # (a DDP bench's other ranks write none)
+            print(f"wrote {(run_dir / 'bench.json').absolute()}")
 
 
 def job_overrides(overrides: list[str]) -> list[str]:

@@ -733,6 +733,11 @@ def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     folders, unless ``trained`` gives them.
     """
     root, size = Path(cfg["root"]), cfg["image_size"]
+    if not root.exists():
+        raise ConfigError(
+            f"data.root '{root}' does not exist — give the folder of your class folders "
+            f"(data.root=/path/to/images, relative to {Path.cwd()}), or pick data=digits"
+        )
     if not root.is_dir() or not class_folders(root):
         raise ConfigError(
             f"data.root '{root}' has no class folders — lay out ROOT/train/<class>/*.jpg and "

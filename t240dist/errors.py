@@ -298,6 +298,14 @@ def _hydra_line(err: BaseException) -> str:
             )
         ours, closest = known_as(key), _closest_key(key, err.__cause__)
         value = re.search(rf"\+{re.escape(key)}=(.*)", text)
+        options = _options_with(key)
+        if options and value:  # a key of another option of its group: data.root under data=digits
+            group, given = key.partition(".")[0], f"{key}={_as_typed(key, value.group(1))}"
+            what = f"{key} is not a key of this {group}"
+            if len(options) == 1:
+                return f"{what} — use {group}={options[0]} {given} (the one that has it)"
+            *others, last = (f"{group}={option}" for option in options)
+            return f"{what} — pick one that has it: {', '.join(others)} or {last}, with {given}"
         if (ours or closest) and value:
             why = "t240dist's key" if ours else "the closest key; python -m train --cfg job lists them all"
             fix = f"{ours or closest}={_as_typed(key, value.group(1))}"
@@ -325,6 +333,22 @@ def _hydra_line(err: BaseException) -> str:
         "; ".join(rest) if rest else "check the override's spelling (python -m train --help lists the groups)"
     )
     return f"{what} — {fix}"
+
+
+def _options_with(key: str) -> list[str]:
+    """The options of config group GROUP that define ``key`` (GROUP.NAME), in name order."""
+    import importlib.resources
+
+    import yaml
+
+    from t240dist.config import CONF_PACKAGE  # (imports this module)
+
+    group, _, name = key.partition(".")
+    folder = importlib.resources.files(CONF_PACKAGE) / group
+    if not name or "." in name or not folder.is_dir():
+        return []
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
+    return [f.name.removesuffix(".yaml") for f in files if name in (yaml.safe_load(f.read_text()) or {})]
 
 
 def _as_typed(key: str, value: str) -> str:

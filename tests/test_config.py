@@ -169,6 +169,11 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
     cases = [
         (["optim.lr=-1"], "ConfigError: optim.lr must be greater than 0"),
         (["optim.foo=1"], "ConfigError: optim.foo is not a config key"),
+        (
+            ["data.root=/data"],  # a key of other data options, not of the default digits
+            "ConfigError: data.root is not a key of this data — pick one that has it: data=cifar10, "
+            "data=imagefolder or data=mnist, with data.root=/data",
+        ),
         (["model=nosuch"], "ConfigError: In 'config': Could not find 'model/nosuch' — Available options"),
         (
             ["data=cifar10", "data.root=/nonexistent"],
@@ -292,6 +297,10 @@ def test_hydra_full_error_gives_the_traceback_and_still_exit_2(tmp_path: Path) -
         (["+workers=0"], "ConfigError: workers is not a config key — use data.num_workers=0"),
         (["model.name=nosuchnet"], "ConfigError: model.name: 'nosuchnet' is not a torchvision classifier"),
         (["model=torchvision", "model.name=resnet19"], "— use model=torchvision model.name=resnet18"),
+        (
+            ["optim=adam", "optim.momentum=0.8"],
+            "ConfigError: optim.momentum is not a key of this optim — use optim=sgd optim.momentum=0.8 (",
+        ),
         (["patience=1"], "ConfigError: patience is not a config key — use early_stopping.patience=1"),
     ],
 )

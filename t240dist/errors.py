@@ -132,31 +132,41 @@ def one_line_errors() -> Iterator[None]:
 
 
 class RunDirMadeHere(Callback):
-    """Remembers the run dir of a single run that Hydra is about to make, and the parents it makes with it.
+    """Remembers the run dir of a single run, or the sweep dir of a multirun, that Hydra is about to make,
+    and the parents it makes with it.
 
-    Hydra makes the run dir (with ``.hydra/`` and the job's log file) before the task runs, so a user error
-    that stops the run before it wrote anything of its own would leave an empty run dir behind for each
-    mistyped command: ``forget_unused_run_dir`` removes what this run made. A dir that was there before
-    (a run resumed in its own dir) is never touched.
+    Hydra makes the run dir (with ``.hydra/`` and the job's log file) before the task runs, and a sweep dir
+    (with ``multirun.yaml``) before the first trial, so a user error that stops the run or every trial
+    before anything of its own was written would leave an empty dir behind for each mistyped command:
+    ``forget_unused_run_dir`` removes what this process made. A dir that was there before (a run resumed
+    in its own dir, a sweep rerun into its sweep dir) is never touched.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = Path(config.hydra.run.dir).absolute()
-        _made.clear()
-        if not run_dir.exists():
-            top = run_dir
-            while not top.parent.exists():
-                top = top.parent
-            _made.update(run_dir=run_dir, top=top)
+        _remember_if_new(Path(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _remember_if_new(Path(config.hydra.sweep.dir))
+
+
+def _remember_if_new(folder: Path) -> None:
+    folder = folder.absolute()
+    _made.clear()
+    if not folder.exists():
+        top = folder
+        while not top.parent.exists():
+            top = top.parent
+        _made.update(run_dir=folder, top=top)
 
 
 _made: dict[str, Path] = {}  # what RunDirMadeHere saw Hydra about to make in this process
-_HYDRAS_OWN = (".hydra", "config.yaml")  # and the job's log file: what a run writes before any work
+# what Hydra writes there before any work: a run's record, resolved config and log; a sweep's multirun.yaml
+_HYDRAS_OWN = (".hydra", "config.yaml", "multirun.yaml")
 
 
 def forget_unused_run_dir() -> None:
-    """Remove the run dir that Hydra made for this run, and the parents it made, if the run wrote nothing
-    there but Hydra's record, its log and the resolved ``config.yaml``."""
+    """Remove the run or sweep dir that Hydra made for this process, and the parents it made, if nothing
+    but Hydra's own files (``_HYDRAS_OWN``, logs) was written there."""
     run_dir, top = _made.pop("run_dir", None), _made.pop("top", None)
     if run_dir is None or top is None or not run_dir.is_dir():
         return

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -190,23 +190,12 @@ def _basic_sweep(config: DictConfig) -> bool:
 
 
 def _write_basic_summary(config: DictConfig, show: bool) -> None:
-    """The grid's table and CSV; where no trial started (a mistyped override stops every one before it
-    has a run dir), none, and the sweep dir goes with the multirun.yaml Hydra wrote there: a mistake
-    leaves nothing behind."""
+    """The grid's table and CSV; none where no trial started (a mistyped override stops every one before
+    it has a run dir): the error's exit then removes the sweep dir (``errors.forget_unused_run_dir``)."""
     sweep_dir = Path(config.hydra.sweep.dir).absolute()
     rows = [_row_of_run_dir(path.parent.parent) for path in sweep_dir.glob("**/.hydra/overrides.yaml")]
     if rows:
         write_sweep_summary(rows, sweep_dir, config.sweep.objective, config.sweep.direction, show)
-        return
-    (sweep_dir / "multirun.yaml").unlink(missing_ok=True)
-    here = Path.cwd().absolute()
-    for folder in (sweep_dir, *sweep_dir.parents):
-        if folder == here or folder in here.parents:
-            return
-        with suppress(OSError):  # not empty: another sweep's, or the user's
-            folder.rmdir()
-        if folder.exists():
-            return
 
 
 def _row_of_run_dir(run_dir: Path) -> dict[str, Any]:

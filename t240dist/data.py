@@ -511,7 +511,9 @@ def load_cifar10(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     """
     needed = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
     root = _data_dir(
-        Path(cfg["root"]), ["cifar-10-batches-py"], lambda d: all((d / n).is_file() for n in needed)
+        _root(cfg, "the CIFAR-10 python batches"),
+        ["cifar-10-batches-py"],
+        lambda d: all((d / n).is_file() for n in needed),
     )
     for name in needed:
         if not (root / name).is_file():
@@ -541,7 +543,9 @@ def load_mnist(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     def idx_file(folder: Path, stem: str) -> list[Path]:
         return [p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()]
 
-    root = _data_dir(Path(cfg["root"]), ["raw", "MNIST/raw"], lambda d: all(idx_file(d, s) for s in stems))
+    root = _data_dir(
+        _root(cfg, "the MNIST IDX files"), ["raw", "MNIST/raw"], lambda d: all(idx_file(d, s) for s in stems)
+    )
     files = {}
     for stem in stems:
         found = idx_file(root, stem)
@@ -568,6 +572,18 @@ def load_mnist(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     val, train = _val_split(len(train_y), cfg)
     splits = (train_x[train], train_y[train]), (train_x[val], train_y[val]), (test_x, test_y)
     return _in_memory(cfg, *splits, [str(d) for d in range(10)], trained)
+
+
+def _root(cfg: dict[str, Any], holding: str) -> Path:
+    """``data.root``, which must exist: else one line saying so, with the folder a relative root is read
+    from (the run's working directory)."""
+    root = Path(cfg["root"])
+    if not root.exists():
+        raise ConfigError(
+            f"data.root '{root}' does not exist — give the folder of {holding} (relative to {Path.cwd()}), "
+            "or pick data=digits"
+        )
+    return root
 
 
 def _data_dir(root: Path, layouts: list[str], complete: Callable[[Path], bool]) -> Path:
@@ -732,12 +748,7 @@ def load_imagefolder(cfg: dict[str, Any], trained: Trained | None) -> Splits:
     sample of up to ``STATS_SAMPLE`` training images, and the classes are the training split's class
     folders, unless ``trained`` gives them.
     """
-    root, size = Path(cfg["root"]), cfg["image_size"]
-    if not root.exists():
-        raise ConfigError(
-            f"data.root '{root}' does not exist — give the folder of your class folders "
-            f"(data.root=/path/to/images, relative to {Path.cwd()}), or pick data=digits"
-        )
+    root, size = _root(cfg, "your class folders"), cfg["image_size"]
     if not root.is_dir() or not class_folders(root):
         raise ConfigError(
             f"data.root '{root}' has no class folders — lay out ROOT/train/<class>/*.jpg and "

@@ -177,7 +177,8 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
         (["model=nosuch"], "ConfigError: In 'config': Could not find 'model/nosuch' — Available options"),
         (
             ["data=cifar10", "data.root=/nonexistent"],
-            "ConfigError: data.root '/nonexistent' has no data_batch_1",
+            "ConfigError: data.root '/nonexistent' does not exist — give the folder of the CIFAR-10 python "
+            "batches",
         ),
         (
             ["trainer.benchmrk=true"],  # neither a key of trainer/ nor a Trainer argument: the one it meant
@@ -200,7 +201,7 @@ def test_cli_config_errors_are_one_line_exit_2_without_traceback(tmp_path: Path)
         ),
         (
             ["data=cifar10", 'data.root="/data/größe"'],
-            "ConfigError: data.root '/data/größe' has no data_batch_1",
+            "ConfigError: data.root '/data/größe' does not exist",
         ),
     ]
     with ThreadPoolExecutor(len(cases)) as pool:  # four interpreters start at once, not one after another

@@ -90,8 +90,9 @@ def test_imagefolder_reads_class_folders(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["cifar10", "mnist", "imagefolder"])
 def test_missing_root_is_a_config_error_naming_the_fix(tmp_path: Path, name: str) -> None:
-    said = "does not exist" if name == "imagefolder" else "has no .*"
-    with pytest.raises(ConfigError, match=rf"data.root '{tmp_path}/nope' {said} — .*pick data=digits"):
+    with pytest.raises(
+        ConfigError, match=rf"data.root '{tmp_path}/nope' does not exist — .*pick data=digits"
+    ):
         _data(f"data={name}", f"data.root={tmp_path}/nope")
     (tmp_path / "empty").mkdir()  # there, but without class folders
     with pytest.raises(ConfigError, match=rf"data.root '{tmp_path}/empty' has no .* — .*pick data=digits"):

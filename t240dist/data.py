@@ -1086,7 +1086,10 @@ class FileBatch:
         return images, labels.to(device, non_blocking=True)
 
     def decoded_in_workers(self, device: torch.device) -> list[torch.Tensor]:
-        """The files the workers decoded, (3, H, W) each in batch order, on ``device`` in one copy."""
+        """The files the workers decoded, (3, H, W) each in batch order, on ``device`` in one copy (none
+        where there are none: the usual batch of JPEGs alone)."""
+        if not self.shapes:
+            return []
         flat = self.pixels.to(device, non_blocking=True).split([3 * h * w for h, w in self.shapes])
         return [image.view(3, h, w) for image, (h, w) in zip(flat, self.shapes, strict=True)]
 
